@@ -29,9 +29,7 @@ def _found(value: object) -> str:
 
 def fail(op: str, param: str, expected: str, value: object) -> PreprocessingError:
     """Build the error for a bad parameter value."""
-    return PreprocessingError(
-        f"op {op!r}: bad parameter {param!r}", expected=expected, found=_found(value)
-    )
+    return PreprocessingError(f"op {op!r}: bad parameter {param!r}", expected=expected, found=_found(value))
 
 
 def as_int(op: str, param: str, value: object, lo: int | None = None, hi: int | None = None) -> int:
@@ -79,7 +77,12 @@ def as_seq(op: str, param: str, value: object, max_len: int = 1_000_000) -> tupl
 
 
 def as_int_tuple(
-    op: str, param: str, value: object, *, length: int | None = None, lo: int | None = None,
+    op: str,
+    param: str,
+    value: object,
+    *,
+    length: int | None = None,
+    lo: int | None = None,
     hi: int | None = None,
 ) -> tuple[int, ...]:
     items = as_seq(op, param, value, max_len=64)
@@ -104,10 +107,9 @@ def as_columns(op: str, param: str, value: object) -> tuple[int | str, ...] | No
         raise fail(op, param, "null (all columns) or a non-empty list of column indices or names", value)
     out: list[int | str] = []
     for item in items:
-        if isinstance(item, str) and item:
-            out.append(item)
-        elif isinstance(item, int) and not isinstance(item, bool) and item >= 0:
-            out.append(item)
+        is_name = isinstance(item, str) and bool(item)
+        if is_name or (isinstance(item, int) and not isinstance(item, bool) and item >= 0):
+            out.append(item)  # type: ignore[arg-type]
         else:
             raise fail(op, param, "column indices (int >= 0) or names (non-empty str)", item)
     return tuple(out)

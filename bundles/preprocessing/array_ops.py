@@ -18,7 +18,19 @@ from bundles.preprocessing import _params as P
 from bundles.preprocessing.base import Op, register
 from bundles.preprocessing.table import Table
 
-DTYPES = ("float16", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "bool")
+DTYPES = (
+    "float16",
+    "float32",
+    "float64",
+    "int8",
+    "uint8",
+    "int16",
+    "uint16",
+    "int32",
+    "uint32",
+    "int64",
+    "bool",
+)
 
 
 def numeric_array(op: str, value: object) -> np.ndarray:
@@ -27,12 +39,15 @@ def numeric_array(op: str, value: object) -> np.ndarray:
         return value.to_matrix(np.float64)
     if not isinstance(value, np.ndarray):
         hint = "; images differ in size: add a resize step first" if isinstance(value, list) else ""
-        raise PreprocessingError(f"op {op!r}: expected a numeric batch array{hint}", found=type(value).__name__)
+        raise PreprocessingError(
+            f"op {op!r}: expected a numeric batch array{hint}", found=type(value).__name__
+        )
     if value.ndim == 0 or value.shape[0] == 0:
         raise PreprocessingError(f"op {op!r}: expected a non-empty batch array", found=f"shape {value.shape}")
     if value.dtype.kind not in "buif":
-        raise PreprocessingError(f"op {op!r}: expected numbers", expected="bool/int/float dtype",
-                                 found=str(value.dtype))
+        raise PreprocessingError(
+            f"op {op!r}: expected numbers", expected="bool/int/float dtype", found=str(value.dtype)
+        )
     return value
 
 
@@ -89,7 +104,8 @@ class Clip(Op):
     def _clip(self, data: np.ndarray) -> np.ndarray:
         lo = -np.inf if self.min is None else self.min
         hi = np.inf if self.max is None else self.max
-        return np.clip(data, np.asarray(lo, data.dtype), np.asarray(hi, data.dtype))
+        out: np.ndarray = np.clip(data, np.asarray(lo, data.dtype), np.asarray(hi, data.dtype))
+        return out
 
     def apply(self, value: object) -> object:
         if isinstance(value, Table):
@@ -110,17 +126,23 @@ def _cast(array: np.ndarray, dtype: np.dtype[np.generic]) -> np.ndarray:
     if dtype.kind in "iu" and array.dtype.kind == "f" and array.size:
         if not np.isfinite(array).all():
             raise PreprocessingError(f"op 'cast': NaN or infinity cannot become {dtype}; add an impute step")
-        info = np.iinfo(dtype)
+        info = np.iinfo(dtype.name)
         lo, hi = float(array.min()), float(array.max())
         if lo < info.min or hi > info.max:
-            raise PreprocessingError(f"op 'cast': values out of range for {dtype}; add a clip step",
-                                     expected=f"[{info.min}, {info.max}]", found=f"[{lo}, {hi}]")
+            raise PreprocessingError(
+                f"op 'cast': values out of range for {dtype}; add a clip step",
+                expected=f"[{info.min}, {info.max}]",
+                found=f"[{lo}, {hi}]",
+            )
     elif dtype.kind in "iu" and array.dtype.kind in "iu" and array.size:
-        info = np.iinfo(dtype)
+        info = np.iinfo(dtype.name)
         lo_i, hi_i = int(array.min()), int(array.max())
         if lo_i < info.min or hi_i > info.max:
-            raise PreprocessingError(f"op 'cast': values out of range for {dtype}",
-                                     expected=f"[{info.min}, {info.max}]", found=f"[{lo_i}, {hi_i}]")
+            raise PreprocessingError(
+                f"op 'cast': values out of range for {dtype}",
+                expected=f"[{info.min}, {info.max}]",
+                found=f"[{lo_i}, {hi_i}]",
+            )
     with np.errstate(over="ignore"):
         return array.astype(dtype)
 
@@ -169,8 +191,11 @@ class Reshape(Op):
         per_example = math.prod(data.shape[1:])
         known = math.prod(s for s in self.shape if s != -1)
         if (-1 in self.shape and per_example % known) or (-1 not in self.shape and known != per_example):
-            raise PreprocessingError("op 'reshape': element count does not match",
-                                     expected=f"{list(self.shape)} per example", found=f"shape {data.shape}")
+            raise PreprocessingError(
+                "op 'reshape': element count does not match",
+                expected=f"{list(self.shape)} per example",
+                found=f"shape {data.shape}",
+            )
         return data.reshape((data.shape[0], *self.shape))
 
 
@@ -192,6 +217,9 @@ class ExpandDims(Op):
         data = numeric_array(self.name, value)
         ndim = data.ndim + 1
         if not -ndim <= self.axis < ndim or self.axis in (0, -ndim) or ndim > 32:
-            raise PreprocessingError("op 'expand_dims': axis out of range (axis 0 is the batch)",
-                                     expected=f"1..{ndim - 1} or -1..-{ndim - 1}", found=self.axis)
+            raise PreprocessingError(
+                "op 'expand_dims': axis out of range (axis 0 is the batch)",
+                expected=f"1..{ndim - 1} or -1..-{ndim - 1}",
+                found=self.axis,
+            )
         return np.expand_dims(data, self.axis)

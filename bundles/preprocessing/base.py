@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
 from bundles.errors import PreprocessingError, UnsupportedError
@@ -95,14 +95,20 @@ class Op(ABC):
                 expected=f"parameters among {sorted(fields)}",
             )
         missing = sorted(
-            name for name, f in fields.items()
+            name
+            for name, f in fields.items()
             if name not in params
             and f.default is dataclasses.MISSING
             and f.default_factory is dataclasses.MISSING
         )
         if missing:
             raise PreprocessingError(f"op {cls.name!r} v{cls.version}: missing parameter(s) {missing}")
-        return cls(**dict(params))
+        return cls._build(dict(params), resources)
+
+    @classmethod
+    def _build(cls, params: dict[str, object], resources: Mapping[str, bytes]) -> Op:
+        """Construct from checked parameters; ops that carry resources override this."""
+        return cls(**params)
 
     def check_fitted(self) -> None:
         if not self.fitted:
@@ -115,14 +121,6 @@ def _jsonable(value: object) -> object:
     if isinstance(value, tuple):
         return [_jsonable(v) for v in value]
     return value
-
-
-def _version_tuple(text: str) -> tuple[int, ...]:
-    parts: list[int] = []
-    for piece in text.split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
 
 
 def _needs(since: object) -> str:
@@ -151,28 +149,26 @@ def op_from_dict(step: object, resources: Mapping[str, bytes]) -> Op:
         raise PreprocessingError("a spec step must be an object", found=type(step).__name__)
     unknown = sorted(str(k) for k in step if k not in ("op", "version", "since", "params"))
     if unknown:
-        raise PreprocessingError(f"spec step has unknown key(s) {unknown}", expected="op, version, since, params")
+        raise PreprocessingError(
+            f"spec step has unknown key(s) {unknown}", expected="op, version, since, params"
+        )
     name, version, since = step.get("op"), step.get("version"), step.get("since")
     params = step.get("params", {})
     if not isinstance(name, str) or not name:
         raise PreprocessingError("spec step needs an 'op' name", found=repr(name)[:80])
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise PreprocessingError(f"op {name!r}: 'version' must be a positive integer", found=repr(version)[:80])
+        raise PreprocessingError(
+            f"op {name!r}: 'version' must be a positive integer", found=repr(version)[:80]
+        )
     if not isinstance(params, Mapping) or not all(isinstance(k, str) for k in params):
         raise PreprocessingError(f"op {name!r}: 'params' must be an object", found=type(params).__name__)
     versions = _REGISTRY.get(name)
     if versions is None or version not in versions:
-        known = f"known versions {sorted(versions)}" if versions else "unknown op"
         raise UnsupportedError(
-            f"op {name[:64]!r} v{version} needs {_needs(since)}; this is {__version__} ({known}): "
-            "upgrade the agent"
+            f"op {name[:64]!r} v{version} needs {_needs(since)}; this is {__version__}: upgrade the agent",
+            expected=f"versions {sorted(versions)} of {name[:64]!r}"
+            if versions
+            else "an op this agent knows",
+            found=f"{name[:64]!r} v{version}",
         )
     return versions[version].from_params(params, resources)
-
-
-def is_newer(since: str) -> bool:
-    """True when ``since`` names an edgepack later than this one."""
-    return _version_tuple(since) > _version_tuple(__version__)
-
-
-OpFactory = Callable[[Mapping[str, object], Mapping[str, bytes]], Op]

@@ -139,6 +139,7 @@ def decode_png(data: bytes, max_pixels: int) -> np.ndarray:
     except zlib.error as exc:
         raise _err(f"PNG image data does not inflate: {exc}") from None
     pixels = _unfilter(raw, height, width, bpp)
+    image: np.ndarray
     if depth == 16:
         image = pixels.view(">u2").astype(np.uint16).reshape(height, width, channels)
     else:
@@ -206,14 +207,16 @@ def decode_npy(data: bytes, max_pixels: int) -> np.ndarray:
     except (ValueError, OSError, EOFError) as exc:
         raise _err(f"NPY image does not load: {exc}") from None
     if not isinstance(array, np.ndarray) or array.ndim not in (2, 3) or array.dtype.kind not in "buif":
-        raise _err("NPY image must be a numeric (H, W) or (H, W, C) array",
-                   found=f"{getattr(array, 'dtype', '?')} {getattr(array, 'shape', '?')}")
+        raise _err(
+            "NPY image must be a numeric (H, W) or (H, W, C) array",
+            found=f"{getattr(array, 'dtype', '?')} {getattr(array, 'shape', '?')}",
+        )
     _check_size(array.shape[0], array.shape[1], max_pixels)
     if array.ndim == 3 and not 1 <= array.shape[2] <= 4:
         raise _err("NPY image channel count", expected="1..4", found=array.shape[2])
     if array.dtype.kind == "b":
         array = array.astype(np.uint8)
-    array = array.astype(array.dtype.newbyteorder("="))
+    array = np.asarray(array, dtype=array.dtype.newbyteorder("="))
     return array if array.ndim == 3 else array[:, :, None]
 
 

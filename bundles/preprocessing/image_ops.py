@@ -41,14 +41,19 @@ def image_batch(op: str, value: object, *, ragged: bool) -> ImageBatch:
             )
         check_numeric(op, value)
         return value
-    if ragged and isinstance(value, list) and value and all(
-        isinstance(v, np.ndarray) and v.ndim == 3 for v in value
+    if (
+        ragged
+        and isinstance(value, list)
+        and value
+        and all(isinstance(v, np.ndarray) and v.ndim == 3 for v in value)
     ):
         for v in value:
             check_numeric(op, v)
         return value
     what = "a list of images of different sizes" if isinstance(value, list) else type(value).__name__
-    hint = "; images differ in size: add a resize or center_crop step first" if isinstance(value, list) else ""
+    hint = (
+        "; images differ in size: add a resize or center_crop step first" if isinstance(value, list) else ""
+    )
     raise PreprocessingError(f"op {op!r}: expected an (N, H, W, C) image array{hint}", found=what)
 
 
@@ -57,8 +62,11 @@ def _convert_channels(image: np.ndarray, channels: int | None) -> np.ndarray:
     if channels is None or have == channels:
         return image
     if not 1 <= have <= 4:
-        raise PreprocessingError("op 'decode': cannot convert channels", expected="images with 1..4 channels",
-                                 found=f"{have} channels")
+        raise PreprocessingError(
+            "op 'decode': cannot convert channels",
+            expected="images with 1..4 channels",
+            found=f"{have} channels",
+        )
     if have in (2, 4):  # drop alpha first
         image, have = image[:, :, : have - 1], have - 1
     if channels == 1 and have == 3:
@@ -74,7 +82,7 @@ def _convert_channels(image: np.ndarray, channels: int | None) -> np.ndarray:
     if channels == 4 and have == 3:
         kind = image.dtype.kind
         opaque = np.iinfo(image.dtype).max if kind in "ui" else (True if kind == "b" else 1.0)
-        return np.concatenate([image, np.full(image.shape[:2] + (1,), opaque, image.dtype)], axis=2)
+        return np.concatenate([image, np.full((*image.shape[:2], 1), opaque, image.dtype)], axis=2)
     return image
 
 
@@ -118,12 +126,16 @@ class Decode(Op):
         for i, item in enumerate(value):
             if not isinstance(item, (bytes, bytearray, memoryview)):
                 raise PreprocessingError(
-                    f"op 'decode': item {i} is not bytes", expected="encoded image bytes", found=type(item).__name__
+                    f"op 'decode': item {i} is not bytes",
+                    expected="encoded image bytes",
+                    found=type(item).__name__,
                 )
             try:
                 images.append(_convert_channels(decode_image(bytes(item), self.max_pixels), self.channels))
             except PreprocessingError as exc:
-                raise PreprocessingError(f"image {i}: {exc.message}", expected=exc.expected, found=exc.found) from None
+                raise PreprocessingError(
+                    f"image {i}: {exc.message}", expected=exc.expected, found=exc.found
+                ) from None
         if len({(img.shape, img.dtype) for img in images}) == 1:
             return np.stack(images)
         return images
@@ -144,14 +156,16 @@ def resize_image(image: np.ndarray, height: int, width: int, method: str) -> np.
     if method == "nearest":
         rows = np.minimum(np.floor((np.arange(height) + 0.5) * (h / height)).astype(np.int64), h - 1)
         cols = np.minimum(np.floor((np.arange(width) + 0.5) * (w / width)).astype(np.int64), w - 1)
-        return image[rows][:, cols]
+        picked: np.ndarray = image[rows][:, cols]
+        return picked
     data = image.astype(np.float32)
     y0, y1, wy = _source_index(h, height)
     x0, x1, wx = _source_index(w, width)
     wy = wy[:, None, None]
     rows = data[y0] * (1 - wy) + data[y1] * wy
     wx = wx[None, :, None]
-    return rows[:, x0] * (1 - wx) + rows[:, x1] * wx
+    out: np.ndarray = rows[:, x0] * (1 - wx) + rows[:, x1] * wx
+    return out
 
 
 @register
@@ -168,7 +182,9 @@ class Resize(Op):
     method: str = "bilinear"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "size", P.as_int_tuple(self.name, "size", self.size, length=2, lo=1, hi=P.MAX_SIDE))
+        object.__setattr__(
+            self, "size", P.as_int_tuple(self.name, "size", self.size, length=2, lo=1, hi=P.MAX_SIDE)
+        )
         P.as_choice(self.name, "method", self.method, ("nearest", "bilinear"))
 
     def apply(self, value: object) -> object:
@@ -191,7 +207,9 @@ class CenterCrop(Op):
     size: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "size", P.as_int_tuple(self.name, "size", self.size, length=2, lo=1, hi=P.MAX_SIDE))
+        object.__setattr__(
+            self, "size", P.as_int_tuple(self.name, "size", self.size, length=2, lo=1, hi=P.MAX_SIDE)
+        )
 
     def apply(self, value: object) -> object:
         batch = image_batch(self.name, value, ragged=True)
@@ -239,13 +257,17 @@ class Normalize(Op):
         batch = image_batch(self.name, value, ragged=False)
         assert isinstance(batch, np.ndarray)
         if not -batch.ndim < self.axis < batch.ndim or self.axis in (0, -batch.ndim):
-            raise PreprocessingError("op 'normalize': axis is not a channel axis of the batch",
-                                     expected=f"1..{batch.ndim - 1}", found=self.axis)
+            raise PreprocessingError(
+                "op 'normalize': axis is not a channel axis of the batch",
+                expected=f"1..{batch.ndim - 1}",
+                found=self.axis,
+            )
         channels = batch.shape[self.axis]
         if len(self.mean) not in (1, channels):
             raise PreprocessingError(
                 "op 'normalize': mean/std length does not match the channel count",
-                expected=f"1 or {channels}", found=len(self.mean),
+                expected=f"1 or {channels}",
+                found=len(self.mean),
             )
         shape = [1] * batch.ndim
         shape[self.axis] = len(self.mean)

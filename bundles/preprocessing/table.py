@@ -39,7 +39,9 @@ class Table:
         if refs is None:
             picked = [i for i in range(len(self.names)) if not numeric or self.is_numeric(i)]
             if numeric and not picked:
-                raise PreprocessingError(f"op {op!r}: the table has no numeric column", found=list(self.names)[:20])
+                raise PreprocessingError(
+                    f"op {op!r}: the table has no numeric column", found=list(self.names)[:20]
+                )
             return picked
         out: list[int] = []
         for ref in refs:
@@ -72,7 +74,7 @@ class Table:
         return Table(self.names, tuple(cols))
 
     def to_matrix(self, dtype: np.dtype[np.generic] | type = np.float32) -> np.ndarray:
-        for name, column in zip(self.names, self.columns):
+        for name, column in zip(self.names, self.columns, strict=True):
             if column.dtype != np.float64:
                 raise PreprocessingError(
                     f"column {name!r} holds strings; a model input must be numeric: add a one_hot step"
@@ -106,7 +108,9 @@ def _column(name: str, values: Sequence[object]) -> np.ndarray:
         try:
             out[i] = math.nan if v is None else float(v)  # type: ignore[arg-type]
         except OverflowError:
-            raise PreprocessingError(f"column {name!r}: value too large for float64", found=repr(v)[:40]) from None
+            raise PreprocessingError(
+                f"column {name!r}: value too large for float64", found=repr(v)[:40]
+            ) from None
     return out
 
 
@@ -132,10 +136,14 @@ def table_from_raw(value: object) -> Table:
         return value
     if isinstance(value, np.ndarray):
         if value.ndim != 2:
-            raise PreprocessingError("tabular array must be 2-D (rows, columns)", found=f"shape {value.shape}")
+            raise PreprocessingError(
+                "tabular array must be 2-D (rows, columns)", found=f"shape {value.shape}"
+            )
         _check_rows(value.shape[0])
         if value.shape[1] > MAX_COLUMNS or value.shape[1] == 0:
-            raise PreprocessingError("tabular array column count", expected=f"1..{MAX_COLUMNS}", found=value.shape[1])
+            raise PreprocessingError(
+                "tabular array column count", expected=f"1..{MAX_COLUMNS}", found=value.shape[1]
+            )
         names = tuple(str(i) for i in range(value.shape[1]))
         return Table(names, tuple(_array_column(n, value[:, i]) for i, n in enumerate(names)))
     if isinstance(value, Mapping):
@@ -153,7 +161,9 @@ def table_from_raw(value: object) -> Table:
             elif isinstance(col, (list, tuple)):
                 cols.append(_column(key, col))
             else:
-                raise PreprocessingError(f"column {key!r} must be a 1-D array or list", found=type(col).__name__)
+                raise PreprocessingError(
+                    f"column {key!r} must be a 1-D array or list", found=type(col).__name__
+                )
             names_l.append(key)
         lengths = {len(c) for c in cols}
         if len(lengths) != 1:
@@ -165,7 +175,9 @@ def table_from_raw(value: object) -> Table:
         order: dict[str, None] = {}
         for row in value:
             if not isinstance(row, Mapping):
-                raise PreprocessingError("tabular rows must be dicts of column -> value", found=type(row).__name__)
+                raise PreprocessingError(
+                    "tabular rows must be dicts of column -> value", found=type(row).__name__
+                )
             for key in row:
                 if not isinstance(key, str):
                     raise PreprocessingError("column names must be strings", found=repr(key)[:40])

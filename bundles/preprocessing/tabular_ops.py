@@ -61,8 +61,9 @@ class SelectColumns(Op):
         table = table_from_raw(value)
         picked = table.resolve(self.name, self.columns, numeric=False)
         if len(set(picked)) != len(picked):
-            raise PreprocessingError("op 'select_columns': the same column is selected twice",
-                                     found=list(self.columns))
+            raise PreprocessingError(
+                "op 'select_columns': the same column is selected twice", found=list(self.columns)
+            )
         return Table(tuple(table.names[i] for i in picked), tuple(table.columns[i] for i in picked))
 
 
@@ -127,14 +128,22 @@ class Impute(Op):
                 assert self.fill_value is not None
                 learned.append(self.fill_value)
             elif self.strategy == "mean":
-                learned.append(_finite(self.name, cname, float(np.mean(col[~np.isnan(col)])) if
-                                       (~np.isnan(col)).any() else math.nan))
+                learned.append(
+                    _finite(
+                        self.name,
+                        cname,
+                        float(np.mean(col[~np.isnan(col)])) if (~np.isnan(col)).any() else math.nan,
+                    )
+                )
             elif self.strategy == "median":
                 present = col[~np.isnan(col)]
-                learned.append(_finite(self.name, cname, float(np.median(present)) if present.size else math.nan))
+                learned.append(
+                    _finite(self.name, cname, float(np.median(present)) if present.size else math.nan)
+                )
             else:
                 present_vals: list[Scalar] = (
-                    [float(v) for v in col if math.isfinite(v)] if table.is_numeric(i)
+                    [float(v) for v in col if math.isfinite(v)]
+                    if table.is_numeric(i)
                     else [v for v in col if v is not None]
                 )
                 if not present_vals:
@@ -148,11 +157,14 @@ class Impute(Op):
         table = table_from_raw(value)
         picked = table.resolve(self.name, self.columns, numeric=False)
         updates: dict[int, np.ndarray] = {}
-        for i, fill in zip(picked, self.values):
+        for i, fill in zip(picked, self.values, strict=True):
             col = table.columns[i]
             if table.is_numeric(i) != (not isinstance(fill, str)):
-                raise PreprocessingError(f"op 'impute': column {table.names[i]!r} and its fill value differ in kind",
-                                         expected=type(fill).__name__, found=str(col.dtype))
+                raise PreprocessingError(
+                    f"op 'impute': column {table.names[i]!r} and its fill value differ in kind",
+                    expected=type(fill).__name__,
+                    found=str(col.dtype),
+                )
             out = col.copy()
             if isinstance(fill, str):
                 out[[v is None for v in col]] = fill
@@ -216,7 +228,7 @@ class StandardScale(Op):
         picked = table.resolve(self.name, self.columns, numeric=True)
         with np.errstate(over="ignore", invalid="ignore"):
             return table.replace(
-                {i: (table.columns[i] - m) / s for i, m, s in zip(picked, self.mean, self.std)}
+                {i: (table.columns[i] - m) / s for i, m, s in zip(picked, self.mean, self.std, strict=True)}
             )
 
 
@@ -249,14 +261,19 @@ class OneHot(Op):
         P.as_int(self.name, "max_categories", self.max_categories, 1, 100_000)
         if self.categories is not None:
             cats = tuple(
-                tuple(_category(self.name, c) for c in P.as_seq(self.name, "categories", inner, self.max_categories))
+                tuple(
+                    _category(self.name, c)
+                    for c in P.as_seq(self.name, "categories", inner, self.max_categories)
+                )
                 for inner in P.as_seq(self.name, "categories", self.categories)
             )
             if self.columns is None or len(cats) != len(self.columns):
                 raise P.fail(self.name, "categories", "one list per pinned column", self.categories)
             for inner in cats:
                 if not inner or len(set(inner)) != len(inner) or len({type(c) for c in inner}) != 1:
-                    raise P.fail(self.name, "categories", "non-empty lists of distinct values of one kind", inner)
+                    raise P.fail(
+                        self.name, "categories", "non-empty lists of distinct values of one kind", inner
+                    )
             object.__setattr__(self, "categories", cats)
 
     @property
@@ -268,7 +285,9 @@ class OneHot(Op):
         if self.columns is None:
             picked = [i for i in range(len(table.names)) if not table.is_numeric(i)]
             if not picked:
-                raise PreprocessingError("op 'one_hot': no string column to encode; name the columns to encode")
+                raise PreprocessingError(
+                    "op 'one_hot': no string column to encode; name the columns to encode"
+                )
         else:
             picked = table.resolve(self.name, self.columns, numeric=False)
         cats: list[tuple[Scalar, ...]] = []
@@ -291,25 +310,30 @@ class OneHot(Op):
         assert self.categories is not None
         table = table_from_raw(value)
         picked = table.resolve(self.name, self.columns, numeric=False)
-        expand = dict(zip(picked, self.categories))
+        expand = dict(zip(picked, self.categories, strict=True))
         names: list[str] = []
         cols: list[np.ndarray] = []
-        for i, (cname, col) in enumerate(zip(table.names, table.columns)):
+        for i, (cname, col) in enumerate(zip(table.names, table.columns, strict=True)):
             if i not in expand:
                 names.append(cname)
                 cols.append(col)
                 continue
             cats = expand[i]
             if isinstance(cats[0], str) == table.is_numeric(i):
-                raise PreprocessingError(f"op 'one_hot': column {cname!r} changed kind since fit",
-                                         expected="strings" if isinstance(cats[0], str) else "numbers")
+                raise PreprocessingError(
+                    f"op 'one_hot': column {cname!r} changed kind since fit",
+                    expected="strings" if isinstance(cats[0], str) else "numbers",
+                )
             keys = np.empty(len(cats), dtype=object if isinstance(cats[0], str) else np.float64)
             keys[:] = list(cats)
             hot = (col[:, None] == keys[None, :]).astype(np.float64)
             if self.handle_unknown == "error" and not hot.any(axis=1).all():
                 row = int(np.argmin(hot.any(axis=1)))
-                raise PreprocessingError(f"op 'one_hot': column {cname!r} has a value not seen in fit",
-                                         expected=list(cats)[:10], found=repr(col[row])[:40])
+                raise PreprocessingError(
+                    f"op 'one_hot': column {cname!r} has a value not seen in fit",
+                    expected=list(cats)[:10],
+                    found=repr(col[row])[:40],
+                )
             names.extend(f"{cname}={c}" for c in cats)
             cols.extend(hot[:, j] for j in range(len(cats)))
         if len(set(names)) != len(names):

@@ -34,7 +34,9 @@ def _load(op: str, payload: bytes) -> Any:
     try:
         return Tokenizer.from_str(payload.decode("utf-8"))
     except Exception as exc:  # tokenizers raises plain Exception for bad JSON; translate at the seam.
-        raise PreprocessingError(f"op {op!r}: the tokenizer resource does not load: {str(exc)[:200]}") from None
+        raise PreprocessingError(
+            f"op {op!r}: the tokenizer resource does not load: {str(exc)[:200]}"
+        ) from None
 
 
 @register
@@ -66,8 +68,12 @@ class Tokenize(Op):
 
     def __post_init__(self) -> None:
         if not isinstance(self.tokenizer_json, (bytes, bytearray)) or not self.tokenizer_json:
-            raise P.fail(self.name, "tokenizer_json", "the tokenizer.json content as bytes",
-                         type(self.tokenizer_json).__name__)
+            raise P.fail(
+                self.name,
+                "tokenizer_json",
+                "the tokenizer.json content as bytes",
+                type(self.tokenizer_json).__name__,
+            )
         object.__setattr__(self, "tokenizer_json", bytes(self.tokenizer_json))
         P.as_int(self.name, "max_length", self.max_length, 1, 65536)
         P.as_choice(self.name, "padding", self.padding, ("max_length", "longest"))
@@ -81,7 +87,8 @@ class Tokenize(Op):
         if self.sha256 and self.sha256 != digest:
             raise PreprocessingError(
                 f"op 'tokenize': resource {name!r} is not the tokenizer this pipeline was built with",
-                expected=f"sha256 {self.sha256}", found=f"sha256 {digest}",
+                expected=f"sha256 {self.sha256}",
+                found=f"sha256 {digest}",
             )
         object.__setattr__(self, "sha256", digest)
         outputs = tuple(P.as_seq(self.name, "outputs", self.outputs, max_len=3))
@@ -95,23 +102,20 @@ class Tokenize(Op):
             return cls(tokenizer_json=fh.read(), **params)
 
     @classmethod
-    def from_params(cls, params: Mapping[str, object], resources: Mapping[str, bytes]) -> Op:
+    def _build(cls, params: dict[str, object], resources: Mapping[str, bytes]) -> Op:
         name = params.get("resource", "tokenizer.json")
         if not isinstance(name, str) or name not in resources:
             raise PreprocessingError(
-                f"op 'tokenize' needs resource {name!r}, which the bundle does not carry",
+                f"op 'tokenize' needs resource {str(name)[:64]!r}, which the bundle does not carry",
                 expected="the tokenizer.json passed in Pipeline.from_dict(spec, resources)",
                 found=sorted(resources)[:10],
             )
         payload = resources[name]
         if not isinstance(payload, (bytes, bytearray)):
             raise PreprocessingError(f"resource {name!r} must be bytes", found=type(payload).__name__)
-        if "sha256" not in params:
-            raise PreprocessingError("op 'tokenize' is missing parameter 'sha256'")
-        return super().from_params({"tokenizer_json": bytes(payload), **params}, resources)
-
-    def params(self) -> dict[str, Any]:
-        return {k: v for k, v in super().params().items() if k not in self.private_fields}
+        if not params.get("sha256"):
+            raise PreprocessingError("op 'tokenize' is missing parameter 'sha256' (the resource's digest)")
+        return cls(tokenizer_json=bytes(payload), **params)  # type: ignore[arg-type]
 
     def resources(self) -> dict[str, bytes]:
         return {self.resource: self.tokenizer_json}
@@ -121,8 +125,15 @@ class Tokenize(Op):
             tok = _load(self.name, self.tokenizer_json)
             pad_id = tok.token_to_id(self.pad_token)
             if pad_id is None:
-                raise PreprocessingError("op 'tokenize': pad_token is not in the vocabulary",
-                                         found=self.pad_token)
+                raise PreprocessingError(
+                    "op 'tokenize': pad_token is not in the vocabulary", found=self.pad_token
+                )
+            if self.add_special_tokens and self.max_length <= tok.num_special_tokens_to_add(False):
+                raise PreprocessingError(
+                    "op 'tokenize': max_length leaves no room for text after the special tokens",
+                    expected=f"max_length > {tok.num_special_tokens_to_add(False)}",
+                    found=self.max_length,
+                )
             tok.no_padding()
             tok.no_truncation()
             if self.truncation:
@@ -135,30 +146,45 @@ class Tokenize(Op):
     def apply(self, value: object) -> object:
         if not isinstance(value, (list, tuple)) or not value:
             hint = "; wrap a single text in a list" if isinstance(value, str) else ""
-            raise PreprocessingError(f"op 'tokenize': expected a non-empty list of str{hint}",
-                                     found=type(value).__name__)
+            raise PreprocessingError(
+                f"op 'tokenize': expected a non-empty list of str{hint}", found=type(value).__name__
+            )
         for i, text in enumerate(value):
             if not isinstance(text, str):
                 raise PreprocessingError(f"op 'tokenize': item {i} is not a str", found=type(text).__name__)
             if len(text) > MAX_TEXT_CHARS:
-                raise PreprocessingError(f"op 'tokenize': text {i} is too long",
-                                         expected=f"<= {MAX_TEXT_CHARS} characters", found=len(text))
+                raise PreprocessingError(
+                    f"op 'tokenize': text {i} is too long",
+                    expected=f"<= {MAX_TEXT_CHARS} characters",
+                    found=len(text),
+                )
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError:
-                raise PreprocessingError(f"op 'tokenize': text {i} is not valid Unicode (lone surrogate)") from None
+                raise PreprocessingError(
+                    f"op 'tokenize': text {i} is not valid Unicode (lone surrogate)"
+                ) from None
         tok = self._tokenizer()
         try:
             encodings = tok.encode_batch(list(value), add_special_tokens=self.add_special_tokens)
-        except Exception as exc:  # tokenizers' own errors are plain Exception subclasses.
+        except (
+            BaseException
+        ) as exc:  # tokenizers raises Exception, and pyo3 panics derive from BaseException.
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
             raise PreprocessingError(f"op 'tokenize': tokenizer failed: {str(exc)[:200]}") from None
         if not self.truncation:
             for i, enc in enumerate(encodings):
                 if len(enc.ids) > self.max_length:
-                    raise PreprocessingError(f"op 'tokenize': text {i} is longer than max_length tokens and "
-                                             "truncation is off", expected=self.max_length, found=len(enc.ids))
+                    raise PreprocessingError(
+                        f"op 'tokenize': text {i} is longer than max_length tokens and truncation is off",
+                        expected=self.max_length,
+                        found=len(enc.ids),
+                    )
         columns = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
         return {
-            out: np.array([getattr(enc, columns[out]) for enc in encodings], dtype=np.int64).reshape(len(value), -1)
+            out: np.array([getattr(enc, columns[out]) for enc in encodings], dtype=np.int64).reshape(
+                len(value), -1
+            )
             for out in self.outputs
         }
