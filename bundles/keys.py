@@ -330,3 +330,39 @@ class KeyStore:
             }
         out["director"] = {"keyids": [s.public_key.keyid for s in self.signers.get("director", [])]}
         return out
+
+
+@dataclass(frozen=True)
+class OnlineKeys:
+    """What the update server holds: the trust roots and the online keys (snapshot, timestamp, director).
+
+    Load from the ``online/`` folder of a key directory (or the key directory itself, in tests/demo).
+    """
+
+    root: bytes
+    director_root: bytes
+    snapshot: CryptoSigner
+    timestamp: CryptoSigner
+    director: CryptoSigner
+
+    @classmethod
+    def load(cls, directory: Path) -> OnlineKeys:
+        if (directory / "online").is_dir():
+            directory = directory / "online"
+        found: dict[str, CryptoSigner] = {}
+        for pem in sorted(directory.glob("*.pem")):
+            role = pem.name.split("-", 1)[0]
+            if role in OFFLINE_ROLES:
+                raise KeyStoreError("an offline key sits among the online keys; remove it from the server",
+                                    path=str(pem))
+            found[role] = _load_signer(pem)  # the newest (last sorted) key of a role wins
+        missing = [r for r in ONLINE_ROLES if r not in found]
+        for name in ("root.json", "director-root.json"):
+            if not (directory / name).is_file():
+                missing.append(name)
+        if missing:
+            raise KeyStoreError("online key folder is incomplete", path=str(directory),
+                                expected="snapshot, timestamp and director keys, root.json, director-root.json",
+                                found=f"missing {missing}")
+        return cls((directory / "root.json").read_bytes(), (directory / "director-root.json").read_bytes(),
+                   found["snapshot"], found["timestamp"], found["director"])

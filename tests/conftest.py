@@ -1,0 +1,43 @@
+"""Fixtures shared by every test package. Package-specific fixtures live in tests/<package>/conftest.py."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bundles.keys import KeyStore
+from tests.support import services
+
+
+@pytest.fixture(scope="session")
+def session_keys(tmp_path_factory: pytest.TempPathFactory) -> KeyStore:
+    """One key directory for the session (root 2-of-3, targets 1-of-1)."""
+    return KeyStore.init(tmp_path_factory.mktemp("keys") / "keys")
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> KeyStore:
+    """A fresh key directory for one test (its targets metadata starts empty)."""
+    return KeyStore.init(tmp_path / "keys")
+
+
+@pytest.fixture(scope="session")
+def system_broker() -> str:
+    """URL of the Mosquitto that runs on the machine (127.0.0.1:1883). Fails in CI when absent."""
+    return services.system_broker_url()
+
+
+@pytest.fixture
+def private_broker() -> Iterator[services.Mosquitto]:
+    """A mosquitto of this test's own, on a free port, that the test may stop and restart."""
+    with services.mosquitto() as broker:
+        yield broker
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database (SQLAlchemy URL) for one test module."""
+    with services.postgres_database() as url:
+        yield url
