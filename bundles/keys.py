@@ -349,20 +349,28 @@ class OnlineKeys:
     def load(cls, directory: Path) -> OnlineKeys:
         if (directory / "online").is_dir():
             directory = directory / "online"
+        missing = [n for n in ("root.json", "director-root.json") if not (directory / n).is_file()]
+        if missing:
+            raise KeyStoreError("online key folder is incomplete", path=str(directory),
+                                expected="root.json and director-root.json", found=f"missing {missing}")
+        root = Metadata[Root].from_bytes((directory / "root.json").read_bytes()).signed
+        director_root = Metadata[Root].from_bytes((directory / "director-root.json").read_bytes()).signed
+        # A role's signer must be a key the current root lists for it (rotated-out keys are ignored).
+        listed = {"snapshot": set(root.roles["snapshot"].keyids), "timestamp": set(root.roles["timestamp"].keyids),
+                  "director": set(director_root.roles["targets"].keyids)}
         found: dict[str, CryptoSigner] = {}
         for pem in sorted(directory.glob("*.pem")):
             role = pem.name.split("-", 1)[0]
             if role in OFFLINE_ROLES:
                 raise KeyStoreError("an offline key sits among the online keys; remove it from the server",
                                     path=str(pem))
-            found[role] = _load_signer(pem)  # the newest (last sorted) key of a role wins
+            signer = _load_signer(pem)
+            if signer.public_key.keyid in listed.get(role, set()):
+                found[role] = signer
         missing = [r for r in ONLINE_ROLES if r not in found]
-        for name in ("root.json", "director-root.json"):
-            if not (directory / name).is_file():
-                missing.append(name)
         if missing:
             raise KeyStoreError("online key folder is incomplete", path=str(directory),
-                                expected="snapshot, timestamp and director keys, root.json, director-root.json",
+                                expected="snapshot, timestamp and director keys listed in the roots",
                                 found=f"missing {missing}")
         return cls((directory / "root.json").read_bytes(), (directory / "director-root.json").read_bytes(),
                    found["snapshot"], found["timestamp"], found["director"])
