@@ -146,6 +146,12 @@ class TrustStore:
         by_version: dict[int, Metadata[Root]] = {}
         for i, data in enumerate(chain):
             md = parse_metadata(data, "root", f"root chain[{i}]")
+            source = f"{md.signed.version}.root.json"
+            if md.signed.version == self.root.signed.version and md.signed_bytes != self.root.signed_bytes:
+                raise SignatureError("a root with the trusted version but other content", path=source,
+                                     expected="the trusted root", found="different signed content")
+            # Every root offered must at least carry its own threshold; nothing unsigned is ever kept.
+            verify_role(md.signed, "root", md, source)
             by_version[md.signed.version] = md
         version = self.root.signed.version
         while version + 1 in by_version:

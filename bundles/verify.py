@@ -144,6 +144,20 @@ def _write_verified(dest: Path, rel: str, target: TargetFile, chunks_source: Bun
                                   found=f"{length} bytes sha256={digest.hexdigest()}")
 
 
+def _refuse_unlisted(arc: BundleArchive, trust: TrustStore, name: str, version: str) -> None:
+    """The newest trusted targets do not list this bundle: say whether it was withdrawn by a floor."""
+    from bundles.trust import parse_metadata
+
+    own = parse_metadata(arc.read_bounded(METADATA_PREFIX + "targets.json", MAX_TARGETS_BYTES), "targets",
+                         "targets.json")
+    listed = bundle_targets(own.signed, name, version)
+    if MANIFEST in listed:
+        trust.check_release_counter(name, int(listed[MANIFEST].custom.get("release_counter", -1)),
+                                    f"{name}/{version}")
+    raise UnsignedFileError("the newest signed targets metadata does not list this bundle (withdrawn?)",
+                            path=f"{name}/{version}")
+
+
 def verify_archive(
     archive: Path,
     trust: TrustStore,
@@ -193,6 +207,8 @@ def verify_archive(
                 raise UnsignedFileError("archive mixes files from another bundle (mix-and-match)",
                                         path=foreign[0], expected=f"only {prefix}*")
             signed = bundle_targets(targets.signed, name, version)
+            if not signed:
+                _refuse_unlisted(arc, staged, name, version)
             present = {m[len(prefix):] for m in members}
             for rel in sorted(present - set(signed)):
                 raise UnsignedFileError("file is not listed in the signed metadata", path=rel)

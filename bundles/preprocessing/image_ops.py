@@ -122,7 +122,6 @@ class Decode(Op):
                 "op 'decode': expected a non-empty list of encoded images (bytes) or an (N, H, W[, C]) array",
                 found=type(value).__name__ if value is not None else "None",
             )
-        images = []
         for i, item in enumerate(value):
             if not isinstance(item, (bytes, bytearray, memoryview)):
                 raise PreprocessingError(
@@ -130,11 +129,14 @@ class Decode(Op):
                     expected="encoded image bytes",
                     found=type(item).__name__,
                 )
+        images = []
+        for i, item in enumerate(value):
             try:
                 images.append(_convert_channels(decode_image(bytes(item), self.max_pixels), self.channels))
             except PreprocessingError as exc:
+                detail = exc.message.removeprefix("op 'decode': ")
                 raise PreprocessingError(
-                    f"image {i}: {exc.message}", expected=exc.expected, found=exc.found
+                    f"op 'decode': image {i}: {detail}", expected=exc.expected, found=exc.found
                 ) from None
         if len({(img.shape, img.dtype) for img in images}) == 1:
             return np.stack(images)

@@ -39,6 +39,7 @@ def digits_onnx(quality: str = "good") -> bytes:
     that must halt on the accuracy gate.
     """
     from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import FloatTensorType
     from sklearn.linear_model import LogisticRegression
 
     images, labels = digits_data()
@@ -47,7 +48,8 @@ def digits_onnx(quality: str = "good") -> bytes:
     if quality == "bad":
         y = np.random.default_rng(0).permutation(y)
     model = LogisticRegression(max_iter=300, random_state=0).fit(x, y)
-    onx = to_onnx(model, x[:1].astype(np.float32), options={"zipmap": False}, target_opset=17)
+    onx = to_onnx(model, initial_types=[("input", FloatTensorType([None, 64]))],
+                  options={"zipmap": False}, target_opset=17)
     return bytes(onx.SerializeToString())
 
 
