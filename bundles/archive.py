@@ -21,7 +21,7 @@ import stat
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from bundles.errors import ArchiveError
 
@@ -53,8 +53,8 @@ def check_member_name(name: str) -> None:
         raise ArchiveError("archive member has an unsafe name", path=repr(name))
     if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
         raise ArchiveError("archive member has an absolute path", path=name)
-    parts = PurePosixPath(name.rstrip("/")).parts
-    if any(p in ("..", ".", "") for p in parts) or "//" in name:
+    parts = name[:-1].split("/") if name.endswith("/") else name.split("/")
+    if any(p in ("..", ".", "") for p in parts):
         raise ArchiveError("archive member path escapes or aliases (.., ., empty component)", path=name)
 
 
