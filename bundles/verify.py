@@ -28,6 +28,7 @@ from tuf.api.metadata import Metadata, Targets, TargetFile
 from bundles._util import parse_semver, utcnow
 from bundles.archive import METADATA_PREFIX, TARGETS_PREFIX, BundleArchive
 from bundles.errors import (
+    ArchiveError,
     DigestMismatchError,
     FormatError,
     HardwareMismatchError,
@@ -133,10 +134,17 @@ def _write_verified(dest: Path, rel: str, target: TargetFile, chunks_source: Bun
     digest = hashlib.sha256()
     length = 0
     with os.fdopen(fd, "wb") as fh:
-        for chunk in chunks_source.iter_bounded(member, target.length):
-            digest.update(chunk)
-            length += len(chunk)
-            fh.write(chunk)
+        try:
+            for chunk in chunks_source.iter_bounded(member, target.length):
+                digest.update(chunk)
+                length += len(chunk)
+                fh.write(chunk)
+        except ArchiveError as exc:
+            if exc.found != f"> {target.length}":
+                raise
+            raise DigestMismatchError("file is longer than its signed length; reading stopped there",
+                                      path=rel, expected=f"{target.length} bytes",
+                                      found=f"more than {target.length} bytes") from exc
     expected = target.hashes.get("sha256")
     if length != target.length or digest.hexdigest() != expected:
         raise DigestMismatchError("file does not match its signed length and hash", path=rel,

@@ -76,10 +76,14 @@ def _check_raw(kind: str, raw: object) -> object:
             found=type(raw).__name__ if not isinstance(raw, list) else "list with non-str items",
         )
     if isinstance(raw, np.ndarray):
-        if raw.ndim not in (3, 4) or raw.shape[0] == 0 or raw.dtype.kind not in "buif":
+        if raw.ndim not in (3, 4) or raw.shape[0] == 0:
             raise PreprocessingError(
-                "image input array must be numeric, shape (N, H, W) or (N, H, W, C), N >= 1",
-                found=f"{raw.dtype} {raw.shape}",
+                "image input array must have shape (N, H, W) or (N, H, W, C) with N >= 1",
+                found=f"shape {raw.shape}",
+            )
+        if raw.dtype.kind not in "buif":
+            raise PreprocessingError(
+                "image input array must be numeric", expected="bool/int/float dtype", found=str(raw.dtype)
             )
         return raw
     if (
@@ -101,6 +105,10 @@ class Pipeline:
     steps: tuple[Op, ...]
     output: str | dict[str, str] = "input"
     input_kind: str = ""
+
+    def __hash__(self) -> int:
+        output = self.output if isinstance(self.output, str) else tuple(sorted(self.output.items()))
+        return hash((self.steps, output, self.input_kind))
 
     def __init__(
         self, steps: Sequence[Op], output: str | Mapping[str, str] = "input", input_kind: str | None = None
