@@ -112,6 +112,7 @@ def assemble_bundle(
     os.close(fd)
     try:
         write_archive(Path(tmp), entries)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, out_path)
     except BaseException:
         if os.path.exists(tmp):
