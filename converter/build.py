@@ -1,0 +1,213 @@
+"""``edgepack build``: the steps from an ``edgepack.toml`` to a signed bundle and a report.
+
+Order: preprocessing -> data -> model -> fp32 reference -> each variant (build, evaluate, gate)
+-> measure -> profiles -> golden vectors -> bundle. Errors that concern one variant are caught
+per variant and recorded (the other variants still build); errors that concern the whole build
+stop it. All intermediate files live in a private work directory inside the output directory,
+removed at the end whatever happens; the bundle itself is written by ``assemble_bundle``
+through a temporary file and an atomic rename, so a failed build leaves no partial bundle.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from converter import metrics
+from converter.data import check_features, load_raw, make_pipeline, model_inputs, transform
+from converter.errors import (
+    AccuracyBudgetError,
+    CalibrationDataError,
+    ConversionError,
+    ConverterError,
+    EvaluationDataError,
+)
+from converter.package import VariantResult, r6
+from converter.report import fmt_delta, print_table, write_reports
+from converter.sources import LoadedModel, load_model
+from converter.spec import BuildSpec
+
+
+class _Steps:
+    """Progress display and per-step timings (a spinner and elapsed time on every step)."""
+
+    def __init__(self, console: Any, timings: dict[str, float]) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, \
+            TimeElapsedColumn
+
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+        self.timings = timings
+
+    @contextmanager
+    def step(self, name: str, total: int = 1) -> Iterator[Any]:
+        task = self.progress.add_task(name, total=total)
+        t0 = time.perf_counter()
+        try:
+            yield lambda: self.progress.advance(task)
+        finally:
+            self.timings[name] = round(time.perf_counter() - t0, 3)
+            self.progress.update(task, completed=total)
+
+
+def _batch(raw: np.ndarray) -> Any:
+    return [str(t) for t in raw] if raw.dtype.kind == "U" else raw
+
+
+def build(spec: BuildSpec, *, console: Any = None, dry_run: bool = False, spec_sha256: str = "",
+          dump_dir: Path | None = None) -> dict[str, Any]:
+    """Run a build; returns the report (also written to the output directory).
+
+    ``dump_dir`` receives a plain copy of the bundle's files (for inspection and debugging).
+    """
+    from rich.console import Console
+
+    if console is None:
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            console = Console(stderr=True, width=150)
+    t0 = time.perf_counter()
+    report: dict[str, Any] = {"name": spec.name, "version": spec.version, "status": "running", "variants": [],
+                              "errors": [], "profiles": {}, "bundle": None, "timings": {}}
+    spec.out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".edgepack-work-", dir=spec.out_dir))
+    steps = _Steps(console, report["timings"])
+    try:
+        with steps.progress:
+            _run(spec, report, work, steps, dry_run, spec_sha256, dump_dir)
+        if report["bundle"] is None and not dry_run:
+            report["status"] = "failed"
+        else:
+            report["status"] = "ok"
+    except ConverterError as exc:
+        report["errors"].append(exc.to_dict())
+        report["status"] = "failed"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        report["wall_seconds"] = round(time.perf_counter() - t0, 2)
+        write_reports(report, spec.out_dir)
+    print_table(report, console)
+    return report
+
+
+def _build_variant(vid: str, loaded: LoadedModel, base: bytes | None, base_error: ConverterError | None,
+                   work: Path, cal: dict[str, np.ndarray], cal_ref: np.ndarray,
+                   options: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+    from converter import onnx_variants as ov
+
+    fmt, precision = vid.split("-", 1)
+    if fmt == "onnx":
+        if base is None:
+            err = base_error or loaded.onnx_error or ConversionError("no ONNX model to start from")
+            raise type(err)(err.message, step=err.step, variant=vid, fix=err.fix)
+        if precision == "fp32":
+            return base, {"method": "onnxruntime quant_pre_process (shape inference + graph optimization)"}
+        if precision == "fp16":
+            return ov.to_fp16(base, options)
+        if precision == "int8":
+            return ov.to_int8_static(base, work, cal, cal_ref, options)
+        return ov.to_int8_dynamic(base, work, options)
+    from converter import tflite_variants
+
+    return tflite_variants.convert(loaded, precision, cal, options)
+
+
+def _run(spec: BuildSpec, report: dict[str, Any], work: Path, steps: _Steps, dry_run: bool,
+         spec_sha: str, dump_dir: Path | None) -> None:
+    from converter.runners import run_onnx, run_variant
+
+    with steps.step("preprocessing + data"):
+        pipeline = make_pipeline(spec)
+        cal_raw, _ = load_raw(spec.calibration, spec, CalibrationDataError)
+        pipeline = pipeline.fit(_batch(cal_raw))
+        cal = transform(pipeline, cal_raw, CalibrationDataError)
+        ev_raw, labels = load_raw(spec.evaluation, spec, EvaluationDataError)
+        ev = transform(pipeline, ev_raw, EvaluationDataError)
+    with steps.step("load model"):
+        loaded = load_model(spec, cal)
+    ref_model = loaded.onnx_bytes
+    if ref_model is not None:
+        ins = model_inputs(ref_model)
+        check_features(cal, ins, CalibrationDataError, "calibration")
+        check_features(ev, ins, EvaluationDataError, "evaluation")
+    else:  # no ONNX translation: the TFLite fp32 conversion of the original is the reference
+        ref_model = None
+    out_idx = 0
+    with steps.step("fp32 reference"):
+        if ref_model is not None:
+            import onnx
+
+            out_names = [o.name for o in onnx.load_from_string(ref_model).graph.output]
+            ref_outs = run_onnx(ref_model, ev)
+            cal_ref = run_onnx(ref_model, cal)
+        else:
+            from converter import tflite_variants
+
+            tfl, _ = tflite_variants.convert(loaded, "fp32", None, {})
+            out_names = list(spec.model.output_names or ["output"])
+            ref_outs, cal_ref = run_variant("tflite", tfl, ev), run_variant("tflite", tfl, cal)
+        if spec.metric_output:
+            if spec.metric_output not in out_names:
+                raise EvaluationDataError(f"[evaluation] output {spec.metric_output!r} is not a model output "
+                                          f"{out_names}", fix="name one of the model's outputs")
+            out_idx = out_names.index(spec.metric_output)
+        ref_value = metrics.evaluate(spec.metric, ref_outs[out_idx], ref_outs[out_idx], labels,
+                                     top_k=spec.top_k, names=spec.labels)
+    report["metric"] = {"name": spec.metric, "reference": r6(ref_value), "budget": spec.budget,
+                        "samples": len(ev_raw), "output": out_names[out_idx]}
+
+    base: bytes | None = None
+    base_error: ConverterError | None = None
+    if any(v.startswith("onnx") for v in spec.variants) and loaded.onnx_bytes is not None:
+        with steps.step("onnx pre-process"):
+            try:
+                from converter.onnx_variants import preprocess
+
+                base = preprocess(loaded.onnx_bytes, work)
+            except ConverterError as exc:
+                base_error = exc
+
+    results: list[VariantResult] = []
+    with steps.step("variants: build + evaluate", total=len(spec.variants)) as advance:
+        for vid in spec.variants:
+            fmt, precision = vid.split("-", 1)
+            res = VariantResult(vid, fmt, "int8" if precision.startswith("int8") else precision)
+            t = time.perf_counter()
+            try:
+                res.data, res.quantization = _build_variant(vid, loaded, base, base_error, work, cal,
+                                                            cal_ref[out_idx], spec.variant_options.get(vid, {}))
+                res.outputs = run_variant(fmt, res.data, ev)
+                value = metrics.evaluate(spec.metric, res.outputs[out_idx], ref_outs[out_idx], labels,
+                                         top_k=spec.top_k, names=spec.labels)
+                g = metrics.gate(spec.metric, value, ref_value, spec.budget)
+                res.value, res.delta, res.drop, res.passed = g.value, g.delta, g.drop, g.passed
+                if not g.passed:
+                    raise AccuracyBudgetError(
+                        f"{vid} loses {fmt_delta(spec.metric, g.drop).lstrip('+')} of {spec.metric} against the "
+                        f"fp32 original; the budget is {fmt_delta(spec.metric, g.budget).lstrip('+')}, so it is "
+                        f"{fmt_delta(spec.metric, g.over_by).lstrip('+')} over", variant=vid,
+                        fix="try other quantization settings (per_channel, calibration_method, more calibration "
+                        "data, nodes_to_exclude) or raise [evaluation] budget if the loss is acceptable")
+            except ConverterError as exc:
+                if exc.variant is None:
+                    exc.variant = vid
+                res.error = exc.to_dict()
+            except Exception as exc:  # an unexpected failure in one variant must not stop the others
+                res.error = ConversionError(f"{type(exc).__name__}: {exc}", variant=vid,
+                                            fix="leave this variant out of [variants] build and report it"
+                                            ).to_dict()
+            res.build_seconds = round(time.perf_counter() - t, 3)
+            results.append(res)
+            advance()
+
+    from converter.finish import finish
+
+    finish(spec, report, results, pipeline, loaded, ev_raw, ev, ref_outs, out_names, work, steps, dry_run,
+           spec_sha, dump_dir)
