@@ -17,6 +17,7 @@ same archive bytes.
 
 from __future__ import annotations
 
+import itertools
 import stat
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -118,7 +119,7 @@ class BundleArchive:
                           + info.compress_size, name))
             members[name] = Member(name, info.file_size, info.compress_size, info)
         spans.sort()
-        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        for (_, end, a), (start, _, b) in itertools.pairwise(spans):
             if start < end:
                 raise ArchiveError("archive members overlap (a shared or hard-linked entry?)",
                                    path=f"{a} / {b}")

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from securesystemslib.signer import Signer
-from tuf.api.metadata import Metadata, Root, Targets, TargetFile
+from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 
 from bundles.errors import FormatError, HardwareMismatchError, RollbackError, VerificationError
 from bundles.keys import dump_metadata

@@ -58,7 +58,7 @@ class Golden:
         for variant, outs in self.outputs.items():
             arrays.update({f"outputs__{variant}__{k}": v for k, v in outs.items()})
         buf = io.BytesIO()
-        np.savez(buf, **dict(sorted(arrays.items())))
+        np.savez(buf, **dict(sorted(arrays.items())))  # type: ignore[arg-type]  # numpy stub: kwargs are arrays
         return buf.getvalue()
 
     def raw_inputs(self) -> Any:

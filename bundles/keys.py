@@ -30,7 +30,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from securesystemslib.signer import CryptoSigner
-from tuf.api.metadata import Metadata, Role, Root, Targets, TargetFile
+from tuf.api.metadata import Metadata, Role, Root, TargetFile, Targets
 from tuf.api.serialization.json import JSONSerializer
 
 from bundles._util import atomic_write, utcnow
@@ -58,7 +58,7 @@ def _load_signer(path: Path) -> CryptoSigner:
         private = load_pem_private_key(path.read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:
         raise KeyStoreError(f"cannot load private key: {exc}", path=str(path)) from exc
-    return CryptoSigner(private)  # type: ignore[arg-type]
+    return CryptoSigner(private)
 
 
 def _write_private(path: Path, signer: CryptoSigner) -> None:

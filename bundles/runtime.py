@@ -82,7 +82,7 @@ class OnnxRunner:
                                 found=sorted(feeds)) from exc
         except Exception as exc:
             raise RuntimeError_(f"onnxruntime failed to run: {exc}") from exc
-        return dict(zip(self.output_names, out))
+        return dict(zip(self.output_names, out, strict=True))
 
 
 def _litert_interpreter() -> Any:
@@ -145,7 +145,7 @@ class LiteRTRunner:
             missing = [n for n in self.input_names if n not in feeds]
             if missing:
                 raise RuntimeError_("missing model input", expected=list(self.input_names), found=sorted(feeds))
-            return dict(zip(self.output_names, self._one(feeds)))
+            return dict(zip(self.output_names, self._one(feeds), strict=True))
         except RuntimeError_:
             raise
         except Exception as exc:

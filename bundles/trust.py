@@ -182,13 +182,10 @@ class TrustStore:
         if self.targets is not None and md.signed.version < self.targets.signed.version:
             check_expiry(self.targets, now, "trusted targets.json")
             return self.targets
-        if self.targets is not None and md.signed.version == self.targets.signed.version:
-            if md.signed_bytes != self.targets.signed_bytes:
-                raise RollbackError(
-                    "two different targets metadata with the same version (mix-and-match?)",
-                    path=source, expected="identical content",
-                    found="different content",
-                )
+        if (self.targets is not None and md.signed.version == self.targets.signed.version
+                and md.signed_bytes != self.targets.signed_bytes):
+            raise RollbackError("two different targets metadata with the same version (mix-and-match?)",
+                                path=source, expected="identical content", found="different content")
         check_expiry(md, now, source)
         self.targets = md
         for name, floor in floors_of(md.signed).items():

@@ -23,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 from tuf.api.exceptions import LengthOrHashMismatchError
-from tuf.api.metadata import Metadata, Targets, TargetFile
+from tuf.api.metadata import Metadata, TargetFile, Targets
 
 from bundles._util import parse_semver, utcnow
 from bundles.archive import METADATA_PREFIX, TARGETS_PREFIX, BundleArchive

@@ -54,7 +54,7 @@ def test_revoked_targets_key_no_longer_verifies(tmp_path: Path) -> None:
 
 
 def test_rotation_needs_a_threshold_of_root_keys(tmp_path: Path) -> None:
-    ks = KeyStore.init(tmp_path / "k", root_keys=3, root_threshold=2)
+    KeyStore.init(tmp_path / "k", root_keys=3, root_threshold=2)
     pems = sorted((tmp_path / "k" / "private").glob("root-*.pem"))
     for pem in pems[:2]:
         pem.rename(tmp_path / pem.name)  # only one root key left on this workstation

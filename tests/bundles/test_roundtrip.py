@@ -34,7 +34,7 @@ def test_round_trip_verifies_reads_back_and_passes_golden(signed, tmp_path: Path
     golden = load_golden(vb)
     np.testing.assert_array_equal(pipeline.transform(golden.raw_inputs())["input"], golden.features["input"])
     outputs = run_golden(vb, "onnx-fp32")
-    images, labels = digits_data()
+    _, labels = digits_data()
     assert np.mean(outputs["label"] == labels[1500:1508]) >= 0.75  # a real classifier, not noise
 
 

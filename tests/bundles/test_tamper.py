@@ -138,7 +138,7 @@ def test_signatures_below_threshold(tmp_path: Path) -> None:
 
 
 def test_expired_metadata(signed, trust, tmp_path: Path) -> None:
-    ks, v1, _ = signed
+    _, v1, _ = signed
     refused(v1.path, trust, tmp_path, ExpiredMetadataError, now=utcnow() + timedelta(days=400))
 
 

@@ -23,7 +23,7 @@ from bundles.keys import KeyStore
 HARDWARE_IDS = ("x86-kiosk", "rpi4", "rpi5")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def digits_data() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
@@ -31,7 +31,7 @@ def digits_data() -> tuple[np.ndarray, np.ndarray]:
     return d.images.astype(np.float32), d.target.astype(np.int64)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def digits_onnx(quality: str = "good") -> bytes:
     """A logistic-regression digits classifier as ONNX: input (N, 64) float32 -> label, probabilities.
 
@@ -111,7 +111,7 @@ def make_digits_bundle(
         "profiles": {hw: ["onnx-fp32"] for hw in hardware_ids},
         "provenance": {"edgepack_version": "0.1.0", "input_model_sha256": hashlib.sha256(model).hexdigest()},
     }
-    stats = {"count": int(len(test_x)), "mean": test_x.mean(axis=0).round(6).tolist(),
+    stats = {"count": len(test_x), "mean": test_x.mean(axis=0).round(6).tolist(),
              "std": test_x.std(axis=0).round(6).tolist()}
     files = {
         "models/digits.fp32.onnx": model,
