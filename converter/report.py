@@ -56,6 +56,7 @@ HEADERS = ["variant", "status", "metric", "delta", "size", "smaller", "p50/p95 m
 
 def print_table(report: dict[str, Any], console: Any) -> None:
     """Render the variant table, profile choices, errors and the bundle line with rich."""
+    from rich.markup import escape
     from rich.table import Table
 
     metric = report.get("metric", {})
@@ -74,9 +75,11 @@ def print_table(report: dict[str, Any], console: Any) -> None:
                       f", ships {', '.join(prof['ship']) or '-'}")
     for v in report.get("variants", []):
         if v.get("error"):
-            console.print(f"[red]{v['id']}[/]: {v['error']['message']} [dim]Fix: {v['error'].get('fix')}[/]")
+            console.print(f"[red]{v['id']}[/]: {escape(v['error']['message'])} "
+                          f"[dim]Fix: {escape(str(v['error'].get('fix')))}[/]")
     for err in report.get("errors", []):
-        console.print(f"[red]build error[/] [{err['step']}] {err['message']} Fix: {err.get('fix')}")
+        console.print(f"[red]build error[/] {escape('[' + err['step'] + ']')} {escape(err['message'])} "
+                      f"Fix: {escape(str(err.get('fix')))}")
     bundle = report.get("bundle")
     if bundle:
         console.print(f"[green]bundle[/] {bundle['path']}  content digest {bundle['content_digest']}")
