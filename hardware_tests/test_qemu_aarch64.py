@@ -7,7 +7,7 @@ qemu-user-static), emulating a Cortex-A72 (the Pi 4's core) by default.
 
 Not part of the default ``pytest`` run (``testpaths = ["tests"]``); run it explicitly::
 
-    sudo hardware_tests/qemu/setup_rootfs.sh           # once, ~4 min on 2 cores
+    sudo hardware_tests/qemu/setup_rootfs.sh           # once, 4-7 min on 2 cores
     sudo python -m pytest hardware_tests/test_qemu_aarch64.py -v -s
 
 It is skipped, with the reason, when the root has not been built or this is not root (chroot and
@@ -48,7 +48,7 @@ def _rootfs() -> Path:
     if not (rootfs / VENV_PYTHON).exists():
         message = (
             f"no aarch64 root with a venv at {rootfs}; build it with "
-            f"`sudo {QEMU_DIR / 'setup_rootfs.sh'} {rootfs}` (about 4 minutes)"
+            f"`sudo {QEMU_DIR / 'setup_rootfs.sh'} {rootfs}` (4-7 minutes on 2 cores)"
         )
         if explicit:
             pytest.fail(f"EDGEPACK_QEMU_ROOTFS is set but {message}", pytrace=False)
@@ -109,9 +109,7 @@ def run_bundle_smoke(
         )
     info = json.loads((data / "out" / "info.json").read_text())
     with np.load(data / "out" / "outputs.npz") as outputs:
-        return SmokeResult(
-            labels=outputs["label"], probabilities=outputs["probabilities"], info=info, seconds=seconds
-        )
+        return SmokeResult(labels=outputs["label"], probabilities=outputs["probabilities"], info=info, seconds=seconds)
 
 
 @dataclass(frozen=True)
@@ -134,17 +132,13 @@ def _train_digits_model(directory: Path) -> DigitsModel:
         features, digits.target, test_size=300, random_state=0, stratify=digits.target
     )
     classifier = MLPClassifier(hidden_layer_sizes=(32,), max_iter=1000, random_state=0).fit(train_x, train_y)
-    onnx_model = to_onnx(
-        classifier, train_x[:1], options={id(classifier): {"zipmap": False}}, target_opset=17
-    )
+    onnx_model = to_onnx(classifier, train_x[:1], options={id(classifier): {"zipmap": False}}, target_opset=17)
     path = directory / "digits-mlp.onnx"
     path.write_bytes(onnx_model.SerializeToString())
     return DigitsModel(onnx_path=path, test_inputs=test_x, test_targets=test_y)
 
 
-def test_aarch64_onnxruntime_answers_like_x86(
-    tmp_path: Path, record_property: Callable[[str, object], None]
-) -> None:
+def test_aarch64_onnxruntime_answers_like_x86(tmp_path: Path, record_property: Callable[[str, object], None]) -> None:
     rootfs = _rootfs()
     import onnxruntime as ort
 
