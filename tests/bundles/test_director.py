@@ -19,7 +19,7 @@ from bundles.verify import bundle_targets, target_prefix
 
 @pytest.fixture
 def setup(signed):
-    ks, v1, v2 = signed
+    ks = signed[0]
     online = OnlineKeys.load(ks.directory)
     director_root = ks.director_root().signed
     files = {target_prefix("digits", "1.0.0") + rel: t
