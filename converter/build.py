@@ -99,7 +99,7 @@ def build(spec: BuildSpec, *, console: Any = None, dry_run: bool = False, spec_s
 
 def _build_variant(vid: str, loaded: LoadedModel, base: bytes | None, base_error: ConverterError | None,
                    work: Path, cal: dict[str, np.ndarray], cal_ref: np.ndarray,
-                   options: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+                   options: dict[str, Any], out_names: list[str]) -> tuple[bytes, dict[str, Any]]:
     from converter import onnx_variants as ov
 
     fmt, precision = vid.split("-", 1)
@@ -116,7 +116,7 @@ def _build_variant(vid: str, loaded: LoadedModel, base: bytes | None, base_error
         return ov.to_int8_dynamic(base, work, options)
     from converter import tflite_variants
 
-    return tflite_variants.convert(loaded, precision, cal, options)
+    return tflite_variants.convert(loaded, precision, cal, options, (list(cal), out_names))
 
 
 def _run(spec: BuildSpec, report: dict[str, Any], work: Path, steps: _Steps, dry_run: bool,
@@ -150,8 +150,8 @@ def _run(spec: BuildSpec, report: dict[str, Any], work: Path, steps: _Steps, dry
         else:
             from converter import tflite_variants
 
-            tfl, _ = tflite_variants.convert(loaded, "fp32", None, {})
             out_names = list(spec.model.output_names or ["output"])
+            tfl, _ = tflite_variants.convert(loaded, "fp32", None, {}, (list(cal), out_names))
             ref_outs, cal_ref = run_variant("tflite", tfl, ev), run_variant("tflite", tfl, cal)
         if spec.metric_output:
             if spec.metric_output not in out_names:
@@ -182,7 +182,8 @@ def _run(spec: BuildSpec, report: dict[str, Any], work: Path, steps: _Steps, dry
             t = time.perf_counter()
             try:
                 res.data, res.quantization = _build_variant(vid, loaded, base, base_error, work, cal,
-                                                            cal_ref[out_idx], spec.variant_options.get(vid, {}))
+                                                            cal_ref[out_idx], spec.variant_options.get(vid, {}),
+                                                            out_names)
                 res.outputs = run_variant(fmt, res.data, ev)
                 value = metrics.evaluate(spec.metric, res.outputs[out_idx], ref_outs[out_idx], labels,
                                          top_k=spec.top_k, names=spec.labels)

@@ -40,8 +40,31 @@ def _converter(model: LoadedModel, tmp: Path) -> Any:
     )
 
 
+def rename_io(data: bytes, input_names: list[str], output_names: list[str]) -> bytes:
+    """Name the TFLite input/output tensors like the bundle's features and outputs.
+
+    The converter names them after the SavedModel signature (``serving_default_image:0``,
+    ``StatefulPartitionedCall:0``); the device feeds features by the manifest's names, the same
+    for every variant, so the names are rewritten in the flatbuffer (and its signature).
+    """
+    from ai_edge_litert.tools import flatbuffer_utils as fb
+
+    model = fb.convert_bytearray_to_object(bytearray(data))
+    graph = model.subgraphs[0]
+    for idx, name in zip(graph.inputs, input_names, strict=False):
+        graph.tensors[idx].name = name.encode()
+    for idx, name in zip(graph.outputs, output_names, strict=False):
+        graph.tensors[idx].name = name.encode()
+    for sig in model.signatureDefs or []:
+        for tmap in [*(sig.inputs or []), *(sig.outputs or [])]:
+            tname = graph.tensors[tmap.tensorIndex].name
+            tmap.name = tname
+    return bytes(fb.convert_object_to_bytearray(model))
+
+
 def convert(model: LoadedModel, precision: str, cal: dict[str, np.ndarray] | None,
-            options: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+            options: dict[str, Any], io_names: tuple[list[str], list[str]] | None = None
+            ) -> tuple[bytes, dict[str, Any]]:
     """Convert to one TFLite variant; the returned info goes into the manifest's quantization field."""
     variant = f"tflite-{precision}"
     with tempfile.TemporaryDirectory(prefix="edgepack-tflite-") as tmpdir:
@@ -90,6 +113,8 @@ def convert(model: LoadedModel, precision: str, cal: dict[str, np.ndarray] | Non
                       variant=variant,
                       fix="build onnx-int8 instead, or replace the op in the model"
                       if precision == "int8" else "check the op is a TFLite builtin") from exc
+    if io_names is not None:
+        data = rename_io(data, *io_names)
     _check_loads(data, variant)
     return data, info
 
