@@ -15,8 +15,8 @@ from converter.spec import BuildSpec, load_spec
 
 
 def build(spec: BuildSpec, **kwargs: Any) -> dict[str, Any]:
-    """Run a build (see :func:`converter.build.build`)."""
-    from converter.build import build as _build
+    """Run a build (see :func:`converter.builder.build`)."""
+    from converter.builder import build as _build
 
     return _build(spec, **kwargs)
 

@@ -50,7 +50,7 @@ def build_command(
     """Convert, quantize, evaluate and sign a model bundle from an edgepack.toml."""
     from rich.console import Console
 
-    from converter.build import build
+    from converter.builder import build
     from converter.spec import load_spec
 
     overrides: dict[str, Any] = {}

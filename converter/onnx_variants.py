@@ -11,8 +11,9 @@ Known pitfalls handled here (see shared/reference/edge-ml-anchors.md section 1-2
   the evaluation set, which would select on the test data). Per-channel on a Gemm with a
   (1, N) bias crashes in ``_adjust_weight_scale_for_int32_bias`` (ORT #24815), so
   ``QDQDisableWeightAdjustForInt32Bias`` is set with it.
-* Dynamic int8 on Conv emits ``ConvInteger`` with u8 input / s8 weight, which the CPU provider
-  cannot run (ORT #3130, #15888): Conv is left out of dynamic quantization by default.
+* Dynamic int8 on Conv emits ``ConvInteger`` with u8 input / s8 weight, which older CPU
+  providers cannot run (ORT #3130, #15888; 1.32 here runs it, but the manifest admits devices
+  with onnxruntime >= 1.16): Conv is left out of dynamic quantization by default.
 * fp16 keeps fp32 inputs and outputs (``keep_io_types``) so every variant takes the same
   features; the result is loaded once to catch the Cast-type pitfalls
   (onnxconverter-common #320/#331) as a conversion error rather than a device failure.
@@ -173,7 +174,7 @@ def _static_once(base_path: Path, out: Path, cal: dict[str, np.ndarray], per_cha
 
 
 def to_int8_static(base: bytes, work: Path, cal: dict[str, np.ndarray], reference: np.ndarray,
-                   options: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+                   options: dict[str, Any], output_index: int = 0) -> tuple[bytes, dict[str, Any]]:
     """Static QDQ int8 calibrated on the user's data; per-channel chosen by calibration error."""
     if not cal or len(next(iter(cal.values()))) == 0:
         raise CalibrationDataError("the calibration set is empty", variant="onnx-int8",
@@ -194,7 +195,7 @@ def to_int8_static(base: bytes, work: Path, cal: dict[str, np.ndarray], referenc
         except Exception as exc:
             errors.append(f"per_channel={pc}: {type(exc).__name__}: {exc}")
             continue
-        out = ort_session(data).run(None, cal)[0]
+        out = ort_session(data).run(None, cal)[output_index]
         results.append((float(np.mean(np.abs(out.astype(np.float64) - reference))), pc, data))
     if not results:
         raise QuantizationError(f"static int8 quantization failed: {' | '.join(errors)}", variant="onnx-int8",

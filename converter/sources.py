@@ -199,8 +199,10 @@ def _from_sklearn(est: Any, names: list[str], outs: list[str], opset: int,
     from skl2onnx import to_onnx
     from skl2onnx.common.data_types import FloatTensorType
 
-    x = features[names[0]].astype(np.float32)
-    proto = to_onnx(est, initial_types=[(names[0], FloatTensorType([None, x.shape[1]]))],
+    width = getattr(est, "n_features_in_", None)
+    if width is None:  # unfitted or exotic estimator: fall back to the features' width
+        width = int(features[names[0]].shape[-1])
+    proto = to_onnx(est, initial_types=[(names[0], FloatTensorType([None, int(width)]))],
                     target_opset={"": opset, "ai.onnx.ml": 3}, options={id(est): {"zipmap": False}})
     data = proto.SerializeToString()
     return LoadedModel("sklearn", data, hashlib.sha256(data).hexdigest())

@@ -1,7 +1,9 @@
 """The TFLite / LiteRT variants: fp32, fp16 (weights) and full-integer int8, from Keras or a SavedModel.
 
-Full-integer int8 restricts the converter to ``TFLITE_BUILTINS_INT8``: every op inside the model
-is int8, and conversion fails (naming the op) instead of silently falling back to float. The
+Full-integer int8 asks the converter for ``TFLITE_BUILTINS_INT8``, but the converter in TF 2.21
+still leaves an op without an int8 kernel (``SIN``, for one) in float32 between a Dequantize and
+a Quantize, silently. So the result is inspected: an op that computes in float32 makes the
+variant fail with a QuantizationError naming the op, unless ``allow_float_ops = true``. The
 model keeps float32 input and output tensors (a Quantize op at the entry, a Dequantize at the
 exit) so all variants take the same features from the same preprocessing and the device agent
 needs no per-variant quantization parameters. fp16 variants store fp16 weights that LiteRT
@@ -113,10 +115,36 @@ def convert(model: LoadedModel, precision: str, cal: dict[str, np.ndarray] | Non
                       variant=variant,
                       fix="build onnx-int8 instead, or replace the op in the model"
                       if precision == "int8" else "check the op is a TFLite builtin") from exc
+    if precision == "int8":
+        floats = float_ops(data)
+        info["float_ops"] = floats
+        if floats and not options.get("allow_float_ops", False):
+            raise QuantizationError(
+                f"ops {floats} cannot be quantized to int8 (no int8 kernel); they would run in float32",
+                variant=variant, fix="replace those ops in the model, set allow_float_ops = true under "
+                "[variants.tflite-int8] to accept a mixed model, or ship onnx-int8 instead")
     if io_names is not None:
         data = rename_io(data, *io_names)
     _check_loads(data, variant)
     return data, info
+
+
+def float_ops(data: bytes) -> list[str]:
+    """Names of the ops, other than the edge Quantize/Dequantize, that compute in float32."""
+    from ai_edge_litert.tools import flatbuffer_utils as fb
+
+    model = fb.convert_bytearray_to_object(bytearray(data))
+    found: list[str] = []
+    for graph in model.subgraphs:
+        for op in graph.operators:
+            name = fb.opcode_to_name(model, op.opcodeIndex)
+            if name in ("QUANTIZE", "DEQUANTIZE"):
+                continue
+            tensors = [i for i in [*op.inputs, *op.outputs] if i >= 0]
+            if any(graph.tensors[i].type == fb.schema_fb.TensorType.FLOAT32 for i in tensors) \
+                    and name not in found:
+                found.append(name)
+    return found
 
 
 def _check_loads(data: bytes, variant: str) -> None:

@@ -98,7 +98,7 @@ def build(spec: BuildSpec, *, console: Any = None, dry_run: bool = False, spec_s
 
 
 def _build_variant(vid: str, loaded: LoadedModel, base: bytes | None, base_error: ConverterError | None,
-                   work: Path, cal: dict[str, np.ndarray], cal_ref: np.ndarray,
+                   work: Path, cal: dict[str, np.ndarray], cal_ref: list[np.ndarray], out_idx: int,
                    options: dict[str, Any], out_names: list[str]) -> tuple[bytes, dict[str, Any]]:
     from converter import onnx_variants as ov
 
@@ -112,7 +112,7 @@ def _build_variant(vid: str, loaded: LoadedModel, base: bytes | None, base_error
         if precision == "fp16":
             return ov.to_fp16(base, options)
         if precision == "int8":
-            return ov.to_int8_static(base, work, cal, cal_ref, options)
+            return ov.to_int8_static(base, work, cal, cal_ref[out_idx], options, out_idx)
         return ov.to_int8_dynamic(base, work, options)
     from converter import tflite_variants
 
@@ -182,7 +182,7 @@ def _run(spec: BuildSpec, report: dict[str, Any], work: Path, steps: _Steps, dry
             t = time.perf_counter()
             try:
                 res.data, res.quantization = _build_variant(vid, loaded, base, base_error, work, cal,
-                                                            cal_ref[out_idx], spec.variant_options.get(vid, {}),
+                                                            cal_ref, out_idx, spec.variant_options.get(vid, {}),
                                                             out_names)
                 res.outputs = run_variant(fmt, res.data, ev)
                 value = metrics.evaluate(spec.metric, res.outputs[out_idx], ref_outs[out_idx], labels,
