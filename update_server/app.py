@@ -1,0 +1,162 @@
+"""The app factory and its lifespan: migrations, repository bootstrap, background loops, MQTT.
+
+Background work runs in threads started by the lifespan and stopped with it:
+
+* gate loop (every ``gate_interval_s``): evaluates each running or paused rollout (``services.rollouts``);
+* repository loop (every ``repo_refresh_interval_s``): re-signs timestamp/snapshot past half their life,
+  and prunes de-duplication ids older than a week;
+* the MQTT ingester and notifier (``ingest``), when ``mqtt_url`` is set.
+
+Every loop survives database outages: it logs, backs off (capped) and carries on when the database is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from sqlalchemy import delete, text
+
+from bundles.keys import OnlineKeys
+from update_server.api import admin_api, device_api, errors, tuf_api
+from update_server.context import ServerContext
+from update_server.db import is_unavailable, make_engine, make_sessionmaker, migrate
+from update_server.models import TelemetrySeen
+from update_server.services import rollouts
+from update_server.services.common import ensure_locks, lock
+from update_server.settings import Settings
+from update_server.storage import make_storage
+from update_server.tuf_repo import ImageRepository
+
+log = logging.getLogger(__name__)
+SEEN_RETENTION = timedelta(days=7)
+
+
+class Loop:
+    """A named background thread that calls ``step`` every ``interval`` seconds until stopped."""
+
+    def __init__(self, name: str, interval: float, step: Callable[[], None]) -> None:
+        self.name, self.interval, self.step = name, interval, step
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        delay = self.interval
+        while not self._stop.wait(delay):
+            try:
+                self.step()
+                delay = self.interval
+            except Exception as exc:  # a loop must never die; report and back off
+                if is_unavailable(exc):
+                    log.warning("%s: database unavailable, retrying", self.name)
+                else:
+                    log.exception("%s failed", self.name)
+                delay = min(max(delay * 2, 0.5), 10.0)
+
+
+def build_context(settings: Settings) -> ServerContext:
+    if settings.keys_dir is None:
+        raise ValueError("EDGEPACK_KEYS_DIR is not set: point it at the online/ folder of your key directory "
+                         "(created by `edgepack keys init`)")
+    keys = OnlineKeys.load(settings.keys_dir)
+    engine = make_engine(settings.effective_database_url)
+    repo = ImageRepository(keys, timestamp_expiry=timedelta(seconds=settings.timestamp_expiry_s),
+                           snapshot_expiry=timedelta(seconds=settings.snapshot_expiry_s))
+    return ServerContext(settings=settings, engine=engine, sessions=make_sessionmaker(engine),
+                         storage=make_storage(settings.storage, settings.data_dir), keys=keys, repo=repo)
+
+
+def prepare_database(ctx: ServerContext) -> None:
+    if ctx.settings.auto_migrate:
+        migrate(ctx.engine)
+    with ctx.sessions() as session, session.begin():
+        ensure_locks(session)
+    with ctx.sessions() as session, session.begin():
+        lock(session, "repo")
+        ctx.repo.bootstrap(session, ctx.clock())
+        ctx.repo.refresh(session, ctx.clock())
+
+
+def evaluate_all(ctx: ServerContext) -> None:
+    for rollout_id in rollouts.active_rollout_ids(ctx):
+        rollouts.evaluate(ctx, rollout_id)
+
+
+def maintain_repository(ctx: ServerContext) -> None:
+    now = ctx.clock()
+    with ctx.sessions() as session, session.begin():
+        lock(session, "repo")
+        ctx.repo.refresh(session, now)
+    with ctx.sessions() as session, session.begin():
+        session.execute(delete(TelemetrySeen).where(TelemetrySeen.received_at < now - SEEN_RETENTION))
+
+
+def create_app(settings: Settings | None = None, *, background: bool = True) -> FastAPI:
+    """The FastAPI app. ``background=False`` leaves out loops and MQTT (for tools and some tests)."""
+    settings = settings or Settings.load()
+    ctx = build_context(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        prepare_database(ctx)
+        started: list[Any] = []
+        if background:
+            if settings.mqtt_url:
+                from update_server.ingest import Ingester, Notifier
+
+                notifier = Notifier(ctx)
+                notifier.start()
+                ctx.notify = notifier
+                started.append(notifier)
+                ingester = Ingester(ctx)
+                ingester.start()
+                app.state.ingester = ingester
+                started.append(ingester)
+            started.append(Loop("gate-loop", settings.gate_interval_s, lambda: evaluate_all(ctx)))
+            started.append(Loop("repo-loop", settings.repo_refresh_interval_s, lambda: maintain_repository(ctx)))
+            for loop in started[-2:]:
+                loop.start()
+        try:
+            yield
+        finally:
+            for item in reversed(started):
+                item.stop()
+            ctx.engine.dispose()
+
+    app = FastAPI(title="edgepack update server", version="1", lifespan=lifespan)
+    app.state.ctx = ctx
+    errors.install(app)
+    app.include_router(device_api.router)
+    app.include_router(admin_api.router)
+    app.include_router(tuf_api.router)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz() -> JSONResponse:
+        try:
+            with ctx.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception as exc:
+            if is_unavailable(exc):
+                return JSONResponse({"status": "database unavailable"}, status_code=503,
+                                    headers={"Retry-After": "2"})
+            raise
+        return JSONResponse({"status": "ready"})
+
+    return app

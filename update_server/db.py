@@ -1,0 +1,115 @@
+"""Database plumbing: engines for SQLite and PostgreSQL, sessions, migrations, locking, outage detection.
+
+SQLite (the default) is one file with no setup. Every SQLite transaction starts with ``BEGIN IMMEDIATE``:
+in WAL mode a deferred transaction that reads and then writes fails at once with "database is locked"
+when another writer committed in between, whatever the busy timeout; taking the write lock up front
+makes concurrent writers queue instead. PostgreSQL gets row locks (``SELECT ... FOR UPDATE``) where two
+replicas could race, ``pool_pre_ping`` so a restarted server is reconnected to without a restart of ours,
+and a short connect timeout so requests fail fast (503) while it is down.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, exc, text
+from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+_MIGRATION_LOCK_ID = 0x6564676570616B  # "edgepak": pg advisory lock taken while migrating
+
+
+def make_engine(url: str, *, pool_size: int = 10) -> Engine:
+    """An engine tuned for the server: WAL SQLite or pooled PostgreSQL (psycopg 3)."""
+    if url.startswith("sqlite"):
+        if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                               pool_size=pool_size, max_overflow=20)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # we emit BEGIN ourselves
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    if url.startswith("postgresql://"):
+        url = url.replace("postgresql://", "postgresql+psycopg://", 1)
+    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=20, pool_timeout=10,
+                         connect_args={"connect_timeout": 3})
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def is_postgres(session_or_engine: Session | Engine) -> bool:
+    bind = session_or_engine.get_bind() if isinstance(session_or_engine, Session) else session_or_engine
+    return bind.dialect.name == "postgresql"
+
+
+def dialect_insert(session: Session, table: Any) -> Any:
+    """``INSERT`` with ``on_conflict_do_*`` for the session's dialect."""
+    if is_postgres(session):
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table)
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table)
+
+
+def is_unavailable(error: BaseException) -> bool:
+    """True when ``error`` means the database cannot be reached (as opposed to a bad query)."""
+    if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
+        return True
+    if isinstance(error, (exc.OperationalError, exc.InterfaceError)):
+        return True
+    return isinstance(error, exc.TimeoutError)  # pool exhausted while connections hang
+
+
+_migrate_lock = threading.Lock()
+
+
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Run Alembic migrations up to ``revision``; safe when several replicas start at once."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with _migrate_lock, engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _MIGRATION_LOCK_ID})
+            conn.commit()
+        try:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+            conn.commit()
+        finally:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _MIGRATION_LOCK_ID})
+                conn.commit()
+
+
+@contextmanager
+def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A session whose transaction commits on success and rolls back on any error."""
+    with factory() as session, session.begin():
+        yield session

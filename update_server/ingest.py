@@ -1,0 +1,196 @@
+"""MQTT: the telemetry ingester (shared subscription, manual acks after commit) and the notifier.
+
+Threads: paho's network thread only puts messages on a bounded queue (a full queue blocks it, which
+stops reading and lets the broker hold the backlog); one writer thread drains the queue in batches
+(``ingest_batch`` messages or ``ingest_flush_s`` seconds), validates, writes a batch in one transaction,
+and only then acknowledges (PUBACK) the batch's messages. So a crash or a database outage loses nothing:
+unacknowledged messages are redelivered by the broker (same ``message_id``, de-duplicated). A malformed
+or oversized message is counted, acknowledged and dropped; it never stops the writer.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from update_server.context import ServerContext
+from update_server.db import is_unavailable
+from update_server.services.telemetry import MembershipCache, parse_many, write_batch
+
+log = logging.getLogger(__name__)
+
+
+def _broker(url: str) -> tuple[str, int]:
+    parsed = urlparse(url if "://" in url else f"mqtt://{url}")
+    return parsed.hostname or "127.0.0.1", parsed.port or 1883
+
+
+def _client(client_id: str, *, clean_start: bool) -> object:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    return mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+
+
+@dataclass
+class _Item:
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+
+
+class Ingester:
+    """Consumes telemetry from the broker into the database. ``start()``/``stop()`` from the lifespan."""
+
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+        s = ctx.settings
+        self.host, self.port = _broker(s.mqtt_url)
+        self.topic = f"$share/{s.mqtt_share_group}/{s.mqtt_topic_prefix}/+/telemetry/#"
+        self.queue: queue.Queue[_Item] = queue.Queue(maxsize=s.ingest_queue)
+        self.membership = MembershipCache()
+        self._stop = threading.Event()
+        self._writer = threading.Thread(target=self._run_writer, name="ingest-writer", daemon=True)
+        self._client: object | None = None
+        self.connected = threading.Event()
+
+    # ---- network side --------------------------------------------------------------------------------
+    def start(self) -> None:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        client = _client(self.ctx.settings.effective_mqtt_client_id, clean_start=False)
+        client.manual_ack_set(True)  # type: ignore[attr-defined]
+        client.on_connect = self._on_connect  # type: ignore[attr-defined]
+        client.on_message = self._on_message  # type: ignore[attr-defined]
+        client.on_disconnect = lambda *a: self.connected.clear()  # type: ignore[attr-defined]
+        client.reconnect_delay_set(0.2, 10)  # type: ignore[attr-defined]
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 24 * 3600
+        props.ReceiveMaximum = 65535
+        client.connect_async(self.host, self.port, keepalive=30, clean_start=False,  # type: ignore[attr-defined]
+                             properties=props)
+        client.loop_start()  # type: ignore[attr-defined]
+        self._client = client
+        self._writer.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._writer.join(10)
+        if self._client is not None:
+            self._client.disconnect()  # type: ignore[attr-defined]
+            self._client.loop_stop()  # type: ignore[attr-defined]
+
+    def _on_connect(self, client: object, _userdata: object, _flags: object, reason: object, _props: object) -> None:
+        if getattr(reason, "is_failure", False):
+            log.warning("MQTT connect refused: %s", reason)
+            return
+        client.subscribe(self.topic, qos=1)  # type: ignore[attr-defined]
+        self.connected.set()
+        log.info("ingesting telemetry from %s:%d (%s)", self.host, self.port, self.topic)
+
+    def _on_message(self, _client: object, _userdata: object, msg: object) -> None:
+        item = _Item(msg.topic, msg.payload, msg.mid, msg.qos)  # type: ignore[attr-defined]
+        while not self._stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                self.ctx.counters.add("telemetry_queue_full_waits")
+
+    # ---- writer side ---------------------------------------------------------------------------------
+    def _drain(self) -> list[_Item]:
+        s = self.ctx.settings
+        try:
+            batch = [self.queue.get(timeout=0.2)]
+        except queue.Empty:
+            return []
+        deadline = time.monotonic() + s.ingest_flush_s
+        while len(batch) < s.ingest_batch:
+            remaining = deadline - time.monotonic()
+            try:
+                batch.append(self.queue.get(timeout=max(remaining, 0)) if remaining > 0 else self.queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _run_writer(self) -> None:
+        last_refresh = 0.0
+        while not self._stop.is_set():
+            batch = self._drain()
+            if not batch:
+                continue
+            s = self.ctx.settings
+            messages = parse_many(((i.topic, i.payload) for i in batch), prefix=s.mqtt_topic_prefix,
+                                  max_bytes=s.max_message_bytes, counters=self.ctx.counters)
+            delay = 0.2
+            while not self._stop.is_set():
+                try:
+                    with self.ctx.sessions() as session, session.begin():
+                        if time.monotonic() - last_refresh > 0.5:
+                            self.membership.refresh(session)
+                            last_refresh = time.monotonic()
+                        new = write_batch(session, messages, self.membership, self.ctx.clock())
+                    self.ctx.counters.add("telemetry_ingested", new)
+                    self.ctx.counters.add("telemetry_duplicates", len(messages) - new)
+                    break
+                except Exception as exc:  # keep the ingester alive whatever happens to one batch
+                    if is_unavailable(exc):
+                        self.ctx.counters.add("telemetry_db_retries")
+                        log.warning("database unavailable while ingesting; retrying in %.1fs", delay)
+                    else:
+                        log.exception("telemetry batch failed; retrying")
+                        self.ctx.counters.add("telemetry_batch_errors")
+                    self._stop.wait(delay)
+                    delay = min(delay * 2, 5.0)
+            else:
+                return  # stopping: leave the batch unacknowledged, the broker redelivers it
+            client = self._client
+            for item in batch:
+                if item.qos > 0 and client is not None:
+                    client.ack(item.mid, item.qos)  # type: ignore[attr-defined]
+
+
+class Notifier:
+    """Publishes check-in-now notices (QoS 1, not retained) to devices whose assignment changed."""
+
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+        self.host, self.port = _broker(ctx.settings.mqtt_url)
+        self._client: object | None = None
+
+    def start(self) -> None:
+        client = _client(f"{self.ctx.settings.effective_mqtt_client_id}-notify-{uuid.uuid4().hex[:6]}",
+                         clean_start=True)
+        client.max_queued_messages_set(0)  # type: ignore[attr-defined]
+        client.max_inflight_messages_set(1000)  # type: ignore[attr-defined]
+        client.reconnect_delay_set(0.2, 10)  # type: ignore[attr-defined]
+        client.connect_async(self.host, self.port, keepalive=30)  # type: ignore[attr-defined]
+        client.loop_start()  # type: ignore[attr-defined]
+        self._client = client
+
+    def stop(self) -> None:
+        if self._client is not None:
+            self._client.disconnect()  # type: ignore[attr-defined]
+            self._client.loop_stop()  # type: ignore[attr-defined]
+
+    def __call__(self, devices: Iterable[str]) -> None:
+        import json
+
+        if self._client is None:
+            return
+        prefix = self.ctx.settings.mqtt_topic_prefix
+        n = 0
+        for device_id in devices:
+            payload = json.dumps({"schema": "edgepack.notify.v1", "type": "checkin", "reason": "assignment_changed",
+                                  "message_id": uuid.uuid4().hex})
+            self._client.publish(f"{prefix}/{device_id}/notify", payload, qos=1)  # type: ignore[attr-defined]
+            n += 1
+        self.ctx.counters.add("notices_sent", n)

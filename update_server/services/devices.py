@@ -1,0 +1,202 @@
+"""Devices: enrollment, check-in (inventory + assignment), the director's signed assignments, admin views.
+
+Check-in is the hot path (a fleet of 60,000 polling every minute is 1,000 per second): one
+``UPDATE ... RETURNING`` authenticates the device (credential digest and id must both match), records its
+inventory and says whether the stored assignment is still current. Only when the desired bundle changed or
+the signature is past half its life is a new assignment signed (director key) and stored.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from bundles.director import sign_assignment
+from update_server.context import ServerContext
+from update_server.errors import Conflict, Forbidden, NotFound, Unauthorized
+from update_server.models import Bundle, Device, EnrollmentToken
+from update_server.security import DEVICE_PREFIX, digest, new_secret
+from update_server.services.common import audit, lock
+from update_server.services.membership import join_rollouts
+
+log = logging.getLogger(__name__)
+
+
+def enroll(ctx: ServerContext, req: Mapping[str, Any]) -> tuple[Device, str]:
+    """Trade an enrollment token for a device credential (shown once, stored as a digest)."""
+    now = ctx.clock()
+    with ctx.sessions() as session, session.begin():
+        lock(session, "rollouts")  # a concurrent rollout creation must see this device, or it must see that
+        token = session.scalars(select(EnrollmentToken).where(
+            EnrollmentToken.token_hash == digest(str(req["enrollment_token"]))).with_for_update()).first()
+        if token is None or token.uses_left < 1 or token.expires_at <= now:
+            raise Unauthorized("unknown, used or expired enrollment token; ask an operator for a new one "
+                               "(`edgepack enroll-token create`)", code="bad_enrollment_token")
+        device_id = str(req["device_id"])
+        if session.get(Device, device_id) is not None:
+            raise Conflict(f"device id {device_id!r} is taken; choose another id", code="device_exists")
+        token.uses_left -= 1
+        credential = new_secret(DEVICE_PREFIX)
+        device = Device(id=device_id, hardware_id=str(req["hardware_id"]), credential_hash=digest(credential),
+                        group_name=token.group_name, tags={**dict(req.get("tags") or {}), **token.tags},
+                        platform=req.get("platform"), agent_version=req.get("agent_version"),
+                        runtimes=dict(req.get("runtimes") or {}), enrolled_at=now, last_seen_at=now,
+                        desired_reason="none", desired_seq=0, signed_seq=-1, assignment_version=0)
+        session.add(device)
+        session.flush()
+        join_rollouts(session, device, now)
+        audit(session, now=now, actor=f"enrollment:{token.id}", action="device.enroll", subject=device_id,
+              detail={"hardware_id": device.hardware_id, "group": device.group_name, "tags": device.tags})
+    return device, credential
+
+
+def _auth_failure(session: Session, credential_hash: str, device_id: str) -> Exception:
+    other = session.scalar(select(Device.id).where(Device.credential_hash == credential_hash))
+    if other is not None and other != device_id:
+        return Forbidden("this credential belongs to another device; a device reads only its own assignment")
+    return Unauthorized("invalid device credential; re-enroll the device")
+
+
+def _needs_signing(ctx: ServerContext, desired_seq: int, signed_seq: int, reason: str,
+                   expires_at: datetime | None, now: datetime) -> bool:
+    if desired_seq == 0 and reason == "none":
+        return False  # never assigned anything: the assignment is null
+    if desired_seq != signed_seq or expires_at is None:
+        return True
+    return expires_at - now < timedelta(seconds=ctx.settings.assignment_expiry_s / 2)
+
+
+def sign_for(ctx: ServerContext, session: Session, device_id: str, now: datetime) -> str:
+    """Sign and store a new assignment for a device (its row is locked by the caller's UPDATE)."""
+    device = session.scalars(select(Device).where(Device.id == device_id)
+                             .execution_options(populate_existing=True)).one()
+    bundle = session.get(Bundle, device.desired_bundle_id) if device.desired_bundle_id is not None else None
+    files: dict[str, Any] = {}
+    reason = device.desired_reason
+    if bundle is not None:
+        targets = ctx.repo.targets(session)
+        prefix = f"{bundle.name}/{bundle.version}/"
+        if targets is not None:
+            files = {p: t for p, t in targets.signed.targets.items() if p.startswith(prefix)}
+        if not files or (bundle.hardware_ids and device.hardware_id not in bundle.hardware_ids):
+            log.warning("bundle %s/%s cannot be assigned to %s (not in the image targets, or other hardware)",
+                        bundle.name, bundle.version, device_id)
+            bundle, files, reason = None, {}, "none"
+    version = device.assignment_version + 1
+    expiry = timedelta(seconds=ctx.settings.assignment_expiry_s)
+    data = sign_assignment(
+        ctx.keys.director, device_id=device.id, hardware_id=device.hardware_id, version=version, files=files,
+        bundle=None if bundle is None else {"name": bundle.name, "version": bundle.version,
+                                            "release_counter": bundle.release_counter},
+        now=now, expires=expiry, extra={"rollout_id": device.desired_rollout_id, "reason": reason})
+    text = data.decode()
+    device.assignment, device.assignment_version = text, version
+    device.signed_seq, device.assignment_expires_at = device.desired_seq, now + expiry
+    return text
+
+
+def checkin(ctx: ServerContext, device_id: str, credential: str, req: Mapping[str, Any]) -> dict[str, Any]:
+    now = ctx.clock()
+    h = digest(credential)
+    active = req.get("active") or {}
+    values: dict[str, Any] = {"last_seen_at": now, "state": req.get("state"), "last_error": req.get("last_error"),
+                              "active_name": active.get("name"), "active_version": active.get("version"),
+                              "active_release_counter": active.get("release_counter"),
+                              "active_variant": active.get("variant")}
+    for key in ("agent_version", "platform", "runtimes"):
+        if req.get(key) is not None:
+            values[key] = req[key]
+    with ctx.sessions() as session, session.begin():
+        row = session.execute(
+            update(Device).where(Device.id == device_id, Device.credential_hash == h).values(**values)
+            .returning(Device.desired_seq, Device.signed_seq, Device.desired_reason, Device.assignment,
+                       Device.assignment_expires_at).execution_options(synchronize_session=False)).first()
+        if row is None:
+            raise _auth_failure(session, h, device_id)
+        assignment = row.assignment
+        if _needs_signing(ctx, row.desired_seq, row.signed_seq, row.desired_reason, row.assignment_expires_at, now):
+            assignment = sign_for(ctx, session, device_id, now)
+    return {"assignment": assignment, "poll_interval_s": ctx.settings.poll_interval_s,
+            "server_time": now.isoformat()}
+
+
+def assignment(ctx: ServerContext, device_id: str, credential: str) -> str | None:
+    now = ctx.clock()
+    h = digest(credential)
+    with ctx.sessions() as session, session.begin():
+        row = session.execute(select(Device.desired_seq, Device.signed_seq, Device.desired_reason, Device.assignment,
+                                     Device.assignment_expires_at)
+                              .where(Device.id == device_id, Device.credential_hash == h)).first()
+        if row is None:
+            raise _auth_failure(session, h, device_id)
+        if _needs_signing(ctx, row.desired_seq, row.signed_seq, row.desired_reason, row.assignment_expires_at, now):
+            return sign_for(ctx, session, device_id, now)
+        return row.assignment
+
+
+def authenticate_device(session: Session, credential: str) -> Device:
+    device = session.scalar(select(Device).where(Device.credential_hash == digest(credential)))
+    if device is None:
+        raise Unauthorized("invalid device credential")
+    return device
+
+
+# ---- admin views --------------------------------------------------------------------------------------
+def list_devices(session: Session, *, group: str | None = None, tag: Mapping[str, str] | None = None,
+                 hardware_id: str | None = None, limit: int = 1000, offset: int = 0) -> tuple[int, list[Device]]:
+    stmt = select(Device)
+    if group:
+        stmt = stmt.where(Device.group_name == group)
+    if hardware_id:
+        stmt = stmt.where(Device.hardware_id == hardware_id)
+    devices = list(session.scalars(stmt.order_by(Device.id)))
+    if tag:
+        devices = [d for d in devices if all(str(d.tags.get(k)) == str(v) for k, v in tag.items())]
+    return len(devices), devices[offset:offset + limit]
+
+
+def get_device(session: Session, device_id: str) -> Device:
+    device = session.get(Device, device_id)
+    if device is None:
+        raise NotFound(f"no device {device_id!r}")
+    return device
+
+
+def update_device(ctx: ServerContext, device_id: str, *, group: str | None, tags: Mapping[str, Any] | None,
+                  actor: str) -> Device:
+    now = ctx.clock()
+    with ctx.sessions() as session, session.begin():
+        device = get_device(session, device_id)
+        if group is not None:
+            device.group_name = group or None
+        if tags is not None:
+            device.tags = dict(tags)
+        audit(session, now=now, actor=actor, action="device.update", subject=device_id,
+              detail={"group": device.group_name, "tags": device.tags})
+        return device
+
+
+def device_view(device: Device, bundles: Mapping[int, Bundle] | None = None) -> dict[str, Any]:
+    desired = bundles.get(device.desired_bundle_id) if bundles and device.desired_bundle_id else None
+    return {
+        "device_id": device.id, "hardware_id": device.hardware_id, "group": device.group_name, "tags": device.tags,
+        "platform": device.platform, "agent_version": device.agent_version, "runtimes": device.runtimes,
+        "state": device.state, "last_error": device.last_error,
+        "active": None if not device.active_name else {
+            "name": device.active_name, "version": device.active_version,
+            "release_counter": device.active_release_counter, "variant": device.active_variant},
+        "assigned": None if desired is None else {"name": desired.name, "version": desired.version,
+                                                  "reason": device.desired_reason,
+                                                  "rollout_id": device.desired_rollout_id},
+        "enrolled_at": device.enrolled_at.isoformat(),
+        "last_seen_at": device.last_seen_at.isoformat() if device.last_seen_at else None,
+    }
+
+
+def count_devices(session: Session) -> int:
+    return int(session.scalar(select(func.count()).select_from(Device)) or 0)

@@ -1,0 +1,96 @@
+"""Which devices a rollout includes, and in which phase: fixed when the rollout is created, extended
+when a matching device enrolls later (it lands in the phase its cohort bucket gives it)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from update_server.models import Bundle, Device, Rollout, RolloutDevice
+from update_server.rollout_policy import ACTIVE_STATES, RolloutSpec, RolloutState, cohort_bucket, phase_of
+
+ACTIVE = [s.value for s in ACTIVE_STATES]
+SELECTOR_KEYS = ("group", "tags", "hardware_ids", "device_ids")
+
+
+def selector_matches(selector: Mapping[str, Any], *, device_id: str, group: str | None,
+                     tags: Mapping[str, Any], hardware_id: str) -> bool:
+    """A device matches when it satisfies every field the selector sets (an empty selector: all)."""
+    ids = selector.get("device_ids")
+    if ids and device_id not in ids:
+        return False
+    if selector.get("group") and group != selector["group"]:
+        return False
+    for key, value in (selector.get("tags") or {}).items():
+        if key not in tags or str(tags[key]) != str(value):
+            return False
+    hw = selector.get("hardware_ids")
+    return not (hw and hardware_id not in hw)
+
+
+def bundle_fits(bundle: Bundle, hardware_id: str) -> bool:
+    return not bundle.hardware_ids or hardware_id in bundle.hardware_ids
+
+
+def previous_bundle_ids(session: Session) -> dict[tuple[str, str], int]:
+    return {(n, v): i for i, n, v in session.execute(select(Bundle.id, Bundle.name, Bundle.version))}
+
+
+def member_row(rollout: Rollout, spec: RolloutSpec, *, device_id: str, previous: int | None,
+               now: datetime) -> dict[str, Any]:
+    bucket = cohort_bucket(rollout.id, device_id)
+    return {"rollout_id": rollout.id, "device_id": device_id, "bucket": bucket,
+            "phase_index": phase_of(bucket, spec.phases), "previous_bundle_id": previous, "joined_at": now}
+
+
+def previous_of(desired: int | None, active: tuple[str | None, str | None], by_name: dict[tuple[str, str], int]
+                ) -> int | None:
+    """What a device runs before the rollout: its assigned bundle, else the one it reports as active."""
+    if desired is not None:
+        return desired
+    if active[0] and active[1]:
+        return by_name.get((active[0], active[1]))
+    return None
+
+
+def busy_devices(session: Session, model_name: str, exclude: str | None = None) -> dict[str, str]:
+    """Device id -> id of the active rollout of ``model_name`` that owns it."""
+    stmt = (select(RolloutDevice.device_id, RolloutDevice.rollout_id).join(Rollout)
+            .where(Rollout.model_name == model_name, Rollout.state.in_(ACTIVE)))
+    if exclude:
+        stmt = stmt.where(Rollout.id != exclude)
+    return {d: r for d, r in session.execute(stmt)}
+
+
+def join_rollouts(session: Session, device: Device, now: datetime) -> bool:
+    """Add a newly enrolled device to every active rollout it matches (oldest first, one per model).
+
+    Returns True when its assignment changed (it landed in a phase that is already active)."""
+    changed = False
+    seen_models: set[str] = set()
+    rollouts = session.scalars(select(Rollout).where(Rollout.state.in_(ACTIVE)).order_by(Rollout.created_at))
+    by_name = previous_bundle_ids(session)
+    for rollout in rollouts:
+        if rollout.model_name in seen_models:
+            continue
+        bundle = session.get(Bundle, rollout.bundle_id)
+        if bundle is None or not bundle_fits(bundle, device.hardware_id) or not selector_matches(
+                rollout.selector, device_id=device.id, group=device.group_name, tags=device.tags,
+                hardware_id=device.hardware_id):
+            continue
+        seen_models.add(rollout.model_name)
+        spec = RolloutSpec.from_dict(rollout.spec)
+        row = member_row(rollout, spec, device_id=device.id, now=now, previous=previous_of(
+            device.desired_bundle_id, (device.active_name, device.active_version), by_name))
+        session.add(RolloutDevice(**row))
+        if rollout.state in (RolloutState.RUNNING.value, RolloutState.PAUSED.value) \
+                and row["phase_index"] <= rollout.current_phase:
+            session.execute(update(Device).where(Device.id == device.id).values(
+                desired_bundle_id=rollout.bundle_id, desired_reason="rollout", desired_rollout_id=rollout.id,
+                desired_seq=Device.desired_seq + 1).execution_options(synchronize_session=False))
+            changed = True
+    return changed
