@@ -1,0 +1,293 @@
+"""Telemetry: lifecycle events and periodic windows, sent over MQTT (QoS 1) from the persisted outbox.
+
+* :class:`WindowStats` accumulates one window of serving figures (requests, errors, crashes, latency
+  histogram, feedback accuracy, predicted classes); the worker adds the input summary statistics.
+* :class:`Telemetry` builds the protocol envelope, puts every message in the :class:`~device_agent.outbox.Outbox`
+  first, and one sender thread publishes from it and deletes a message only when the broker acknowledged it.
+* :class:`MqttPublisher` is the real :class:`Publisher` (paho-mqtt, MQTT 5, clean start false, session
+  expiry one day). Its callbacks only enqueue; the sender thread acts.
+
+A message unacknowledged for ``publish_timeout_s`` is published again with the same ``message_id``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import random
+import threading
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+from device_agent.clock import Clock, iso
+from device_agent.outbox import Entry, Outbox
+
+log = logging.getLogger(__name__)
+SCHEMA = "edgepack.telemetry.v1"
+MAX_PAYLOAD = 64 * 1024
+LATENCY_BOUNDS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+MAX_LATENCY_SAMPLES = 10_000
+
+
+def topic_prefix(device_id: str) -> str:
+    return f"edgepack/v1/devices/{device_id}"
+
+
+class Publisher(Protocol):
+    """Where telemetry goes. ``publish`` returns a message handle (an int) or None when disconnected; the
+    publisher calls ``on_ack(handle)`` once the broker acknowledged it, ``on_connect()`` after each
+    (re)connection and ``on_notify(payload)`` for a message on the device's notify topic."""
+
+    on_ack: Callable[[int], None]
+    on_connect: Callable[[], None]
+    on_notify: Callable[[bytes], None]
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def connected(self) -> bool: ...
+    def publish(self, topic: str, payload: bytes) -> int | None: ...
+
+
+class MqttPublisher:
+    """paho-mqtt client: MQTT 5, QoS 1, clean start false, session expiry 1 day, automatic reconnect."""
+
+    def __init__(self, url: str, device_id: str, *, username: str | None = None, password: str | None = None,
+                 keepalive_s: int = 30) -> None:
+        import paho.mqtt.client as mqtt
+
+        u = urlparse(url)
+        if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
+            raise ValueError(f"broker URL must be mqtt://host:port, found {url!r}")
+        self.host, self.port = u.hostname, u.port or (8883 if u.scheme == "mqtts" else 1883)
+        self.device_id = device_id
+        self.keepalive_s = keepalive_s
+        self.on_ack: Callable[[int], None] = lambda mid: None
+        self.on_connect: Callable[[], None] = lambda: None
+        self.on_notify: Callable[[bytes], None] = lambda payload: None
+        self._mqtt = mqtt
+        self._connected = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgepack-dev-{device_id}",
+                                  protocol=mqtt.MQTTv5)
+        if u.scheme == "mqtts":
+            self.client.tls_set()
+        if username:
+            self.client.username_pw_set(username, password)
+        self.client.max_inflight_messages_set(50)
+        self.client.reconnect_delay_set(1, 30)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_publish = self._on_publish
+        self.client.on_message = self._on_message
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            log.warning("broker refused the connection: %s", reason)
+            return
+        client.subscribe(f"{topic_prefix(self.device_id)}/notify", qos=1)
+        self._connected.set()
+        self.on_connect()
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self._connected.clear()
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        self.on_ack(mid)
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        self.on_notify(bytes(msg.payload))
+
+    def start(self) -> None:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 86_400
+        self.client.connect_async(self.host, self.port, self.keepalive_s, clean_start=False, properties=props)
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def publish(self, topic: str, payload: bytes) -> int | None:
+        if not self._connected.is_set():
+            return None
+        info = self.client.publish(topic, payload, qos=1)
+        if info.rc != self._mqtt.MQTT_ERR_SUCCESS:
+            return None
+        return int(info.mid)
+
+
+class WindowStats:
+    """One window of serving figures. Thread-safe; :meth:`take` returns the window and starts a new one."""
+
+    def __init__(self, now: datetime) -> None:
+        self._lock = threading.Lock()
+        self._reset(now)
+
+    def _reset(self, now: datetime) -> None:
+        self.start = now
+        self.requests = self.errors = self.crashes = 0
+        self.counts = [0] * (len(LATENCY_BOUNDS_MS) + 1)
+        self.samples: list[float] = []
+        self.seen = 0
+        self.feedback = [0, 0]
+        self.classes: dict[str, int] = {}
+
+    def request(self, latency_ms: float, ok: bool, classes: list[str] | None) -> None:
+        with self._lock:
+            self.requests += 1
+            if not ok:
+                self.errors += 1
+            i = next((i for i, b in enumerate(LATENCY_BOUNDS_MS) if latency_ms <= b), len(LATENCY_BOUNDS_MS))
+            self.counts[i] += 1
+            self.seen += 1
+            if len(self.samples) < MAX_LATENCY_SAMPLES:
+                self.samples.append(latency_ms)
+            else:  # reservoir sampling keeps the percentiles unbiased under load
+                j = random.randrange(self.seen)
+                if j < MAX_LATENCY_SAMPLES:
+                    self.samples[j] = latency_ms
+            for c in classes or ():
+                self.classes[c] = self.classes.get(c, 0) + 1
+
+    def crash(self) -> None:
+        with self._lock:
+            self.crashes += 1
+
+    def feedback_given(self, correct: bool) -> None:
+        with self._lock:
+            self.feedback[0] += 1
+            self.feedback[1] += int(correct)
+
+    def take(self, now: datetime) -> dict[str, Any]:
+        with self._lock:
+            s = sorted(self.samples)
+            pct = (lambda q: round(s[min(len(s) - 1, int(q * len(s)))], 3) if s else None)  # noqa: E731
+            window = {"start": iso(self.start), "end": iso(now), "requests": self.requests, "errors": self.errors,
+                      "crashes": self.crashes,
+                      "latency_ms": {"bounds": list(LATENCY_BOUNDS_MS), "counts": list(self.counts),
+                                     "p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99)},
+                      "feedback": {"count": self.feedback[0], "correct": self.feedback[1]},
+                      "predicted_classes": dict(self.classes)}
+            self._reset(now)
+            return window
+
+
+class Telemetry:
+    """Envelope + outbox + sender thread. ``context()`` returns ``(bundle ident | None, rollout_id | None)``."""
+
+    def __init__(self, device_id: str, outbox: Outbox, publisher: Publisher | None, clock: Clock, *,
+                 context: Callable[[], tuple[dict[str, Any] | None, str | None]],
+                 publish_timeout_s: float = 30.0, on_notify: Callable[[bytes], None] | None = None) -> None:
+        self.device_id = device_id
+        self.outbox = outbox
+        self.publisher = publisher
+        self.clock = clock
+        self.context = context
+        self.publish_timeout_s = publish_timeout_s
+        self._wake: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._inflight: dict[int, tuple[Entry, float]] = {}
+        self._sent_ids: set[str] = set()
+        self.published = 0
+        if publisher is not None:
+            publisher.on_ack = lambda mid: self._wake.put(("ack", mid))
+            publisher.on_connect = lambda: self._wake.put(("connect", None))
+            publisher.on_notify = on_notify or (lambda payload: None)
+
+    # ---- producing ---------------------------------------------------------------------------------------
+    def _envelope(self, kind: str) -> dict[str, Any]:
+        bundle, rollout = self.context()
+        return {"schema": SCHEMA, "kind": kind, "device_id": self.device_id, "sent_at": iso(self.clock.now()),
+                "bundle": bundle, "rollout_id": rollout}
+
+    def event(self, name: str, *, target: dict[str, Any] | None = None, detail: dict[str, Any] | None = None,
+              rollout_id: str | None = None) -> dict[str, Any]:
+        env = self._envelope("event")
+        if rollout_id is not None:
+            env["rollout_id"] = rollout_id
+        detail = dict(detail or {})
+        if "message" in detail:
+            detail["message"] = str(detail["message"])[:4000]
+        msg = self.outbox.put("event", {**env, "event": name, "target": target, "detail": detail})
+        log.info("event %s target=%s detail=%s", name, target, {k: detail[k] for k in list(detail)[:4]})
+        self._wake.put(("new", None))
+        return msg
+
+    def window(self, window: dict[str, Any]) -> dict[str, Any]:
+        dropped = self.outbox.take_dropped()
+        window = {**window, "outbox_dropped": dropped, "outbox_dropped_total": self.outbox.dropped}
+        body = {**self._envelope("window"), "window": window}
+        if len(json.dumps(body)) > MAX_PAYLOAD - 200 and "input_stats" in window:
+            window["input_stats"] = {"count": window["input_stats"].get("count"), "truncated": True}
+        msg = self.outbox.put("window", body)
+        self._wake.put(("new", None))
+        return msg
+
+    # ---- sending -----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.publisher is None:
+            return
+        self.publisher.start()
+        self._thread = threading.Thread(target=self._run, name="telemetry", daemon=True)
+        self._thread.start()
+
+    def stop(self, flush_s: float = 0.0) -> None:
+        if flush_s and self.publisher is not None:
+            deadline = self.clock.monotonic() + flush_s
+            while len(self.outbox) and self.clock.monotonic() < deadline and self.publisher.connected():
+                self.clock.wait(self._stop, 0.05)
+        self._stop.set()
+        self._wake.put(("stop", None))
+        if self._thread is not None:
+            self._thread.join(5)
+        if self.publisher is not None:
+            self.publisher.stop()
+
+    def _run(self) -> None:
+        assert self.publisher is not None
+        while not self._stop.is_set():
+            try:
+                what, arg = self._wake.get(timeout=1.0)
+            except queue.Empty:
+                what, arg = "tick", None
+            if what == "stop":
+                return
+            if what == "ack":
+                entry = self._inflight.pop(arg, (None, 0.0))[0]
+                if entry is not None:
+                    self.outbox.ack(entry.message_id)
+                    self.published += 1
+            self._pump()
+
+    def _pump(self) -> None:
+        assert self.publisher is not None
+        if not self.publisher.connected():
+            return
+        now = self.clock.monotonic()
+        inflight_ids = {e.message_id: mid for mid, (e, _) in self._inflight.items()}
+        for mid, (entry, since) in list(self._inflight.items()):
+            if now - since > self.publish_timeout_s:  # no PUBACK: send again, same message id
+                del self._inflight[mid]
+                inflight_ids.pop(entry.message_id, None)
+        for entry in self.outbox.pending(limit=200):
+            if entry.message_id in inflight_ids:
+                continue
+            if len(self._inflight) >= 50:
+                break
+            try:
+                payload = entry.read()
+            except FileNotFoundError:
+                continue  # acknowledged or dropped meanwhile
+            mid = self.publisher.publish(f"{topic_prefix(self.device_id)}/telemetry/{entry.kind}", payload)
+            if mid is None:
+                return
+            self._inflight[mid] = (entry, now)

@@ -1,0 +1,100 @@
+"""Fixtures of the agent tests: real signed bundles, a protocol stand-in server, agents in-process."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bundles.assemble import BundleInfo
+from bundles.keys import KeyStore
+from device_agent.config import AgentConfig, config_from_dict
+from device_agent.machine import Agent
+from device_agent.states import State
+from tests.agent.fakeserver import FakeUpdateServer
+from tests.support.factories import make_digits_bundle
+
+DEVICE = "kiosk-0001"
+HARDWARE = "x86-kiosk"
+
+
+@pytest.fixture
+def fake_server(keys: KeyStore) -> Iterator[FakeUpdateServer]:
+    server = FakeUpdateServer(keys)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def bundle(keys: KeyStore, tmp_path: Path, fake_server: FakeUpdateServer) -> Callable[..., BundleInfo]:
+    """``bundle("1.1.0", 2, **kw)``: a real signed digits bundle, published on the fake server."""
+
+    def make(version: str = "1.0.0", release_counter: int = 1, publish: bool = True, **kw: Any) -> BundleInfo:
+        info = make_digits_bundle(keys, tmp_path / f"digits-{version}.edgepack", version=version,
+                                  release_counter=release_counter, **kw)
+        if publish:
+            fake_server.publish(info)
+        return info
+
+    return make
+
+
+def agent_config_dict(state_dir: Path, server_url: str, keys: KeyStore, **sections: dict[str, Any]) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "device_id": DEVICE, "hardware_id": HARDWARE, "state_dir": str(state_dir),
+        "server": {"url": server_url, "credential": "secret-credential", "poll_interval_s": 3600},
+        "trust": {"image_root": str(keys.root_path), "director_root": str(keys.director_root_path)},
+        "api": {"listen": "127.0.0.1:0"},
+        "trial": {"period_s": 0.5, "health_interval_s": 0.2},
+        "limits": {"backoff_initial_s": 0.05, "backoff_max_s": 0.2, "download_deadline_s": 30},
+        "telemetry": {"window_s": 3600},
+    }
+    for name, values in sections.items():
+        doc[name] = {**doc.get(name, {}), **values}
+    return doc
+
+
+@pytest.fixture
+def agent_config(tmp_path: Path, fake_server: FakeUpdateServer, keys: KeyStore) -> Callable[..., AgentConfig]:
+    def make(**sections: dict[str, Any]) -> AgentConfig:
+        return config_from_dict(agent_config_dict(tmp_path / "state", fake_server.url, keys, **sections))
+
+    return make
+
+
+@pytest.fixture
+def make_agent(agent_config: Callable[..., AgentConfig]) -> Iterator[Callable[..., Agent]]:
+    """Agents in this process without a broker (telemetry stays in the outbox, where tests read it)."""
+    agents: list[Agent] = []
+
+    def make(config: AgentConfig | None = None, **kw: Any) -> Agent:
+        kw.setdefault("publisher", None)
+        agent = Agent(config or agent_config(), **kw)
+        agents.append(agent)
+        agent.boot()
+        return agent
+
+    yield make
+    for agent in agents:
+        agent.close()
+
+
+def drive(agent: Agent, *, until: State = State.IDLE, max_steps: int = 20) -> list[State]:
+    """Check in now, then step until the agent is back in ``until``; returns the states visited."""
+    agent.check_in_now()
+    seen = [agent.step()]
+    while seen[-1] is not until and len(seen) < max_steps:
+        seen.append(agent.step())
+    assert seen[-1] is until, f"agent stuck: {seen}"
+    return seen
+
+
+def outbox_events(agent: Agent) -> list[dict[str, Any]]:
+    return [json.loads(e.read()) for e in agent.telemetry.outbox.pending() if e.kind == "event"]
+
+
+def event_names(agent: Agent) -> list[str]:
+    return [e["event"] for e in outbox_events(agent)]
