@@ -1,0 +1,110 @@
+"""Bundle registry over real HTTP on both databases: verified upload, immutability, Range, guarded delete."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from bundles.keys import KeyStore
+from tests.server.conftest import LiveServer, enrollment_token, push
+from tests.server.sim import SimDevice
+from tests.support.factories import make_digits_bundle
+
+
+def test_upload_list_inspect_download(server: LiveServer, digits_bundles: dict) -> None:
+    b = digits_bundles["1.0.0"]
+    r = push(server, b)
+    assert r.status_code == 201, r.text
+    assert r.json()["content_digest"] == b.content_digest
+    with server.admin as client:
+        listed = client.get("/api/v1/bundles").json()
+        assert [(x["name"], x["version"]) for x in listed] == [("digits", "1.0.0")]
+        detail = client.get("/api/v1/bundles/digits/1.0.0").json()
+        assert detail["manifest"]["name"] == "digits"
+        assert {f["path"] for f in detail["files"]} >= {"manifest.json", "models/digits.fp32.onnx"}
+        data = b.path.read_bytes()
+        whole = client.get("/api/v1/bundles/digits/1.0.0/archive")
+        assert whole.status_code == 200 and whole.content == data
+        part = client.get("/api/v1/bundles/digits/1.0.0/archive", headers={"Range": "bytes=100-"})
+        assert part.status_code == 206 and part.content == data[100:]
+        assert part.headers["content-range"] == f"bytes 100-{len(data) - 1}/{len(data)}"
+        bad = client.get("/api/v1/bundles/digits/1.0.0/archive", headers={"Range": f"bytes={len(data) + 10}-"})
+        assert bad.status_code == 416
+        assert client.get("/api/v1/bundles/digits/9.9.9").status_code == 404
+
+
+def test_bundles_are_immutable(server: LiveServer, digits_bundles: dict) -> None:
+    assert push(server, digits_bundles["1.0.0"]).status_code == 201
+    again = push(server, digits_bundles["1.0.0"])
+    assert again.status_code == 409
+    assert again.json()["error"]["code"] == "bundle_exists"
+
+
+def test_bundle_signed_by_unknown_key_is_refused(server: LiveServer, tmp_path: Path) -> None:
+    stranger = KeyStore.init(tmp_path / "other-keys")
+    foreign = make_digits_bundle(stranger, tmp_path / "foreign.edgepack", version="1.0.0")
+    r = push(server, foreign)
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["code"] == "verification_failed"
+    assert error["detail"]["error"] == "SignatureError"
+    assert error["detail"]["file"] in ("1.root.json", "targets.json")
+    assert "expected" in error["detail"] and "found" in error["detail"]
+    with server.admin as client:
+        assert client.get("/api/v1/bundles").json() == []
+
+
+def test_tampered_bundle_gets_422_with_the_file(server: LiveServer, digits_bundles: dict, tmp_path: Path) -> None:
+    import zipfile
+
+    src = digits_bundles["1.0.0"].path
+    tampered = tmp_path / "tampered.edgepack"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(tampered, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename.endswith("preprocessing.json"):
+                data = data.replace(b"float32", b"float64")
+            zout.writestr(info, data)
+    r = push(server, tampered)
+    assert r.status_code == 422
+    assert r.json()["error"]["detail"]["error"] == "DigestMismatchError"
+    assert r.json()["error"]["detail"]["file"] == "preprocessing.json"
+    with server.admin as client:
+        assert client.post("/api/v1/bundles", content=b"").status_code == 400
+        assert client.post("/api/v1/bundles", content=b"not a zip").status_code == 422
+
+
+def test_delete_refused_while_used(server: LiveServer, digits_bundles: dict) -> None:
+    assert push(server, digits_bundles["1.0.0"]).status_code == 201
+    assert push(server, digits_bundles["1.1.0"]).status_code == 201
+    device = SimDevice(server.url, "kiosk-del")
+    device.enroll(enrollment_token(server))
+    with server.admin as client:
+        r = client.post("/api/v1/rollouts", json={"bundle": {"name": "digits", "version": "1.1.0"},
+                                                  "start": True})
+        assert r.status_code == 201, r.text
+        refused = client.delete("/api/v1/bundles/digits/1.1.0")
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "bundle_in_use"
+        assert client.delete("/api/v1/bundles/digits/1.0.0").status_code == 204
+        assert client.get("/api/v1/bundles/digits/1.0.0").status_code == 404
+        assert client.get("/api/v1/bundles/digits/1.0.0/archive").status_code == 404
+        assert client.delete("/api/v1/bundles/digits/1.0.0").status_code == 404
+
+
+def test_tuf_targets_served_with_hash_prefix(server: LiveServer, digits_bundles: dict) -> None:
+    b = digits_bundles["1.0.0"]
+    assert push(server, b).status_code == 201
+    with server.admin as client:
+        files = client.get("/api/v1/bundles/digits/1.0.0").json()["files"]
+    model = next(f for f in files if f["path"].endswith(".onnx"))
+    import httpx
+
+    plain = httpx.get(f"{server.url}/tuf/image/targets/digits/1.0.0/{model['path']}")
+    assert plain.status_code == 200 and hashlib.sha256(plain.content).hexdigest() == model["sha256"]
+    head, _, name = model["path"].rpartition("/")
+    hashed = httpx.get(f"{server.url}/tuf/image/targets/digits/1.0.0/{head}/{model['sha256']}.{name}")
+    assert hashed.status_code == 200 and hashed.content == plain.content
+    wrong = httpx.get(f"{server.url}/tuf/image/targets/digits/1.0.0/{head}/{'0' * 64}.{name}")
+    assert wrong.status_code == 404
+    ranged = httpx.get(f"{server.url}/tuf/image/targets/digits/1.0.0/{model['path']}", headers={"Range": "bytes=0-9"})
+    assert ranged.status_code == 206 and ranged.content == plain.content[:10]
