@@ -95,11 +95,12 @@ def to_fp16(base: bytes, options: dict[str, Any]) -> tuple[bytes, dict[str, Any]
 
     block = list(options.get("op_block_list", float16.DEFAULT_OP_BLOCK_LIST))
     try:
+        source = onnx.load_from_string(base)
+        original_casts = {n.name for n in source.graph.node if n.op_type == "Cast"}
         with warnings.catch_warnings():  # "will be truncated to 1e-07": expected clipping, said once below
             warnings.simplefilter("ignore")
-            proto = float16.convert_float_to_float16(onnx.load_from_string(base), keep_io_types=True,
-                                                     op_block_list=block)
-        patched = _fix_float_casts(proto)
+            proto = float16.convert_float_to_float16(source, keep_io_types=True, op_block_list=block)
+        patched = _fix_float_casts(proto, original_casts)
     except Exception as exc:
         raise ConversionError(f"fp16 conversion failed: {type(exc).__name__}: {exc}", variant="onnx-fp16",
                               fix="add the failing op to op_block_list under [variants.onnx-fp16]") from exc
@@ -110,20 +111,23 @@ def to_fp16(base: bytes, options: dict[str, Any]) -> tuple[bytes, dict[str, Any]
                   "constants_clipped_to": [1e-7, 1e4]}
 
 
-def _fix_float_casts(proto: Any) -> int:
+def _fix_float_casts(proto: Any, original_casts: set[str]) -> int:
     """Retarget pre-existing ``Cast(to=FLOAT)`` nodes whose output the converter typed as fp16.
 
     onnxconverter-common rewrites value types but not the ``to`` attribute of Cast nodes that were
     already in the graph (issues #320/#331, fix in PR #328 not released), so ORT refuses the model
     with "Type (tensor(float16)) of output arg ... does not match expected type (tensor(float))".
+    Only Casts of the source graph are touched; the ones the converter adds at the I/O are right.
     """
     from onnx import TensorProto
 
     fp16_values = {vi.name for vi in proto.graph.value_info
                    if vi.type.tensor_type.elem_type == TensorProto.FLOAT16}
+    graph_outputs = {o.name for o in proto.graph.output}
     patched = 0
     for node in proto.graph.node:
-        if node.op_type != "Cast" or node.output[0] not in fp16_values:
+        if (node.op_type != "Cast" or node.name not in original_casts or node.output[0] in graph_outputs
+                or node.output[0] not in fp16_values):
             continue
         for attr in node.attribute:
             if attr.name == "to" and attr.i == TensorProto.FLOAT:

@@ -42,6 +42,9 @@ def train() -> Any:
     prepare_tensorflow()
     import keras
 
+    # Fresh Keras state: layer names (conv2d, conv2d_1, ...) come from a per-process counter and end up
+    # as tensor names in the TFLite file, so a second build in the same process would differ.
+    keras.backend.clear_session()
     keras.utils.set_random_seed(SEED)
     x, y, order = _split()
     xt, yt = x[order[:N_TRAIN]][..., None] / 16.0, y[order[:N_TRAIN]]
