@@ -151,6 +151,8 @@ class Supervisor:
         self._lock = threading.RLock()
         self.serving: WorkerProcess | None = None
         self.standby: WorkerProcess | None = None
+        self.loading: WorkerProcess | None = None
+        """The worker loading or self-testing a new bundle right now."""
         self.crashes = 0
         self.restarts = 0
         self._consecutive = 0
@@ -187,15 +189,24 @@ class Supervisor:
             proc = self.standby if self.standby is not None and self.standby.alive() else None
             self.standby = None
         proc = proc or self._spawn()
+        self.loading = proc
         try:
             return proc, self._load(proc, ref)
         except BaseException:
+            self.loading = None
             proc.stop()
             raise
 
     def selftest(self, proc: WorkerProcess) -> dict[str, Any]:
-        answer = proc.call({"op": "selftest"}, self.start_timeout_s)
+        try:
+            answer = proc.call({"op": "selftest"}, self.start_timeout_s)
+        except WorkerError:
+            self.loading = None
+            proc.stop()
+            raise
         if not answer.get("ok"):
+            self.loading = None
+            proc.stop()
             raise WorkerError(f"golden vectors failed: {answer.get('message')}", code=str(answer.get("error")))
         return answer
 
@@ -204,6 +215,8 @@ class Supervisor:
         with self._lock:
             old, self.serving = self.serving, proc
             self._consecutive = 0
+            if self.loading is proc:
+                self.loading = None
         if old is not None and old is not proc:
             old.stop()
 
@@ -270,14 +283,15 @@ class Supervisor:
             return False
 
     def status(self) -> dict[str, Any]:
-        s, st = self.serving, self.standby
+        s, st, ld = self.serving, self.standby, self.loading
         return {"pid": s.pid if s else None, "alive": bool(s and s.alive()), "standby_pid": st.pid if st else None,
+                "loading_pid": ld.pid if ld else None,
                 "crashes": self.crashes, "restarts": self.restarts}
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            procs = [p for p in (self.serving, self.standby) if p is not None]
-            self.serving = self.standby = None
+            procs = [p for p in (self.serving, self.standby, self.loading) if p is not None]
+            self.serving = self.standby = self.loading = None
         for p in procs:
             p.stop()

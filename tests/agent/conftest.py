@@ -98,3 +98,18 @@ def outbox_events(agent: Agent) -> list[dict[str, Any]]:
 
 def event_names(agent: Agent) -> list[str]:
     return [e["event"] for e in outbox_events(agent)]
+
+
+def rebuild_bundle(keys: KeyStore, source: BundleInfo, out: Path, *, version: str, release_counter: int,
+                   replace_files: dict[str, bytes] | None = None, **manifest_changes: Any) -> BundleInfo:
+    """A new signed bundle made from ``source``'s files, with some files or manifest fields replaced."""
+    from bundles.archive import TARGETS_PREFIX, BundleArchive
+    from bundles.assemble import assemble_bundle
+
+    prefix = f"{TARGETS_PREFIX}{source.name}/{source.version}/"
+    with BundleArchive(source.path) as arc:
+        files = {m[len(prefix):]: arc.read_bounded(m, 1 << 30) for m in arc.names(prefix)}
+    manifest = json.loads(files.pop("manifest.json"))
+    manifest.update(version=version, release_counter=release_counter, **manifest_changes)
+    files.update(replace_files or {})
+    return assemble_bundle(out, keystore=keys, manifest=manifest, files=files)
