@@ -164,6 +164,13 @@ def rollout_action(rollout_id: str, action: str, ctx: CtxDep, token: Operator,
     return rollouts.rollout_status(ctx, rollout_id)
 
 
+@router.get("/rollouts/{rollout_id}/devices", tags=["rollouts"])
+def rollout_members(rollout_id: str, ctx: CtxDep, _: Viewer) -> list[dict[str, Any]]:
+    """Members with their cohort bucket, phase and current assignment."""
+    with ctx.sessions() as session, session.begin():
+        return rollouts.rollout_devices(session, rollout_id)
+
+
 @router.get("/rollouts/{rollout_id}/audit", tags=["rollouts"])
 def rollout_audit(rollout_id: str, ctx: CtxDep, _: Viewer) -> list[dict[str, Any]]:
     with ctx.sessions() as session, session.begin():

@@ -298,3 +298,17 @@ def audit_entries(session: Session, rollout_id: str | None = None, limit: int = 
         stmt = stmt.where(AuditEntry.rollout_id == rollout_id)
     return [{"id": e.id, "at": e.at.isoformat(), "actor": e.actor, "action": e.action, "subject": e.subject,
              "rollout_id": e.rollout_id, "reason": e.reason, "detail": e.detail} for e in session.scalars(stmt)]
+
+
+def rollout_devices(session: Session, rollout_id: str) -> list[dict[str, Any]]:
+    """Each member's cohort bucket and phase, and what it is told to run now."""
+    get_rollout(session, rollout_id)
+    rows = session.execute(select(RolloutDevice.device_id, RolloutDevice.bucket, RolloutDevice.phase_index,
+                                  RolloutDevice.joined_at, Device.desired_reason, Device.desired_rollout_id,
+                                  Bundle.version)
+                           .join(Device, Device.id == RolloutDevice.device_id)
+                           .outerjoin(Bundle, Bundle.id == Device.desired_bundle_id)
+                           .where(RolloutDevice.rollout_id == rollout_id).order_by(RolloutDevice.device_id))
+    return [{"device_id": d, "bucket": round(b, 6), "phase": p, "joined_at": j.isoformat(),
+             "assigned_version": v, "reason": reason if rid == rollout_id else None}
+            for d, b, p, j, reason, rid, v in rows]

@@ -1,0 +1,177 @@
+"""Phased rollouts end to end: real server, real database (both), real Mosquitto, simulated devices.
+
+Telemetry goes device -> broker -> the server's shared subscription -> aggregates -> gate loop; the
+rollout advances, completes, or halts and rolls back on what the devices report.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from typing import Any
+
+from tuf.api.metadata import Metadata, Root  # noqa: F401 - documents what director-root.json is
+
+from bundles.keys import KeyStore
+from tests.server.conftest import LiveServer, enrollment_token, push, wait_for
+from tests.server.sim import Publisher, SimDevice
+from update_server.rollout_policy import PhaseSpec, cohort_bucket, phase_of
+
+OLD = {"name": "digits", "version": "1.0.0", "release_counter": 1, "variant": "onnx-fp32"}
+
+
+class NoticeListener:
+    """Collects the device ids that received a check-in-now notice."""
+
+    def __init__(self, broker_url: str, prefix: str) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        host, port = broker_url.split("://", 1)[-1].rsplit(":", 1)
+        self.notified: set[str] = set()
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"listen-{uuid.uuid4().hex[:8]}",
+                                  protocol=mqtt.MQTTv5)
+        self.client.on_message = self._on_message
+        ready = threading.Event()
+        self.client.on_subscribe = lambda *a: ready.set()
+        self.client.connect(host, int(port))
+        self.client.subscribe(f"{prefix}/+/notify", qos=1)
+        self.client.loop_start()
+        assert ready.wait(10)
+
+    def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
+        body = json.loads(msg.payload)
+        assert body["schema"] == "edgepack.notify.v1" and body["type"] == "checkin"
+        with self.lock:
+            self.notified.add(msg.topic.split("/")[-2])
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _fleet(server: LiveServer, n: int, prefix: str = "kiosk") -> list[SimDevice]:
+    token = enrollment_token(server, uses=n)
+    devices = []
+    for i in range(n):
+        d = SimDevice(server.url, f"{prefix}-{i:03d}")
+        d.enroll(token)
+        d.active = dict(OLD)
+        assert d.checkin().status_code == 200
+        devices.append(d)
+    return devices
+
+
+def _status(server: LiveServer, rollout_id: str) -> dict[str, Any]:
+    with server.admin as client:
+        return client.get(f"/api/v1/rollouts/{rollout_id}").json()
+
+
+def _audit(server: LiveServer, rollout_id: str) -> list[dict[str, Any]]:
+    with server.admin as client:
+        return list(reversed(client.get(f"/api/v1/rollouts/{rollout_id}/audit").json()))
+
+
+def _step(devices: list[SimDevice], pub: Publisher, director_root: bytes, target: str, committed: set[str],
+          **window: Any) -> None:
+    """One polling round of the fleet: check in, install what is assigned, report."""
+    for d in devices:
+        a = d.sync(director_root)
+        if a is not None and a.bundle is not None and a.bundle["version"] == target and d.device_id not in committed:
+            tgt = {k: a.bundle[k] for k in ("name", "version", "release_counter")}
+            pub.event(d, "downloading", target=tgt)
+            pub.event(d, "committed", target=tgt)
+            committed.add(d.device_id)
+        pub.window(d, **window)
+
+
+def test_rollout_driven_through_all_phases_by_telemetry(mqtt_server: LiveServer, digits_bundles: dict,
+                                                        session_keys: KeyStore, system_broker: str) -> None:
+    server = mqtt_server
+    assert push(server, digits_bundles["1.0.0"]).status_code == 201
+    assert push(server, digits_bundles["1.1.0"]).status_code == 201
+    devices = _fleet(server, 24)
+    listener = NoticeListener(system_broker, server.prefix)
+    pub = Publisher(system_broker, server.prefix)
+    director_root = session_keys.director_root_path.read_bytes()
+    with server.admin as client:
+        r = client.post("/api/v1/rollouts", json={
+            "bundle": {"name": "digits", "version": "1.1.0"}, "min_soak_s": 0.5, "min_devices": 2,
+            "start": True, "reason": "new digits model"})
+        assert r.status_code == 201, r.text
+    rollout_id = r.json()["id"]
+    assert [p["percent"] for p in r.json()["phases"]] == [1, 10, 50, 100]
+    committed: set[str] = set()
+    try:
+        def done() -> bool:
+            _step(devices, pub, director_root, "1.1.0", committed)
+            return _status(server, rollout_id)["state"] == "completed"
+
+        wait_for(done, timeout=120, interval=0.2, what="the rollout to complete")
+    finally:
+        pub.close()
+        listener.close()
+    status = _status(server, rollout_id)
+    assert [p["status"] for p in status["phases"]] == ["done"] * 4
+    assert status["target"]["devices_reporting"] == 24 and status["control"]["devices_reporting"] == 24
+    assert all(d.active["version"] == "1.1.0" for d in devices)
+    assert committed == {d.device_id for d in devices}
+    wait_for(lambda: listener.notified >= committed, timeout=10, what="notices")
+    entries = _audit(server, rollout_id)
+    actions = [(e["action"], e["actor"]) for e in entries]
+    assert [a for a, _ in actions[:2]] == ["rollout.create", "rollout.start"]
+    assert all(who.startswith("test-admin") for _, who in actions[:2])
+    assert [a for a, who in actions if who == "system"] == ["rollout.advance"] * 3 + ["rollout.complete"]
+    advances = [e for e in entries if e["action"] == "rollout.advance"]
+    assert [(e["detail"]["phase_from"], e["detail"]["phase_to"]) for e in advances] == [(0, 1), (1, 2), (2, 3)]
+    assert all(g["status"] in ("ok", "no_data", "off") for e in advances for g in e["detail"]["gates"])
+    # cohorts are the deterministic hash of (rollout, device)
+    with server.admin as client:
+        members = client.get(f"/api/v1/rollouts/{rollout_id}/devices").json()
+    phases = [PhaseSpec(p, 0, 0) for p in (1, 10, 50, 100)]
+    assert {m["device_id"]: m["phase"] for m in members} == {
+        d.device_id: phase_of(cohort_bucket(rollout_id, d.device_id), phases) for d in devices}
+
+
+def test_crash_in_first_cohort_halts_and_rolls_back(mqtt_server: LiveServer, digits_bundles: dict,
+                                                    session_keys: KeyStore, system_broker: str) -> None:
+    server = mqtt_server
+    assert push(server, digits_bundles["1.0.0"]).status_code == 201
+    assert push(server, digits_bundles["1.1.0"]).status_code == 201
+    devices = _fleet(server, 12, prefix="crashy")
+    director_root = session_keys.director_root_path.read_bytes()
+    pub = Publisher(system_broker, server.prefix)
+    listener = NoticeListener(system_broker, server.prefix)
+    with server.admin as client:
+        r = client.post("/api/v1/rollouts", json={
+            "bundle": {"name": "digits", "version": "1.1.0"}, "phases": [40, 100], "min_soak_s": 3600,
+            "gates": {"max_crash_rate": 0.05}, "start": True})
+        assert r.status_code == 201, r.text
+    rollout_id = r.json()["id"]
+    try:
+        committed: set[str] = set()
+        _step(devices, pub, director_root, "1.1.0", committed)
+        first = [d for d in devices if d.device_id in committed]
+        rest = [d for d in devices if d.device_id not in committed]
+        assert first and rest, "both phases need devices for this test"
+        assert _status(server, rollout_id)["state"] == "running"
+        pub.event(first[0], "crash", detail={"signal": 11, "phase": "serving"})
+        wait_for(lambda: _status(server, rollout_id)["state"] == "rolled_back", timeout=30, what="halt")
+        wait_for(lambda: listener.notified >= committed, timeout=10, what="rollback notices")
+        for d in first:
+            a = d.sync(director_root)
+            assert a is not None and a.bundle["version"] == "1.0.0" and a.info["reason"] == "rollback"
+            assert a.info["rollout_id"] == rollout_id
+        for d in rest:
+            a = d.sync(director_root)
+            assert a is None  # never got the new version, nothing changes for them
+    finally:
+        pub.close()
+        listener.close()
+    status = _status(server, rollout_id)
+    assert status["halt"]["breached"][0]["name"] == "crash_rate"
+    assert status["halt"]["breached"][0]["value"] > 0.05
+    actions = [(e["action"], e["actor"]) for e in _audit(server, rollout_id)]
+    assert actions[-2:] == [("rollout.halt", "system"), ("rollout.rollback", "system")]
