@@ -113,3 +113,97 @@ def rebuild_bundle(keys: KeyStore, source: BundleInfo, out: Path, *, version: st
     manifest.update(version=version, release_counter=release_counter, **manifest_changes)
     files.update(replace_files or {})
     return assemble_bundle(out, keystore=keys, manifest=manifest, files=files)
+
+
+def toml_dumps(doc: dict[str, Any]) -> str:
+    """Just enough TOML for agent configs: top-level scalars and one level of tables."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        return json.dumps(str(v))
+
+    lines = [f"{k} = {value(v)}" for k, v in doc.items() if not isinstance(v, dict)]
+    for k, v in doc.items():
+        if isinstance(v, dict):
+            lines.append(f"\n[{k}]")
+            lines += [f"{kk} = {value(vv)}" for kk, vv in v.items() if vv is not None]
+    return "\n".join(lines) + "\n"
+
+
+class AgentProcess:
+    """``edgepack-agent run`` as a real process (for restarts, kill -9 and broker outages)."""
+
+    def __init__(self, config_path: Path, api: str, log_path: Path) -> None:
+        self.config_path, self.api, self.log_path = config_path, api, log_path
+        self.proc: Any = None
+
+    def start(self, wait: bool = True) -> AgentProcess:
+        import subprocess
+        import sys
+
+        log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen([sys.executable, "-m", "device_agent.cli", "run", "--config",
+                                      str(self.config_path)], stdout=log, stderr=log)
+        log.close()
+        if wait:
+            self.wait_api()
+        return self
+
+    def wait_api(self, timeout: float = 60.0) -> None:
+        import time
+
+        from device_agent.client import AgentClient
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with AgentClient(self.api, timeout=2) as c:
+                    c.status()
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"agent API did not come up:\n{self.log_tail()}")
+
+    def status(self) -> dict[str, Any]:
+        from device_agent.client import AgentClient
+
+        with AgentClient(self.api, timeout=10) as c:
+            return c.status()
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self, sig: int | None = None, timeout: float = 30.0) -> int:
+        import signal
+
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig or signal.SIGTERM)
+        return int(self.proc.wait(timeout))
+
+
+@pytest.fixture
+def agent_process(tmp_path: Path, fake_server: FakeUpdateServer, keys: KeyStore) -> Iterator[Callable[..., AgentProcess]]:
+    from tests.support.services import free_port
+
+    procs: list[AgentProcess] = []
+
+    def make(**sections: dict[str, Any]) -> AgentProcess:
+        api = f"127.0.0.1:{free_port()}"
+        doc = agent_config_dict(tmp_path / "state", fake_server.url, keys, api={"listen": api}, **sections)
+        path = tmp_path / "agent.toml"
+        path.write_text(toml_dumps(doc))
+        proc = AgentProcess(path, api, tmp_path / "agent.log")
+        procs.append(proc)
+        return proc
+
+    yield make
+    for p in procs:
+        if p.proc is not None and p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait()

@@ -1,0 +1,179 @@
+"""Telemetry: the persisted outbox, windows, broker outages and restarts (real Mosquitto)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from device_agent.client import AgentClient
+from device_agent.machine import Agent
+from device_agent.outbox import Outbox
+from device_agent.telemetry import MqttPublisher, WindowStats
+from tests.agent.conftest import DEVICE, HARDWARE, drive
+from tests.agent.fakeserver import FakeUpdateServer
+from tests.support.factories import digits_data
+from tests.support.services import Mosquitto
+
+
+def _env(i: int) -> dict[str, Any]:
+    return {"schema": "edgepack.telemetry.v1", "kind": "window", "device_id": "d", "i": i}
+
+
+def test_outbox_persists_and_bounds_and_counts_drops(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "box", max_messages=5)
+    event = box.put("event", {"kind": "event", "event": "committed"})
+    for i in range(6):
+        box.put("window", _env(i))
+    assert len(box) == 5 and box.dropped == 2
+    kinds = [e.kind for e in box.pending()]
+    assert kinds[0] == "event"  # the oldest windows were dropped first; the event survived
+    (tmp_path / "box" / ".000000000099-window-x.json.tmp").write_bytes(b"{")  # a power-loss leftover
+    again = Outbox(tmp_path / "box", max_messages=5)
+    assert [e.message_id for e in again.pending()] == [e.message_id for e in box.pending()]
+    assert again.seq == 7 and again.take_dropped() == 2 and again.take_dropped() == 0
+    assert not list((tmp_path / "box").glob(".*"))
+    again.ack(event["message_id"])
+    assert len(Outbox(tmp_path / "box")) == 4
+    assert [json.loads(e.read())["seq"] for e in again.pending()] == [4, 5, 6, 7]
+
+
+def test_window_figures() -> None:
+    now = datetime.now(timezone.utc)
+    w = WindowStats(now)
+    for ms in (0.5, 1.5, 3, 3, 700, 5000):
+        w.request(ms, ms < 1000, ["7"] if ms < 10 else ["1"])
+    w.feedback_given(True)
+    w.feedback_given(False)
+    w.crash()
+    out = w.take(now)
+    assert out["requests"] == 6 and out["errors"] == 1 and out["crashes"] == 1
+    assert out["latency_ms"]["counts"] == [1, 1, 2, 0, 0, 0, 0, 0, 0, 1, 1]
+    assert out["latency_ms"]["p50"] == 3 and out["latency_ms"]["p99"] == 5000
+    assert out["feedback"] == {"count": 2, "correct": 1} and out["predicted_classes"] == {"7": 4, "1": 2}
+    assert w.take(now)["requests"] == 0
+
+
+class Collector:
+    """A subscriber with a persistent session that records every telemetry message it receives."""
+
+    def __init__(self, port: int) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self.connected = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-collector",
+                                  protocol=mqtt.MQTTv5)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = lambda c, u, m: self.messages.append(json.loads(m.payload))
+        self.client.on_disconnect = lambda *a: self.connected.clear()
+        self.client.reconnect_delay_set(0.2, 1)
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        self.client.connect_async("127.0.0.1", port, 10, clean_start=False, properties=props)
+        self.client.loop_start()
+        assert self.connected.wait(10)
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        client.subscribe("edgepack/v1/devices/+/telemetry/#", qos=1)
+        self.connected.set()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.mark.slow
+@pytest.mark.mqtt
+def test_broker_outage_and_agent_restart_lose_nothing_and_duplicate_nothing(
+        private_broker: Mosquitto, fake_server: FakeUpdateServer, bundle: Callable, agent_process: Callable,
+        tmp_path: Path) -> None:
+    bundle("1.0.0", 1)
+    fake_server.assign(DEVICE, HARDWARE, "digits", "1.0.0", rollout_id="r-1")
+    collector = Collector(private_broker.port)
+    agent = agent_process(mqtt={"url": private_broker.url}, telemetry={"window_s": 1.0},
+                          trial={"period_s": 0.5}).start()
+    images, labels = digits_data()
+
+    def traffic(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        with AgentClient(agent.api) as client:
+            while time.monotonic() < end:
+                try:
+                    ans = client.predict(images[:2].tolist())
+                    client.feedback(ans["prediction_id"], [str(x) for x in labels[:2]])
+                except Exception:  # the model may not be installed yet
+                    pass
+                time.sleep(0.1)
+
+    traffic(4)
+    assert agent.status()["serving"]["version"] == "1.0.0"
+    private_broker.stop()                                  # ---- 30 s outage ----
+    t0 = time.monotonic()
+    bundle("1.1.0", 2)
+    fake_server.assign(DEVICE, HARDWARE, "digits", "1.1.0", rollout_id="r-2")
+    traffic(12)
+    assert agent.stop() == 0                               # restart in the middle of the outage
+    agent.start()
+    traffic(30 - (time.monotonic() - t0))
+    assert agent.status()["outbox"] > 10
+    private_broker.start()                                 # ---- broker back ----
+    deadline = time.monotonic() + 60
+    while agent.status()["outbox"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert agent.status()["outbox"] == 0, agent.log_tail()
+    assert agent.stop() == 0
+    meta = json.loads((tmp_path / "state" / "outbox" / "meta.json").read_text())
+    time.sleep(1.0)
+    collector.close()
+    ids = [m["message_id"] for m in collector.messages]
+    seqs = sorted(m["seq"] for m in collector.messages)
+    assert len(ids) == len(set(ids)), "a message arrived twice"
+    assert seqs == list(range(1, meta["seq"] + 1)), "a message was lost"
+    assert meta["dropped"] == 0
+    events = [m["event"] for m in collector.messages if m["kind"] == "event"]
+    assert events.count("committed") == 2 and "activated" in events
+    windows = [m["window"] for m in collector.messages if m["kind"] == "window"]
+    assert sum(w["requests"] for w in windows) > 50
+    assert sum(w["feedback"]["count"] for w in windows) > 50
+    assert any("input_stats" in w and len(w["input_stats"]["mean"]) == 64 for w in windows)
+    committed = [m for m in collector.messages if m.get("event") == "committed"]
+    assert [c["rollout_id"] for c in committed] == ["r-1", "r-2"]
+
+
+@pytest.mark.mqtt
+def test_notify_triggers_an_immediate_check_in(system_broker: str, fake_server: FakeUpdateServer,
+                                               bundle: Callable, make_agent: Callable, agent_config: Callable) -> None:
+    bundle("1.0.0", 1)
+    publisher = MqttPublisher(system_broker, DEVICE)
+    agent: Agent = make_agent(agent_config(mqtt={"url": system_broker}), publisher=publisher)
+    drive(agent)  # first check-in: nothing assigned yet
+    assert agent.record.active is None
+    deadline = time.monotonic() + 10
+    while not publisher.connected() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    fake_server.assign(DEVICE, HARDWARE, "digits", "1.0.0")
+    notifier = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    host, port = system_broker.rsplit("/", 1)[-1].split(":")
+    notifier.connect(host, int(port))
+    notifier.loop_start()
+    notifier.publish(f"edgepack/v1/devices/{DEVICE}/notify", json.dumps(
+        {"schema": "edgepack.notify.v1", "type": "checkin", "reason": "assignment_changed",
+         "message_id": "n1"}), qos=1).wait_for_publish(5)
+    deadline = time.monotonic() + 30
+    while (agent.record.active is None or agent.record.state.value != "idle") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    notifier.loop_stop()
+    agent.stop()
+    thread.join(10)
+    assert agent.record.active is not None and agent.record.active.version == "1.0.0"
