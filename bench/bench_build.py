@@ -98,7 +98,8 @@ def main() -> None:
         for name, spec in EXAMPLES.items():
             (Path(tmp) / name).mkdir()
             reports[name] = run_example(spec, Path(tmp) / name)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), "?")
     lines = [SECTION, "", "Command: `python bench/bench_build.py --write-docs` (builds both examples, one run, "
              "fresh keys, fresh output dirs).", "",
              f"Host: {cpu}, {os.cpu_count()} cores (shared), Python {platform.python_version()}. Latency: one sample "
@@ -106,8 +107,8 @@ def main() -> None:
              "against the fp32 variant of the same format, measured in the same run. Peak MB: what loading and "
              "running the model added to that process's peak RSS (VmHWM).", ""]
     for name, (report, wall) in reports.items():
-        lines += table(name, report, wall) + [""]
-    lines += ["### Goals", ""] + goals(reports) + [""]
+        lines += [*table(name, report, wall), ""]
+    lines += ["### Goals", "", *goals(reports), ""]
     lines += ["Reading the figures: the digits CNN runs in microseconds, so its latency ratios are mostly "
               "call overhead; onnx-int8 gains size, not speed, on a model this small (as ORT's own notes "
               "predict), while LiteRT's int8 kernels are about 2x faster. fp16 is never faster than fp32 on "

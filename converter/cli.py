@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 from pathlib import Path
 from typing import Any
 
+import tomllib
 import typer
 
 from converter.errors import ConverterError

@@ -129,7 +129,8 @@ def _host() -> dict[str, Any]:
 
     cpu = ""
     try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
     except (OSError, StopIteration):
         cpu = platform.processor()
     return {"machine": platform.machine(), "cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version()}

@@ -75,7 +75,7 @@ def _child(fmt: str, model_path: str, features_path: str, runs: int) -> dict[str
     peak = _status_kb("VmHWM")
     return {"p50_ms": float(np.percentile(times, 50)), "p95_ms": float(np.percentile(times, 95)),
             "runs": runs, "peak_rss_bytes": int(peak), "model_rss_bytes": int(max(0, peak - base)),
-            "threads": 1, "batch": int(len(next(iter(feeds.values()))))}
+            "threads": 1, "batch": len(next(iter(feeds.values())))}
 
 
 def measure(fmt: str, model_path: Path, features_path: Path, runs: int, timeout: float = 300.0) -> dict[str, Any]:

@@ -153,8 +153,13 @@ class _Reader:
 
 def _static_once(base_path: Path, out: Path, cal: dict[str, np.ndarray], per_channel: bool,
                  options: dict[str, Any]) -> bytes:
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
-        quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     class Reader(_Reader, CalibrationDataReader):
         pass
@@ -209,7 +214,7 @@ def to_int8_static(base: bytes, work: Path, cal: dict[str, np.ndarray], referenc
     info = {"method": "static", "format": "QDQ", "activations": "int8", "weights": "int8",
             "per_channel": pc, "per_channel_choice": choice,
             "calibration_method": str(options.get("calibration_method", "minmax")).lower(),
-            "calibration_samples": int(len(next(iter(cal.values())))),
+            "calibration_samples": len(next(iter(cal.values()))),
             "calibration_mean_abs_error": round(err, 8),
             "nodes_excluded": list(options.get("nodes_to_exclude") or [])}
     return data, info

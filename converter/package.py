@@ -77,7 +77,7 @@ def edgepack_version() -> str:
 def reference_stats(features: dict[str, np.ndarray], ref_out: np.ndarray, task: str,
                     metric: dict[str, Any]) -> dict[str, Any]:
     """What the fp32 model saw and said on the evaluation set: the baseline for drift telemetry."""
-    stats: dict[str, Any] = {"features": {}, "metric": metric, "samples": int(len(ref_out))}
+    stats: dict[str, Any] = {"features": {}, "metric": metric, "samples": len(ref_out)}
     for name, arr in sorted(features.items()):
         a = arr.astype(np.float64)
         stats["features"][name] = {"mean": r6(a.mean()), "std": r6(a.std()), "min": r6(a.min()),

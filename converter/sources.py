@@ -83,7 +83,7 @@ def _detect(obj: Any, path: Path | None) -> str:
         return "keras"
     if module.startswith("torch") or any(c.__module__.startswith("torch") for c in type(obj).__mro__):
         return "torch"
-    if module.startswith("sklearn") or hasattr(obj, "predict") and hasattr(obj, "get_params"):
+    if module.startswith("sklearn") or (hasattr(obj, "predict") and hasattr(obj, "get_params")):
         return "sklearn"
     raise ModelInputError(f"the model factory returned a {type(obj).__name__}, which edgepack cannot load",
                           fix="return a keras.Model, a torch.nn.Module, a scikit-learn estimator or a Path")

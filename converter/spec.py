@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from converter.errors import SpecError
 from converter.profiles import BUILTIN_PROFILES, Profile, profile_from_dict

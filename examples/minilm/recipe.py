@@ -14,6 +14,7 @@ import codecs
 import itertools
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,7 @@ def model_dir() -> str:
 
 def sentences() -> list[str]:
     """About 260 distinct English sentences, always in the same order."""
-    card = open(os.path.join(model_dir(), "README.md"), encoding="utf-8").read()
+    card = Path(model_dir(), "README.md").read_text(encoding="utf-8")
     card = re.sub(r"```.*?```", " ", card, flags=re.S)
     card = re.sub(r"[#*`|\[\]()<>_-]+", " ", card)
     parts = [re.sub(r"\s+", " ", p).strip() for p in re.split(r"(?<=[.!?])\s+|\n\n", card)]
@@ -52,7 +53,7 @@ def _zen() -> str:
     import importlib.util
 
     origin = importlib.util.find_spec("this").origin  # type: ignore[union-attr]
-    tree = ast.parse(open(str(origin), encoding="utf-8").read())
+    tree = ast.parse(Path(str(origin)).read_text(encoding="utf-8"))
     rot13 = next(n.value.value for n in tree.body if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant))
     return codecs.decode(rot13, "rot13")
 

@@ -1,0 +1,51 @@
+"""`edgepack init` writes a template that parses; `edgepack build` reports and exits by status."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from typer.testing import CliRunner
+
+from converter.cli import register
+from converter.spec import load_spec
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        """Test app."""
+
+    register(app)
+    return app
+
+
+def test_init_writes_a_template_that_parses(tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(_app(), ["init", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    spec = load_spec(tmp_path / "edgepack.toml")
+    assert spec.name == "my-model" and spec.variants == ("onnx-fp32", "onnx-int8")
+    assert [p.name for p in spec.profiles] == ["rpi4", "rpi5", "x86-kiosk"]
+    again = runner.invoke(_app(), ["init", str(tmp_path)])
+    assert again.exit_code == 2  # refuses to overwrite
+
+
+def test_build_flags_override_the_file(mlp_project) -> None:
+    spec = mlp_project()
+    result = CliRunner().invoke(_app(), ["build", "-c", str(spec), "--variants", "onnx-fp32", "--dry-run",
+                                         "--set", "evaluation.budget=0.02", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    assert [v["id"] for v in report["variants"]] == ["onnx-fp32"]
+    assert report["metric"]["budget"] == 0.02
+    assert report["bundle"] is None  # dry run
+    assert not list((spec.parent / "out").glob("*.edgepack"))
+
+
+def test_build_with_a_bad_spec_exits_2(mlp_project) -> None:
+    result = CliRunner().invoke(_app(), ["build", "-c", str(mlp_project()), "--variants", "onnx-int4"])
+    assert result.exit_code == 2
