@@ -72,11 +72,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         route = self.path.split("?", 1)[0]
+        body = self._body()  # read it whatever the route: the connection stays usable for the next request
+        if body is None:
+            return
         if route not in ("/v1/predict", "/v1/feedback"):
             self._send(404, _err("not_found", f"no endpoint {route}; see POST /v1/predict, POST /v1/feedback"))
-            return
-        body = self._body()
-        if body is None:
             return
         try:
             status, payload = (self.backend.predict if route == "/v1/predict" else self.backend.feedback)(body)
@@ -111,7 +111,9 @@ class LocalApi:
     """Serves :class:`Backend` on ``listen`` (``HOST:PORT`` or ``unix:/path``) in a background thread."""
 
     def __init__(self, backend: Backend, listen: str, *, max_body: int = 8 * 1024 * 1024) -> None:
-        handler = type("BoundHandler", (Handler,), {"backend": backend, "max_body": max_body})
+        unix = listen.startswith("unix:")
+        handler = type("BoundHandler", (Handler,), {"backend": backend, "max_body": max_body,
+                                                    "disable_nagle_algorithm": not unix})
         self.listen = listen
         self.server: socketserver.BaseServer
         if listen.startswith("unix:"):

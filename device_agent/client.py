@@ -68,7 +68,10 @@ class AgentClient:
                 self.close()
                 if attempt == 2:
                     raise
-        doc = json.loads(payload) if payload else None
+        try:
+            doc = json.loads(payload) if payload else None
+        except ValueError:
+            doc = None
         if resp.status >= 400:
             err = (doc or {}).get("error", {}) if isinstance(doc, dict) else {}
             raise ApiError(resp.status, str(err.get("code", "error")), str(err.get("message", payload[:200])))
