@@ -78,6 +78,7 @@ class LiveServer:
 
 def start_server(*, keys: KeyStore, data_dir: Path, db_url: str, mqtt_url: str = "", prefix: str = "",
                  **overrides: Any) -> LiveServer:
+    """Start a server; ``overrides`` are Settings fields."""
     import uvicorn
 
     from update_server.app import create_app
@@ -86,11 +87,12 @@ def start_server(*, keys: KeyStore, data_dir: Path, db_url: str, mqtt_url: str =
     from update_server.settings import Settings
 
     port = services.free_port()
-    settings = Settings(data_dir=data_dir, keys_dir=keys.directory / "online", database_url=db_url,
-                        port=port, mqtt_url=mqtt_url, mqtt_topic_prefix=prefix or "edgepack/v1/devices",
-                        mqtt_share_group=f"g-{uuid.uuid4().hex[:8]}",
-                        mqtt_client_id=f"srv-{uuid.uuid4().hex[:8]}", gate_interval_s=0.2,
-                        default_min_soak_s=0, default_min_devices=1, poll_interval_s=1, **overrides)
+    values: dict[str, Any] = dict(
+        data_dir=data_dir, keys_dir=keys.directory / "online", database_url=db_url, port=port, mqtt_url=mqtt_url,
+        mqtt_topic_prefix=prefix or "edgepack/v1/devices", mqtt_share_group=f"g-{uuid.uuid4().hex[:8]}",
+        mqtt_client_id=f"srv-{uuid.uuid4().hex[:8]}", gate_interval_s=0.2, default_min_soak_s=0,
+        default_min_devices=1, poll_interval_s=1)
+    settings = Settings(**{**values, **overrides})
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -115,7 +117,8 @@ def make_server(session_keys: KeyStore, tmp_path: Path) -> Iterator[Callable[...
     started: list[LiveServer] = []
 
     def make(db_url: str, **kwargs: Any) -> LiveServer:
-        live = start_server(keys=session_keys, data_dir=tmp_path / f"data{len(started)}", db_url=db_url, **kwargs)
+        kwargs.setdefault("data_dir", tmp_path / f"data{len(started)}")
+        live = start_server(keys=session_keys, db_url=db_url, **kwargs)
         started.append(live)
         return live
 
@@ -125,13 +128,13 @@ def make_server(session_keys: KeyStore, tmp_path: Path) -> Iterator[Callable[...
 
 
 @pytest.fixture
-def server(make_server: Callable[..., LiveServer], db_url: str) -> LiveServer:
+def server(db_url: str, make_server: Callable[..., LiveServer]) -> LiveServer:
     """A live server without MQTT."""
     return make_server(db_url)
 
 
 @pytest.fixture
-def mqtt_server(make_server: Callable[..., LiveServer], db_url: str, system_broker: str) -> LiveServer:
+def mqtt_server(db_url: str, system_broker: str, make_server: Callable[..., LiveServer]) -> LiveServer:
     """A live server ingesting from the machine's Mosquitto, on a topic prefix of its own."""
     return make_server(db_url, mqtt_url=system_broker, prefix=f"edgepack-test-{uuid.uuid4().hex[:8]}/v1/devices")
 
@@ -158,3 +161,58 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30, interval: float 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or predicate}")
         time.sleep(interval)
+
+
+class PrivatePostgres:
+    """A PostgreSQL cluster of the test's own (initdb + pg_ctl on a free port), which it may stop and start."""
+
+    def __init__(self) -> None:
+        import shutil
+        import subprocess
+        import tempfile
+
+        self.bin = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
+        if self.bin is None or shutil.which("runuser") is None:
+            services.service_missing("PostgreSQL server binaries (/usr/lib/postgresql/*/bin)")
+        self.root = Path(tempfile.mkdtemp(prefix="edgepack-pg-"))  # pytest's tmp dirs are 0700 (root only)
+        self.root.chmod(0o755)
+        self.dir = self.root / "pg"
+        self.dir.mkdir()
+        shutil.chown(self.dir, "postgres", "postgres")
+        self.port = services.free_port()
+        self._run([str(self.bin / "initdb"), "-D", str(self.dir / "data"), "-A", "trust", "-U", "postgres"])
+        self._subprocess = subprocess
+
+    def _run(self, args: list[str]) -> None:
+        import os
+        import subprocess
+
+        prefix = [] if os.geteuid() != 0 else ["runuser", "-u", "postgres", "--"]
+        subprocess.run(prefix + args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        self._run([str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-w", "-l", str(self.dir / "log"),
+                   "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1", "start"])
+
+    def stop(self) -> None:
+        self._run([str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-w", "-m", "fast", "stop"])
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgres]:
+    import shutil
+
+    pg = PrivatePostgres()
+    pg.start()
+    try:
+        yield pg
+    finally:
+        try:
+            pg.stop()
+        except Exception:
+            pass
+        shutil.rmtree(pg.root, ignore_errors=True)
