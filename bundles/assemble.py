@@ -21,7 +21,7 @@ from bundles.archive import METADATA_PREFIX, TARGETS_PREFIX, check_member_name, 
 from bundles.errors import FormatError, KeyStoreError
 from bundles.keys import KeyStore, dump_metadata
 from bundles.manifest import Manifest
-from bundles.verify import MANIFEST, bundle_targets, content_digest, target_prefix
+from bundles.verify import MANIFEST, MEASUREMENTS, bundle_targets, content_digest, target_prefix
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,9 @@ def assemble_bundle(
     current = keystore.targets().signed
     existing = bundle_targets(current, name, version)
     if existing:
-        same = {r: t.hashes for r, t in existing.items()} == {r: t.hashes for r, t in new_targets.items()}
+        # measurements.json holds host timings that differ on every build: not part of the identity.
+        same = ({r: t.hashes for r, t in existing.items() if r != MEASUREMENTS}
+                == {r: t.hashes for r, t in new_targets.items() if r != MEASUREMENTS})
         if not same:
             raise KeyStoreError(
                 f"{name} {version} is already signed with different content; versions are immutable, "

@@ -24,6 +24,7 @@ cannot run is reported as a quantization / conversion error naming the op.
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from collections.abc import Iterator
@@ -72,6 +73,10 @@ def preprocess(fp32: bytes, work: Path) -> bytes:
 
     src, dst = work / "fp32-in.onnx", work / "fp32-pre.onnx"
     src.write_bytes(fp32)
+    # When symbolic shape inference is incomplete, onnxruntime dumps "sym_shape_infer_temp.onnx" plus a
+    # model-sized external-data file into the *current directory*: keep that inside the work directory.
+    cwd = os.getcwd()
+    os.chdir(work)
     try:
         quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
     except Exception as exc:
@@ -81,6 +86,8 @@ def preprocess(fp32: bytes, work: Path) -> bytes:
         except Exception:
             raise ConversionError(f"quant_pre_process failed: {type(exc).__name__}: {exc}", variant="onnx-fp32",
                                   fix="run onnx.checker / onnx.shape_inference on the input model") from exc
+    finally:
+        os.chdir(cwd)
     proto = onnx.load(str(dst))
     proto.producer_name, proto.producer_version = "edgepack", ""
     data = proto.SerializeToString()

@@ -57,7 +57,10 @@ def test_same_inputs_give_the_same_content_digest(tmp_path: Path) -> None:
 
 
 def test_versions_are_immutable_and_release_counters_grow(signed, tmp_path: Path) -> None:
-    ks, _, _ = signed
+    ks, v1, _ = signed
+    again = make_digits_bundle(ks, tmp_path / "again.edgepack", version="1.0.0", release_counter=1)
+    assert again.content_digest == v1.content_digest  # re-signing identical content is allowed
+    (tmp_path / "again.edgepack").unlink()
     with pytest.raises(KeyStoreError, match="already signed with different content"):
         make_digits_bundle(ks, tmp_path / "x.edgepack", version="1.0.0", release_counter=1, n_golden=3)
     with pytest.raises(KeyStoreError, match="release counter must grow"):
