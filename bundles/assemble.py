@@ -93,7 +93,7 @@ def assemble_bundle(
             raise KeyStoreError(
                 f"{name} {version} is already signed with different content; versions are immutable, "
                 "bump the version (and the release counter)", path=prefix)
-    for path, target in current.targets.items():
+    for path, target in ([] if existing else current.targets.items()):  # re-signing a version: no check
         other = target.custom
         if (other.get("name") == name and other.get("version") != version
                 and int(other.get("release_counter", -1)) >= rc):
