@@ -1,0 +1,71 @@
+"""The operator CLI (`edgepack bundles|devices|rollout ...`) against a live server, and `edgepack-server`."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import typer
+from typer.testing import CliRunner
+
+from tests.server.conftest import LiveServer
+from tests.server.sim import SimDevice
+from update_server import admin_cli
+from update_server import cli as server_cli
+
+runner = CliRunner()
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    admin_cli.register(app)
+    return app
+
+
+def test_admin_cli(server: LiveServer, digits_bundles: dict) -> None:
+    app = _app()
+    env = {"EDGEPACK_SERVER": server.url, "EDGEPACK_TOKEN": server.token}
+
+    def run(*args: str) -> str:
+        result = runner.invoke(app, list(args), env=env)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    out = run("bundles", "push", str(digits_bundles["1.0.0"].path), str(digits_bundles["1.1.0"].path))
+    assert "pushed digits 1.0.0" in out and "pushed digits 1.1.0" in out
+    again = runner.invoke(app, ["bundles", "push", str(digits_bundles["1.0.0"].path)], env=env)
+    assert again.exit_code == 1 and "409 bundle_exists" in again.output
+    assert "1.1.0" in run("bundles", "list")
+    token = run("enroll-token", "create", "--uses", "3", "--group", "lab").strip()
+    for i in range(3):
+        SimDevice(server.url, f"cli-{i}").enroll(token)
+    assert "3 device(s)" in run("devices", "list", "--group", "lab")
+    out = run("rollout", "create", "digits", "1.1.0", "--group", "lab", "--phases", "50,100", "--soak", "600",
+              "--gate", "max_crash_rate=0.01", "--gate", "min_accuracy=0.9", "--start", "--reason", "try it")
+    rid = re.search(r"rollout (r-[0-9a-f]+)", out).group(1)
+    status = run("rollout", "status", rid)
+    assert "crash_rate" in status and "<= 0.01" in status and "min soak" in status and "soaking" in status
+    assert "paused" in run("rollout", "pause", rid, "--reason", "lunch")
+    assert "running" in run("rollout", "resume", rid, "--reason", "back")
+    assert "phase 1" in run("rollout", "advance", rid, "--reason", "looks good")
+    assert "rolled_back" in run("rollout", "rollback", rid, "--reason", "changed my mind")
+    assert "changed my mind" in run("rollout", "audit", rid)
+    bad = runner.invoke(app, ["rollout", "abort", rid], env=env)
+    assert bad.exit_code == 1 and "cannot abort a rollout that is rolled_back" in bad.output
+    denied = runner.invoke(app, ["bundles", "list"], env={**env, "EDGEPACK_TOKEN": "ept_wrong"})
+    assert denied.exit_code == 1 and "401" in denied.output
+
+
+def test_server_cli_create_token(tmp_path: Path, session_keys: object) -> None:
+    env = {"EDGEPACK_DATA_DIR": str(tmp_path / "data"), "EDGEPACK_KEYS_DIR": str(tmp_path)}
+    result = runner.invoke(server_cli.app, ["create-token", "--name", "first", "--role", "admin"], env=env)
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1].startswith("ept_")
+    bad = runner.invoke(server_cli.app, ["create-token", "--role", "root"], env=env)
+    assert bad.exit_code == 2 and "unknown role" in bad.output
+    config = tmp_path / "server.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data2"}"\ndefault_phases = [5.0, 100.0]\n')
+    from update_server.settings import Settings
+
+    settings = Settings.load(config)
+    assert settings.default_phases == (5.0, 100.0) and settings.data_dir == tmp_path / "data2"

@@ -1,0 +1,263 @@
+"""``edgepack bundles|devices|rollout|enroll-token|tokens``: the operator's CLI over the server's HTTP API.
+
+Server and token come from ``--server``/``--token`` or ``EDGEPACK_SERVER``/``EDGEPACK_TOKEN``. Every command
+is a thin call of one endpoint; errors print the server's message (what is wrong and what to do) and exit
+non-zero. ``rollout status`` shows each phase's progress and every gate's value against its threshold.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+ServerOpt = typer.Option("http://127.0.0.1:8080", "--server", envvar="EDGEPACK_SERVER", help="Update server URL.")
+TokenOpt = typer.Option("", "--token", envvar="EDGEPACK_TOKEN", help="API token (edgepack-server create-token).")
+JsonOpt = typer.Option(False, "--json", help="Print the raw JSON.")
+ReasonOpt = typer.Option("", "--reason", "-r", help="Why (recorded in the audit log).")
+
+bundles_app = typer.Typer(help="Bundles on the update server.", no_args_is_help=True)
+devices_app = typer.Typer(help="Enrolled devices.", no_args_is_help=True)
+rollout_app = typer.Typer(help="Phased rollouts.", no_args_is_help=True)
+enroll_app = typer.Typer(help="Enrollment tokens for new devices.", no_args_is_help=True)
+tokens_app = typer.Typer(help="API tokens (admin role).", no_args_is_help=True)
+
+
+def _call(server: str, token: str, method: str, path: str, **kwargs: Any) -> Any:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        with httpx.Client(base_url=server.rstrip("/"), headers=headers, timeout=600) as client:
+            r = client.request(method, path, **kwargs)
+    except httpx.HTTPError as exc:
+        typer.echo(f"error: cannot reach the update server at {server}: {exc}", err=True)
+        raise typer.Exit(3) from exc
+    if r.status_code >= 400:
+        try:
+            err = r.json()["error"]
+            detail = f"\n  {json.dumps(err['detail'])}" if err.get("detail") else ""
+            typer.echo(f"error ({r.status_code} {err['code']}): {err['message']}{detail}", err=True)
+        except (ValueError, KeyError, TypeError):
+            typer.echo(f"error ({r.status_code}): {r.text[:500]}", err=True)
+        raise typer.Exit(1)
+    return r.json() if r.content else None
+
+
+def _table(rows: list[list[Any]], header: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*header)
+    for row in rows:
+        table.add_row(*["" if v is None else str(v) for v in row])
+    Console().print(table)
+
+
+def _kv(items: list[str], what: str) -> dict[str, str]:
+    try:
+        return dict(i.split("=", 1) for i in items)
+    except ValueError:
+        typer.echo(f"error: {what} must be key=value, got {items}", err=True)
+        raise typer.Exit(2) from None
+
+
+# ---- bundles --------------------------------------------------------------------------------------------
+@bundles_app.command("push")
+def bundles_push(files: list[Path] = typer.Argument(..., exists=True, dir_okay=False),
+                 server: str = ServerOpt, token: str = TokenOpt) -> None:
+    """Upload signed bundles (verified by the server before they are accepted)."""
+    for f in files:
+        b = _call(server, token, "POST", "/api/v1/bundles", content=f.read_bytes(),
+                  headers={"Content-Type": "application/octet-stream"})
+        typer.echo(f"pushed {b['name']} {b['version']} (release {b['release_counter']}, {b['content_digest'][:12]})")
+
+
+@bundles_app.command("list")
+def bundles_list(name: str | None = typer.Option(None), server: str = ServerOpt, token: str = TokenOpt,
+                 as_json: bool = JsonOpt) -> None:
+    """Bundles on the server."""
+    rows = _call(server, token, "GET", "/api/v1/bundles", params={"name": name} if name else None)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    _table([[b["name"], b["version"], b["release_counter"], ",".join(b["hardware_ids"]), b["archive_size"],
+             b["uploaded_at"][:19]] for b in rows], ["name", "version", "release", "hardware", "bytes", "uploaded"])
+
+
+@bundles_app.command("show")
+def bundles_show(name: str, version: str, server: str = ServerOpt, token: str = TokenOpt) -> None:
+    """Manifest and signed files of one bundle (JSON)."""
+    typer.echo(json.dumps(_call(server, token, "GET", f"/api/v1/bundles/{name}/{version}"), indent=2))
+
+
+@bundles_app.command("delete")
+def bundles_delete(name: str, version: str, reason: str = ReasonOpt, server: str = ServerOpt,
+                   token: str = TokenOpt) -> None:
+    """Delete a bundle no rollout or device uses (admin)."""
+    _call(server, token, "DELETE", f"/api/v1/bundles/{name}/{version}", params={"reason": reason})
+    typer.echo(f"deleted {name} {version}")
+
+
+# ---- devices --------------------------------------------------------------------------------------------
+@devices_app.command("list")
+def devices_list(group: str | None = typer.Option(None), tag: list[str] = typer.Option([], help="key=value"),
+                 hardware_id: str | None = typer.Option(None), server: str = ServerOpt, token: str = TokenOpt,
+                 as_json: bool = JsonOpt) -> None:
+    """Devices with their inventory (active bundle, agent, last seen)."""
+    params: dict[str, Any] = {"tag": tag}
+    if group:
+        params["group"] = group
+    if hardware_id:
+        params["hardware_id"] = hardware_id
+    body = _call(server, token, "GET", "/api/v1/devices", params=params)
+    if as_json:
+        typer.echo(json.dumps(body, indent=2))
+        return
+    _table([[d["device_id"], d["hardware_id"], d["group"], ",".join(f"{k}={v}" for k, v in d["tags"].items()),
+             f"{d['active']['name']} {d['active']['version']}" if d["active"] else "-",
+             f"{d['assigned']['version']} ({d['assigned']['reason']})" if d["assigned"] else "-",
+             d["agent_version"], d["state"], (d["last_seen_at"] or "")[:19]] for d in body["devices"]],
+           ["device", "hardware", "group", "tags", "active", "assigned", "agent", "state", "last seen"])
+    typer.echo(f"{body['total']} device(s)")
+
+
+# ---- rollouts -------------------------------------------------------------------------------------------
+@rollout_app.command("create")
+def rollout_create(
+    name: str, version: str,
+    group: str | None = typer.Option(None, help="Only devices of this group."),
+    tag: list[str] = typer.Option([], help="Only devices with this tag (key=value); repeatable."),
+    hardware: list[str] = typer.Option([], help="Only these hardware ids; repeatable."),
+    device: list[str] = typer.Option([], help="Only these device ids; repeatable."),
+    phases: str | None = typer.Option(None, help="Percentages, e.g. 1,10,50,100 (server default otherwise)."),
+    soak: float | None = typer.Option(None, help="Minimum soak time per phase, seconds."),
+    min_devices: int | None = typer.Option(None, help="Minimum reporting devices per phase."),
+    gate: list[str] = typer.Option([], help="Gate threshold, e.g. max_crash_rate=0.01 or min_accuracy=0.9."),
+    on_breach: str = typer.Option("rollback", help="rollback or halt."),
+    start: bool = typer.Option(False, help="Start right away."),
+    reason: str = ReasonOpt, server: str = ServerOpt, token: str = TokenOpt,
+) -> None:
+    """Create a rollout of bundle NAME VERSION to the selected devices."""
+    selector: dict[str, Any] = {}
+    if group:
+        selector["group"] = group
+    if tag:
+        selector["tags"] = _kv(tag, "--tag")
+    if hardware:
+        selector["hardware_ids"] = hardware
+    if device:
+        selector["device_ids"] = device
+    gates: dict[str, Any] = {}
+    for key, value in _kv(gate, "--gate").items():
+        gates[key] = None if value.lower() in ("off", "none") else float(value)
+    body: dict[str, Any] = {"bundle": {"name": name, "version": version}, "selector": selector,
+                            "on_breach": on_breach, "start": start, "reason": reason, "gates": gates}
+    if phases:
+        body["phases"] = [float(p) for p in phases.replace("/", ",").split(",") if p.strip()]
+    if soak is not None:
+        body["min_soak_s"] = soak
+    if min_devices is not None:
+        body["min_devices"] = min_devices
+    status = _call(server, token, "POST", "/api/v1/rollouts", json=body)
+    typer.echo(f"rollout {status['id']} ({status['state']}): {sum(p['devices'] for p in status['phases'])} devices")
+
+
+@rollout_app.command("list")
+def rollout_list(state: str | None = typer.Option(None), server: str = ServerOpt, token: str = TokenOpt) -> None:
+    rows = _call(server, token, "GET", "/api/v1/rollouts", params={"state": state} if state else None)
+    _table([[r["id"], f"{r['bundle']['name']} {r['bundle']['version']}", r["state"], r["current_phase"],
+             json.dumps(r["selector"]), r["created_at"][:19]] for r in rows],
+           ["id", "bundle", "state", "phase", "selector", "created"])
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def print_status(status: dict[str, Any]) -> None:
+    typer.echo(f"rollout {status['id']}: {status['bundle']['name']} {status['bundle']['version']}  "
+               f"state={status['state']}  phase={status['current_phase']}"
+               + (f"  soaked={status['phase_soaked_s']:.0f}s" if status.get("phase_soaked_s") is not None else ""))
+    _table([[p["index"], f"{p['percent']:g}%", p["status"], p["devices"], p["reporting"],
+             f"{p['cumulative_reporting']}/{p['cumulative_required']}", f"{p['min_soak_s']:g}s"]
+            for p in status["phases"]],
+           ["phase", "share", "status", "devices", "reporting", "reporting/required (cum.)", "min soak"])
+    _table([[g["name"], g["status"], _fmt(g["value"]), f"{g['comparison']} {_fmt(g['threshold'])}", g["detail"]]
+            for g in status["decision"]["gates"]], ["gate", "status", "value", "threshold", "detail"])
+    typer.echo(f"next: {status['decision']['verdict']} ({status['decision']['reason']})")
+    if status.get("halt"):
+        typer.echo(f"halted: {status['halt'].get('reason')}")
+
+
+@rollout_app.command("status")
+def rollout_status(rollout_id: str, server: str = ServerOpt, token: str = TokenOpt, as_json: bool = JsonOpt) -> None:
+    """Each phase's progress and every gate's value against its threshold."""
+    status = _call(server, token, "GET", f"/api/v1/rollouts/{rollout_id}")
+    if as_json:
+        typer.echo(json.dumps(status, indent=2))
+    else:
+        print_status(status)
+
+
+def _action(action: str) -> Any:
+    def command(rollout_id: str, reason: str = ReasonOpt, server: str = ServerOpt, token: str = TokenOpt) -> None:
+        status = _call(server, token, "POST", f"/api/v1/rollouts/{rollout_id}/{action}", json={"reason": reason})
+        typer.echo(f"rollout {rollout_id}: {status['state']}, phase {status['current_phase']}")
+
+    command.__doc__ = f"{action.capitalize()} a rollout (recorded in the audit log with --reason)."
+    return command
+
+
+for _name in ("start", "pause", "resume", "advance", "abort", "rollback"):
+    rollout_app.command(_name)(_action(_name))
+
+
+@rollout_app.command("audit")
+def rollout_audit(rollout_id: str, server: str = ServerOpt, token: str = TokenOpt) -> None:
+    """Every transition with who and why."""
+    rows = _call(server, token, "GET", f"/api/v1/rollouts/{rollout_id}/audit")
+    _table([[e["at"][:19], e["actor"], e["action"], e["reason"]] for e in reversed(rows)],
+           ["at", "actor", "action", "reason"])
+
+
+# ---- tokens ---------------------------------------------------------------------------------------------
+@enroll_app.command("create")
+def enroll_create(uses: int = typer.Option(1), group: str | None = typer.Option(None),
+                  tag: list[str] = typer.Option([], help="key=value"), ttl_s: int | None = typer.Option(None),
+                  server: str = ServerOpt, token: str = TokenOpt) -> None:
+    """A token devices trade for their own credential at enrollment (printed once)."""
+    body = _call(server, token, "POST", "/api/v1/admin/enrollment-tokens",
+                 json={"uses": uses, "group": group, "tags": _kv(tag, "--tag"), "ttl_s": ttl_s})
+    typer.echo(body["token"])
+
+
+@tokens_app.command("create")
+def tokens_create(name: str = typer.Option(...), role: str = typer.Option("viewer"), server: str = ServerOpt,
+                  token: str = TokenOpt) -> None:
+    body = _call(server, token, "POST", "/api/v1/admin/tokens", json={"name": name, "role": role})
+    typer.echo(body["token"])
+
+
+@tokens_app.command("list")
+def tokens_list(server: str = ServerOpt, token: str = TokenOpt) -> None:
+    rows = _call(server, token, "GET", "/api/v1/admin/tokens")
+    _table([[t["id"], t["name"], t["role"], t["created_at"][:19], t["revoked"]] for t in rows],
+           ["id", "name", "role", "created", "revoked"])
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(token_id: str, server: str = ServerOpt, token: str = TokenOpt) -> None:
+    _call(server, token, "DELETE", f"/api/v1/admin/tokens/{token_id}")
+    typer.echo(f"revoked {token_id}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the admin sub-commands to the ``edgepack`` CLI."""
+    app.add_typer(bundles_app, name="bundles")
+    app.add_typer(devices_app, name="devices")
+    app.add_typer(rollout_app, name="rollout")
+    app.add_typer(enroll_app, name="enroll-token")
+    app.add_typer(tokens_app, name="tokens")
