@@ -4,8 +4,8 @@ SQLite (the default) is one file with no setup. Every SQLite transaction starts 
 in WAL mode a deferred transaction that reads and then writes fails at once with "database is locked"
 when another writer committed in between, whatever the busy timeout; taking the write lock up front
 makes concurrent writers queue instead. PostgreSQL gets row locks (``SELECT ... FOR UPDATE``) where two
-replicas could race, ``pool_pre_ping`` so a restarted server is reconnected to without a restart of ours,
-and a short connect timeout so requests fail fast (503) while it is down.
+replicas could race, pool invalidation on disconnect errors so a restarted server is reconnected to without
+a restart of ours, and a short connect timeout so requests fail fast (503) while it is down.
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     if url.startswith("sqlite"):
         if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
             Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        # One connection: SQLite has one writer anyway, and threads queueing on the pool wake up as soon as
+        # it is free, where SQLite's busy handler would make them sleep and retry (seconds of p99 latency).
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
-                               pool_size=pool_size, max_overflow=20)
+                               pool_size=1, max_overflow=0, pool_timeout=60)
 
         @event.listens_for(engine, "connect")
         def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -51,7 +53,9 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
         return engine
     if url.startswith("postgresql://"):
         url = url.replace("postgresql://", "postgresql+psycopg://", 1)
-    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=20, pool_timeout=10,
+    # No pool_pre_ping (a round trip per request): a connection broken by a restart fails once, SQLAlchemy
+    # then invalidates the whole pool, that request gets 503 and the next ones reconnect.
+    return create_engine(url, pool_size=pool_size, max_overflow=20, pool_timeout=10,
                          connect_args={"connect_timeout": 3})
 
 

@@ -1,0 +1,368 @@
+"""Update-server benchmarks: check-ins per second (SQLite, PostgreSQL), telemetry ingest through Mosquitto,
+and the time from a breached gate becoming observable to the rollout being halted.
+
+Everything is real: the server runs as `edgepack-server serve` (uvicorn) in a subprocess against a real
+database; telemetry goes through a private Mosquitto; devices enroll over HTTP. Each figure comes with a
+baseline measured in the same run on the same machine, and the ratio is what to compare across machines:
+
+* check-ins: against `GET /healthz` on the same server (the HTTP stack without database work);
+* telemetry: against a bare paho subscriber draining the same messages from the same broker (no server);
+* halt: against the gate loop interval (the best possible reaction time).
+
+    python bench/bench_server.py                    # everything, both databases
+    python bench/bench_server.py --only checkin --db sqlite --devices 1000 --duration 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.support import services  # noqa: E402  (real services: free ports, PostgreSQL databases, Mosquitto)
+
+RESULTS: dict[str, Any] = {}
+
+
+# ---- a server in a subprocess -------------------------------------------------------------------------
+class Server:
+    def __init__(self, work: Path, keys_dir: Path, db_url: str, **env: str) -> None:
+        self.port = services.free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "EDGEPACK_DATA_DIR": str(work / f"data-{self.port}"),
+                    "EDGEPACK_KEYS_DIR": str(keys_dir / "online"), "EDGEPACK_DATABASE_URL": db_url,
+                    "EDGEPACK_PORT": str(self.port), "EDGEPACK_GATE_INTERVAL_S": "0.2",
+                    "EDGEPACK_DEFAULT_MIN_SOAK_S": "0", "EDGEPACK_DEFAULT_MIN_DEVICES": "0", **env}
+        out = subprocess.run([sys.executable, "-m", "update_server.cli", "create-token", "--name", "bench"],
+                             env=self.env, check=True, capture_output=True, text=True, cwd=ROOT)
+        self.token = out.stdout.strip().splitlines()[-1]
+        self.proc = subprocess.Popen([sys.executable, "-m", "update_server.cli", "serve", "--log-level", "warning"],
+                                     env=self.env, cwd=ROOT)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{self.url}/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("server did not start")
+            time.sleep(0.1)
+        self.admin = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=300)
+
+    def stop(self) -> None:
+        self.admin.close()
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def enroll(server: Server, n: int, prefix: str) -> dict[str, str]:
+    token = server.admin.post("/api/v1/admin/enrollment-tokens", json={"uses": n}).json()["token"]
+    creds: dict[str, str] = {}
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        for i in range(n):
+            device_id = f"{prefix}-{i:05d}"
+            r = client.post("/api/v1/devices/enroll", json={
+                "enrollment_token": token, "device_id": device_id, "hardware_id": "x86-kiosk",
+                "platform": "linux-x86_64", "agent_version": "0.1.0"})
+            r.raise_for_status()
+            creds[device_id] = r.json()["credential"]
+    return creds
+
+
+# ---- a light HTTP/1.1 load generator (keep-alive, raw asyncio streams) ----------------------------------
+async def _worker(port: int, requests: list[bytes], stop_at: float, latencies: list[float], errors: list[int],
+                  offset: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    i = offset
+    while time.perf_counter() < stop_at:
+        req = requests[i % len(requests)]
+        i += 1
+        t0 = time.perf_counter()
+        writer.write(req)
+        status_line = await reader.readline()
+        length = 0
+        while True:
+            line = await reader.readline()
+            if line in (b"\r\n", b""):
+                break
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        await reader.readexactly(length)
+        latencies.append(time.perf_counter() - t0)
+        if not status_line.startswith(b"HTTP/1.1 200"):
+            errors.append(int(status_line.split()[1]))
+    writer.close()
+
+
+def load(port: int, requests: list[bytes], duration: float, connections: int) -> dict[str, float]:
+    latencies: list[float] = []
+    errors: list[int] = []
+
+    async def main() -> float:
+        stop_at = time.perf_counter() + duration
+        t0 = time.perf_counter()
+        await asyncio.gather(*(_worker(port, requests, stop_at, latencies, errors, k * 7919)
+                               for k in range(connections)))
+        return time.perf_counter() - t0
+
+    elapsed = asyncio.run(main())
+    latencies.sort()
+    return {"requests": len(latencies), "per_s": round(len(latencies) / elapsed, 1),
+            "p50_ms": round(latencies[len(latencies) // 2] * 1000, 2),
+            "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 2), "errors": len(errors)}
+
+
+def checkin_request(port: int, device_id: str, credential: str) -> bytes:
+    body = json.dumps({"agent_version": "0.1.0", "platform": "linux-x86_64", "runtimes": {"onnxruntime": "1.32.0"},
+                       "state": "idle", "active": {"name": "digits", "version": "1.0.0", "release_counter": 1,
+                                                    "variant": "onnx-fp32"}, "last_error": None}).encode()
+    return (f"POST /api/v1/devices/{device_id}/checkin HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Authorization: Bearer {credential}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def bench_checkin(work: Path, keys_dir: Path, bundle: Path, db: str, devices: int, duration: float,
+                  connections: int, workers: int) -> None:
+    ctx = services.postgres_database() if db == "postgresql" else None
+    db_url = ctx.__enter__() if ctx is not None else f"sqlite:///{work / f'checkin-{uuid.uuid4().hex[:6]}.db'}"
+    server = Server(work, keys_dir, db_url, EDGEPACK_WORKERS=str(workers))
+    try:
+        server.admin.post("/api/v1/bundles", content=bundle.read_bytes()).raise_for_status()
+        creds = enroll(server, devices, "bench")
+        r = server.admin.post("/api/v1/rollouts", json={"bundle": {"name": "digits", "version": "1.0.0"},
+                                                         "phases": [100], "start": True})
+        r.raise_for_status()
+        reqs = [checkin_request(server.port, d, c) for d, c in creds.items()]
+        load(server.port, reqs, max(3.0, duration / 3), connections)  # warm-up: signs every assignment once
+        health = [f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n".encode()]
+        base = load(server.port, health, duration, connections)
+        result = load(server.port, reqs, duration, connections)
+        result["baseline_healthz_per_s"] = base["per_s"]
+        result["ratio_to_healthz"] = round(result["per_s"] / base["per_s"], 3)
+        result.update(devices=devices, connections=connections, workers=workers)
+        RESULTS[f"checkin_{db}"] = result
+        print(f"check-in {db}: {result}", flush=True)
+    finally:
+        server.stop()
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+
+
+# ---- telemetry ------------------------------------------------------------------------------------------
+def _payloads(prefix: str, devices: int, n: int) -> list[tuple[str, bytes]]:
+    out = []
+    now = "2026-11-28T18:00:00+00:00"
+    for i in range(n):
+        device_id = f"tele-{i % devices:05d}"
+        msg = {"schema": "edgepack.telemetry.v1", "kind": "window", "message_id": uuid.uuid4().hex,
+               "device_id": device_id, "seq": i, "sent_at": now, "rollout_id": None,
+               "bundle": {"name": "digits", "version": "1.0.0", "release_counter": 1, "variant": "onnx-fp32"},
+               "window": {"start": now, "end": now, "requests": 120, "errors": 1, "crashes": 0,
+                          "latency_ms": {"bounds": [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000],
+                                         "counts": [0, 60, 50, 9, 1, 0, 0, 0, 0, 0, 0],
+                                         "p50": 1.9, "p95": 4.2, "p99": 8.0},
+                          "feedback": {"count": 40, "correct": 38}, "predicted_classes": {"0": 12, "7": 9}}}
+        out.append((f"{prefix}/{device_id}/telemetry/window", json.dumps(msg).encode()))
+    return out
+
+
+def _publish(port: int, items: list[tuple[str, bytes]], publishers: int) -> float:
+    """Publish QoS 1 from several processes; returns the wall time until every PUBACK arrived."""
+    chunks = [items[k::publishers] for k in range(publishers)]
+    files = []
+    for chunk in chunks:
+        f = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
+        json.dump([[t, p.decode()] for t, p in chunk], f)
+        f.close()
+        files.append(f.name)
+    script = (
+        "import json,sys,paho.mqtt.client as m;from paho.mqtt.enums import CallbackAPIVersion as V\n"
+        "items=json.load(open(sys.argv[2]));c=m.Client(V.VERSION2,protocol=m.MQTTv5)\n"
+        "c.max_inflight_messages_set(2000);c.max_queued_messages_set(0);c.connect('127.0.0.1',int(sys.argv[1]))\n"
+        "c.loop_start();infos=[c.publish(t,p,qos=1) for t,p in items]\n"
+        "[i.wait_for_publish(300) for i in infos];c.disconnect();c.loop_stop()\n")
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(port), f]) for f in files]
+    for p in procs:
+        p.wait()
+    elapsed = time.perf_counter() - t0
+    for f in files:
+        os.unlink(f)
+    return elapsed
+
+
+def _bare_subscriber(port: int, topic: str, expect: int, result: dict[str, float], ready: threading.Event) -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    got = {"n": 0, "first": 0.0, "last": 0.0}
+    done = threading.Event()
+
+    def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        json.loads(msg.payload)
+        got["n"] += 1
+        got["last"] = time.perf_counter()
+        if got["n"] >= expect:
+            done.set()
+
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bare-{uuid.uuid4().hex[:6]}", protocol=mqtt.MQTTv5)
+    c.on_message = on_message
+    c.on_subscribe = lambda *a: ready.set()
+    c.connect("127.0.0.1", port)
+    c.subscribe(topic, qos=1)
+    c.loop_start()
+    done.wait(600)
+    c.disconnect()
+    c.loop_stop()
+    result["n"], result["last"] = got["n"], got["last"]
+
+
+def bench_telemetry(work: Path, keys_dir: Path, messages: int, publishers: int) -> None:
+    broker = services.Mosquitto().start()
+    db_ctx = services.postgres_database()
+    db_url = db_ctx.__enter__()
+    try:
+        prefix = "edgepack/v1/devices"
+        items = _payloads(prefix, 1000, messages)
+        # baseline: a bare paho subscriber (no validation, no database) on the same broker
+        bare: dict[str, float] = {}
+        ready = threading.Event()
+        t = threading.Thread(target=_bare_subscriber, args=(broker.port, f"{prefix}/+/telemetry/#", messages,
+                                                            bare, ready))
+        t.start()
+        ready.wait(10)
+        t0 = time.perf_counter()
+        _publish(broker.port, items, publishers)
+        t.join()
+        bare_rate = bare["n"] / (bare["last"] - t0)
+
+        server = Server(work, keys_dir, db_url, EDGEPACK_MQTT_URL=broker.url)
+        try:
+            items = _payloads(prefix, 1000, messages)
+            t0 = time.perf_counter()
+            published_s = _publish(broker.port, items, publishers)
+            deadline = time.monotonic() + 600
+            while True:
+                counters = server.admin.get("/api/v1/admin/stats").json()["counters"]
+                if counters.get("telemetry_ingested", 0) >= messages or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            elapsed = time.perf_counter() - t0
+            ingested = counters.get("telemetry_ingested", 0)
+        finally:
+            server.stop()
+        result = {"messages": messages, "ingested": ingested, "lost": messages - ingested,
+                  "per_s": round(ingested / elapsed, 1), "publish_s": round(published_s, 2),
+                  "baseline_bare_subscriber_per_s": round(bare_rate, 1),
+                  "ratio_to_bare": round(ingested / elapsed / bare_rate, 3), "publishers": publishers,
+                  "database": "postgresql"}
+        RESULTS["telemetry"] = result
+        print(f"telemetry: {result}", flush=True)
+    finally:
+        db_ctx.__exit__(None, None, None)
+        broker.close()
+
+
+# ---- halt latency ---------------------------------------------------------------------------------------
+def bench_halt(work: Path, keys_dir: Path, bundles: list[Path], repeats: int) -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    broker = services.Mosquitto().start()
+    db_ctx = services.postgres_database()
+    db_url = db_ctx.__enter__()
+    server = Server(work, keys_dir, db_url, EDGEPACK_MQTT_URL=broker.url, EDGEPACK_GATE_INTERVAL_S="1.0")
+    pub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    pub.connect("127.0.0.1", broker.port)
+    pub.loop_start()
+    try:
+        for b in bundles:
+            server.admin.post("/api/v1/bundles", content=b.read_bytes()).raise_for_status()
+        creds = enroll(server, 20, "halt")
+        times = []
+        for k in range(repeats):
+            version = "1.1.0" if k % 2 == 0 else "1.0.0"
+            r = server.admin.post("/api/v1/rollouts", json={"bundle": {"name": "digits", "version": version},
+                                                             "phases": [50, 100], "min_soak_s": 3600,
+                                                             "start": True})
+            r.raise_for_status()
+            rid = r.json()["id"]
+            device = next(m["device_id"] for m in server.admin.get(f"/api/v1/rollouts/{rid}/devices").json()
+                          if m["phase"] == 0)
+            msg = {"schema": "edgepack.telemetry.v1", "kind": "event", "message_id": uuid.uuid4().hex,
+                   "device_id": device, "seq": k, "sent_at": "2026-11-28T18:00:00+00:00",
+                   "bundle": {"name": "digits", "version": version, "release_counter": 2 if version == "1.1.0"
+                              else 1}, "rollout_id": rid, "event": "crash", "target": None,
+                   "detail": {"signal": 11, "phase": "serving"}}
+            t0 = time.perf_counter()
+            pub.publish(f"edgepack/v1/devices/{device}/telemetry/event", json.dumps(msg), qos=1).wait_for_publish()
+            while server.admin.get(f"/api/v1/rollouts/{rid}").json()["state"] not in ("halted", "rolled_back"):
+                time.sleep(0.01)
+            times.append(time.perf_counter() - t0)
+        RESULTS["halt"] = {"repeats": repeats, "median_s": round(statistics.median(times), 3),
+                           "max_s": round(max(times), 3), "gate_interval_s": 1.0,
+                           "ratio_median_to_interval": round(statistics.median(times) / 1.0, 3), "devices": len(creds)}
+        print(f"halt: {RESULTS['halt']}", flush=True)
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+        server.stop()
+        db_ctx.__exit__(None, None, None)
+        broker.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=["checkin", "telemetry", "halt"], action="append")
+    parser.add_argument("--db", choices=["sqlite", "postgresql"], action="append")
+    parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--messages", type=int, default=50_000)
+    parser.add_argument("--publishers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, help="Write the results as JSON here.")
+    args = parser.parse_args()
+    only = set(args.only or ["checkin", "telemetry", "halt"])
+
+    from bundles.keys import KeyStore
+    from tests.support.factories import make_digits_bundle
+
+    with tempfile.TemporaryDirectory(prefix="edgepack-bench-") as tmp:
+        work = Path(tmp)
+        keys = KeyStore.init(work / "keys")
+        b1 = make_digits_bundle(keys, work / "digits-1.0.0.edgepack", version="1.0.0", release_counter=1)
+        b2 = make_digits_bundle(keys, work / "digits-1.1.0.edgepack", version="1.1.0", release_counter=2)
+        if "checkin" in only:
+            for db in args.db or ["sqlite", "postgresql"]:
+                bench_checkin(work, keys.directory, b1.path, db, args.devices, args.duration, args.connections,
+                              args.workers)
+        if "telemetry" in only:
+            bench_telemetry(work, keys.directory, args.messages, args.publishers)
+        if "halt" in only:
+            bench_halt(work, keys.directory, [b1.path, b2.path], args.repeats)
+    RESULTS["machine"] = {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)}
+    print(json.dumps(RESULTS, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(RESULTS, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
