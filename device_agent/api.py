@@ -132,8 +132,8 @@ class LocalApi:
     def address(self) -> str:
         if self.listen.startswith("unix:"):
             return self.listen
-        host, port = self.server.server_address[:2]  # type: ignore[misc]
-        return f"{host}:{port}"
+        address: Any = self.server.server_address
+        return f"{address[0]}:{address[1]}"
 
     def start(self) -> LocalApi:
         self._thread.start()

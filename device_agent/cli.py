@@ -38,7 +38,8 @@ UNUSED_SIGNER_BACKENDS = ("boto3", "botocore", "google.cloud.kms", "azure.identi
 
 def _block_unused_imports() -> None:
     for name in UNUSED_SIGNER_BACKENDS:
-        sys.modules.setdefault(name, None)  # type: ignore[assignment]
+        if name not in sys.modules:
+            sys.modules[name] = None  # type: ignore[assignment]  # None in sys.modules makes import raise
 
 
 def _sd_notify(message: str) -> None:
@@ -69,7 +70,6 @@ def _watchdog(agent: object, stop: threading.Event) -> None:
 
 
 def cmd_run(config: AgentConfig) -> int:
-    _block_unused_imports()
     from device_agent.api import LocalApi
     from device_agent.machine import Agent
 
@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _block_unused_imports()  # before anything imports TUF (the parser imports the TUF client)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -169,7 +169,7 @@ def _section(cls: type, raw: Any, where: str) -> Any:
         if expected is float and isinstance(value, int):
             value = float(value)
         if expected in (int, float, str) and not isinstance(value, expected):
-            raise ConfigError(f"[{where}] {name} must be {expected.__name__}",  # type: ignore[union-attr]
+            raise ConfigError(f"[{where}] {name} must be {expected.__name__}",
                               detail={"found": repr(value)[:80]})
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
             raise ConfigError(f"[{where}] {name} must not be negative", detail={"found": value})

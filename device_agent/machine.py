@@ -75,7 +75,7 @@ class Agent:
                  runtimes: dict[str, str] | None = None) -> None:
         self.config = config
         self.clock = clock or SystemClock()
-        self.transport = transport or Urllib3Transport(f"edgepack-agent/{AGENT_VERSION}")
+        self.transport: Transport = transport or Urllib3Transport(f"edgepack-agent/{AGENT_VERSION}")
         self.store = Store(config.state_dir)
         self.record = self.store.load()
         self.runtimes = runtimes if runtimes is not None else installed_runtimes()
@@ -95,8 +95,9 @@ class Agent:
         self.window = WindowStats(self.clock.now())
         if publisher == "mqtt":
             url = config.mqtt.url or self.enrollment.get("mqtt", {}).get("url")
-            publisher = MqttPublisher(url, config.device_id, username=config.mqtt.username,
-                                      password=config.mqtt.password, keepalive_s=config.mqtt.keepalive_s) if url else None
+            publisher = None if not url else MqttPublisher(
+                url, config.device_id, username=config.mqtt.username, password=config.mqtt.password,
+                keepalive_s=config.mqtt.keepalive_s)
         self.telemetry = Telemetry(config.device_id, Outbox(self.store.outbox,
                                                             max_messages=config.limits.outbox_max_messages,
                                                             max_bytes=config.limits.outbox_max_bytes),
@@ -119,6 +120,8 @@ class Agent:
                          State.ACTIVATING: self._activating, State.TRIAL: self._trial,
                          State.COMMITTING: self._committing, State.ROLLING_BACK: self._rolling_back}
         self._window_thread: threading.Thread | None = None
+        self._activation_t0: float | None = None
+        self._verified_slot: str | None = None
         self._next_checkin = 0.0
 
     # ---- setup -------------------------------------------------------------------------------------------
@@ -225,7 +228,8 @@ class Agent:
     # ---- waiting -----------------------------------------------------------------------------------------
     def _backoff(self) -> float:
         lim = self.config.limits
-        return min(lim.backoff_max_s, lim.backoff_initial_s * 2 ** max(0, self.failures - 1)) * random.uniform(0.5, 1)
+        delay: float = min(lim.backoff_max_s, lim.backoff_initial_s * 2.0 ** max(0, self.failures - 1))
+        return delay * random.uniform(0.5, 1)
 
     def _wait_event(self, seconds: float) -> tuple[str, Any] | None:
         """Next queued event within ``seconds`` (short slices; the stop flag ends the wait)."""
@@ -394,12 +398,14 @@ class Agent:
         except UpdateRefused as exc:
             return self._fail_update(exc, "verification_failed", "download")
         self.timings["download_s"] = time.perf_counter() - t0
-        return Outcome(Event.DOWNLOADED, {}, [("downloaded", p.target(), {"bytes": fetched,
-                                                                           "seconds": round(self.timings["download_s"], 3)})])
+        detail = {"bytes": fetched, "seconds": round(self.timings["download_s"], 3)}
+        return Outcome(Event.DOWNLOADED, {}, [("downloaded", p.target(), detail)])
 
     def _warm(self) -> None:
+        active = self.record.active
+        hint = active.runtime if active is not None else next(iter(self.runtimes), None)
         try:
-            self.supervisor.warm()
+            self.supervisor.warm(hint)
         except WorkerError as exc:
             log.warning("could not pre-start a worker: %s", exc)
 
@@ -416,7 +422,7 @@ class Agent:
 
         p = self.record.pending
         assert p is not None
-        t0 = time.perf_counter()
+        t0 = self._activation_t0 = time.perf_counter()
         staging, slot_dir = self.store.staging_dir(p.slot), self.store.slot_dir(p.slot)
         src = staging if staging.exists() else slot_dir
         for leftover in src.rglob("*.part"):
@@ -436,6 +442,7 @@ class Agent:
         if src is staging:
             shutil.rmtree(slot_dir, ignore_errors=True)
             staging.rename(slot_dir)
+        self._verified_slot = p.slot
         log.info("variant for %s %s: %s", p.name, p.version, why)
         self.timings["verify_s"] = time.perf_counter() - t0
         return Outcome(Event.VERIFIED, {"pending": replace(p, variant=variant.id, runtime=variant.runtime)},
@@ -444,7 +451,8 @@ class Agent:
     # ---- SELFTEST --------------------------------------------------------------------------------------------
     def _load_and_test(self, ref: BundleRef, phase: str) -> Any:
         t0 = time.perf_counter()
-        proc, load = self.supervisor.prepare(ref)
+        # Files this process verified moments ago are not hashed twice; after a restart they are.
+        proc, load = self.supervisor.prepare(ref, rehash=self._verified_slot != ref.slot)
         self._pause()
         result = self.supervisor.selftest(proc)
         self.timings.update(load_hash_ms=load["hash_ms"], session_ms=load["session_ms"],
@@ -482,10 +490,14 @@ class Agent:
             return Outcome(Event.FAILED, {"last_error": {**exc.as_detail(), "phase": "activation"}})
         old = self.record.active
         now = iso(self.clock.now())
+        if self._activation_t0 is not None:  # verification start -> new bundle serving (this process only)
+            self.timings["activation_s"] = time.perf_counter() - self._activation_t0
+            self._activation_t0 = None
+        timings = {k: round(v, 4) for k, v in self.timings.items()}
         return Outcome(Event.ACTIVATED, {"active": ref, "previous": old, "rollout_id": p.rollout_id,
                                          "pending": replace(p, trial_started_at=now, trial_boots=0)},
-                       [("activated", p.target(), {"from": old.ident() if old else None,
-                                                   "variant": ref.variant, "trial_s": self.config.trial.period_s})])
+                       [("activated", p.target(), {"from": old.ident() if old else None, "variant": ref.variant,
+                                                   "trial_s": self.config.trial.period_s, "timings": timings})])
 
     # ---- TRIAL -------------------------------------------------------------------------------------------------
     def _trial(self) -> Outcome | None:
@@ -610,22 +622,24 @@ class Agent:
         with self._pred_lock:
             known = self._predictions.pop(str(pid), None)
         if known is None:
-            return 404, _error("unknown_prediction", f"no recent prediction {pid!r} (only the last "
-                                                     f"{self.config.api.feedback_memory} are kept; each takes one feedback)")
+            return 404, _error("unknown_prediction",
+                               f"no recent prediction {pid!r} (only the last {self.config.api.feedback_memory} "
+                               "are kept; each takes one feedback)")
         classes, version = known
         labels = [str(x) for x in label] if isinstance(label, list) else [str(label)]
         if classes is None or len(labels) != len(classes):
             return 400, _error("bad_request", f"expected {len(classes) if classes else 'no'} label(s) for this "
                                               f"prediction, got {len(labels)}")
-        correct = [a == b for a, b in zip(labels, classes)]
+        correct = [a == b for a, b in zip(labels, classes, strict=True)]
         for c in correct:
             self.window.feedback_given(c)
         return 200, json.dumps({"prediction_id": pid, "correct": correct, "model_version": version}).encode()
 
     def status(self) -> dict[str, Any]:
         rec = self.record
+        serving = rec.serving()
         return {"device_id": self.config.device_id, "state": rec.state.value,
-                "serving": rec.serving().ident() if rec.serving() else None,
+                "serving": serving.ident() if serving else None,
                 "previous": rec.previous.ident() if rec.previous else None,
                 "pending": rec.pending.target() if rec.pending else None, "last_error": rec.last_error,
                 "worker": self.supervisor.status(), "outbox": len(self.telemetry.outbox),

@@ -107,7 +107,8 @@ class Pending:
     def from_dict(cls, d: Mapping[str, Any]) -> Pending:
         files = {str(k): FileInfo(int(v["length"]), str(v["sha256"])) for k, v in d["files"].items()}
         return cls(str(d["name"]), str(d["version"]), int(d["release_counter"]), int(d["assignment_version"]),
-                   str(d["assignment_digest"]), d.get("rollout_id"), str(d["slot"]), files, d.get("variant"), d.get("runtime"),
+                   str(d["assignment_digest"]), d.get("rollout_id"), str(d["slot"]), files, d.get("variant"),
+                   d.get("runtime"),
                    d.get("trial_started_at"), int(d.get("trial_boots", 0)))
 
 

@@ -25,9 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from device_agent._frames import read_frame, write_frame
 from device_agent.errors import WorkerError
 from device_agent.store import BundleRef
-from device_agent.worker import read_frame, write_frame
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,7 @@ class Supervisor:
         self.max_input_dims = max_input_dims
         self.on_crash = on_crash
         self._lock = threading.RLock()
+        self._warm_lock = threading.Lock()
         self.serving: WorkerProcess | None = None
         self.standby: WorkerProcess | None = None
         self.loading: WorkerProcess | None = None
@@ -168,12 +169,14 @@ class Supervisor:
 
     def warm(self, runtime_hint: str | None = None) -> None:
         """Start a standby worker now, so a later self-test does not wait for interpreter and imports."""
-        with self._lock:
+        with self._warm_lock:
             if self.standby is None or not self.standby.alive():
-                self.standby = self._spawn(runtime_hint)
+                proc = self._spawn(runtime_hint)
+                with self._lock:
+                    self.standby = proc
 
-    def _load(self, proc: WorkerProcess, ref: BundleRef) -> dict[str, Any]:
-        msg = {"op": "load", "dir": str(self.bundles_dir / ref.slot), "variant": ref.variant,
+    def _load(self, proc: WorkerProcess, ref: BundleRef, rehash: bool = True) -> dict[str, Any]:
+        msg = {"op": "load", "dir": str(self.bundles_dir / ref.slot), "variant": ref.variant, "rehash": rehash,
                "files": {rel: (f.length, f.sha256) for rel, f in ref.files.items()}, "threads": self.threads,
                "ident": ref.ident(), "max_input_dims": self.max_input_dims}
         answer = proc.call(msg, self.start_timeout_s)
@@ -183,15 +186,18 @@ class Supervisor:
         proc.ref = ref
         return answer
 
-    def prepare(self, ref: BundleRef) -> tuple[WorkerProcess, dict[str, Any]]:
-        """Load ``ref`` in the standby worker (started now if needed); returns it and the load timings."""
-        with self._lock:
+    def prepare(self, ref: BundleRef, *, rehash: bool = True) -> tuple[WorkerProcess, dict[str, Any]]:
+        """Load ``ref`` in the standby worker (started now if needed); returns it and the load timings.
+
+        ``rehash=False`` only right after this process verified the files itself (activation); every other
+        load (boot, restart, rollback) hashes each file against its verified sha256 first."""
+        with self._warm_lock, self._lock:  # a standby being started right now is worth waiting for
             proc = self.standby if self.standby is not None and self.standby.alive() else None
             self.standby = None
         proc = proc or self._spawn()
         self.loading = proc
         try:
-            return proc, self._load(proc, ref)
+            return proc, self._load(proc, ref, rehash)
         except BaseException:
             self.loading = None
             proc.stop()
@@ -217,8 +223,8 @@ class Supervisor:
             self._consecutive = 0
             if self.loading is proc:
                 self.loading = None
-        if old is not None and old is not proc:
-            old.stop()
+        if old is not None and old is not proc:  # off the critical path: the new worker already serves
+            threading.Thread(target=old.stop, name="worker-stop", daemon=True).start()
 
     def serve(self, ref: BundleRef | None) -> None:
         """Serve ``ref`` in a fresh worker (boot, rollback); ``None`` stops serving."""

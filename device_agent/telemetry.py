@@ -69,7 +69,7 @@ class MqttPublisher:
         self.on_notify: Callable[[bytes], None] = lambda payload: None
         self._mqtt = mqtt
         self._connected = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgepack-dev-{device_id}",
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,  # type: ignore[attr-defined]  # paho re-export client_id=f"edgepack-dev-{device_id}",
                                   protocol=mqtt.MQTTv5)
         if u.scheme == "mqtts":
             self.client.tls_set()
@@ -103,7 +103,7 @@ class MqttPublisher:
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho is untyped here
         props.SessionExpiryInterval = 86_400
         self.client.connect_async(self.host, self.port, self.keepalive_s, clean_start=False, properties=props)
         self.client.loop_start()
@@ -169,7 +169,9 @@ class WindowStats:
     def take(self, now: datetime) -> dict[str, Any]:
         with self._lock:
             s = sorted(self.samples)
-            pct = (lambda q: round(s[min(len(s) - 1, int(q * len(s)))], 3) if s else None)  # noqa: E731
+            def pct(q: float) -> float | None:
+                return round(s[min(len(s) - 1, int(q * len(s)))], 3) if s else None
+
             window = {"start": iso(self.start), "end": iso(now), "requests": self.requests, "errors": self.errors,
                       "crashes": self.crashes,
                       "latency_ms": {"bounds": list(LATENCY_BOUNDS_MS), "counts": list(self.counts),
@@ -287,7 +289,7 @@ class Telemetry:
                 payload = entry.read()
             except FileNotFoundError:
                 continue  # acknowledged or dropped meanwhile
-            mid = self.publisher.publish(f"{topic_prefix(self.device_id)}/telemetry/{entry.kind}", payload)
-            if mid is None:
+            handle = self.publisher.publish(f"{topic_prefix(self.device_id)}/telemetry/{entry.kind}", payload)
+            if handle is None:
                 return
-            self._inflight[mid] = (entry, now)
+            self._inflight[handle] = (entry, now)

@@ -9,7 +9,7 @@ so tests and the fleet simulator can pass their own (httpx's ``Client(transport=
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,8 +37,8 @@ class Transport(Protocol):
                 body: bytes | None = None, timeout: float = 15.0) -> HttpResponse: ...
 
     def stream(self, url: str, *, headers: Mapping[str, str] | None = None, timeout: float = 30.0,
-               chunk_bytes: int = 256 * 1024) -> Iterator[StreamResponse]:
-        """A context manager (``contextlib.contextmanager``) yielding the response with a chunk iterator."""
+               chunk_bytes: int = 256 * 1024) -> AbstractContextManager[StreamResponse]:
+        """A context manager yielding the response with a chunk iterator."""
         ...
 
 

@@ -3,7 +3,8 @@
 * :class:`ImageRepository`: the image repository through python-tuf's updater (our deadline fetcher),
   feeding the offline-signed targets and their release-counter floors into a persisted
   :class:`bundles.trust.TrustStore`, which remembers the highest floor ever seen.
-* :func:`check_assignment` + :func:`accept_assignment`: Uptane full verification: the director's signed assignment for this
+* :func:`check_assignment` + :func:`accept_assignment`: Uptane full verification: the director's signed
+  assignment for this
   device must agree with the image repository on every file, and clear the floor.
 * :func:`choose_variant`: the bundle's preferred variant for this device's profile among installed runtimes.
 * :func:`translate`: bundle-library and python-tuf errors -> agent errors (refusal vs. retry).
@@ -192,7 +193,7 @@ def choose_variant(manifest: Manifest, hardware_id: str, installed: dict[str, st
     origin = f"profile {hardware_id!r} prefers {list(order)}" if order else (
         f"the bundle has no profile {hardware_id!r}; using the manifest's variant order")
     candidates = list(order) if order else [v.id for v in manifest.variants]
-    skipped = []
+    skipped: list[str] = []
     for vid in candidates:
         variant = manifest.variant(vid)
         if variant.runtime in installed:

@@ -22,9 +22,7 @@ import base64
 import hashlib
 import json
 import os
-import pickle
 import signal
-import struct
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -36,34 +34,9 @@ import numpy as np
 from bundles.errors import BundleError, PreprocessingError
 from bundles.golden import Golden, check_features, check_outputs, tolerances
 from bundles.manifest import Manifest, TensorSpec
+from bundles.preprocessing import Pipeline
 from bundles.runtime import RuntimeError_, load_runner
-
-_LEN = struct.Struct(">I")
-
-
-def read_frame(fd: int) -> Any:
-    """One frame from ``fd``; raises EOFError when the other end is gone."""
-    head = _read_exact(fd, 4)
-    return pickle.loads(_read_exact(fd, _LEN.unpack(head)[0]))
-
-
-def write_frame(fd: int, obj: Any) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    view = memoryview(_LEN.pack(len(data)) + data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-def _read_exact(fd: int, n: int) -> bytes:
-    chunks = []
-    while n:
-        chunk = os.read(fd, n)
-        if not chunk:
-            raise EOFError("pipe closed")
-        chunks.append(chunk)
-        n -= len(chunk)
-    return b"".join(chunks)
+from device_agent._frames import read_frame, write_frame
 
 
 class _Resources(Mapping[str, bytes]):
@@ -92,7 +65,7 @@ def _check_feature(spec: TensorSpec, value: np.ndarray) -> None:
     if value.ndim != len(spec.shape):
         raise BadRequest(f"input {spec.name!r} has {value.ndim} dimensions after preprocessing; the model expects "
                          f"{len(spec.shape)} (shape {list(spec.shape)}), found shape {list(value.shape)}")
-    for i, (want, got) in enumerate(zip(spec.shape, value.shape)):
+    for i, (want, got) in enumerate(zip(spec.shape, value.shape, strict=True)):
         if isinstance(want, int) and want != got:
             raise BadRequest(f"input {spec.name!r} has the wrong shape: expected {list(spec.shape)}, "
                              f"found {list(value.shape)} (dimension {i})")
@@ -116,11 +89,9 @@ class Worker:
 
     # ---- ops ---------------------------------------------------------------------------------------------
     def load(self, msg: Mapping[str, Any]) -> dict[str, Any]:
-        from bundles.preprocessing import Pipeline
-
         t0 = time.perf_counter()
         directory = Path(msg["dir"])
-        for rel, (length, sha256) in sorted(msg["files"].items()):
+        for rel, (length, sha256) in sorted(msg["files"].items()) if msg.get("rehash", True) else ():
             data = (directory / rel).read_bytes()
             if len(data) != length or hashlib.sha256(data).hexdigest() != sha256:
                 raise BundleError("bundle file changed after verification; refusing to load it", path=rel,
@@ -244,7 +215,10 @@ class Worker:
             return None
         mean = s["sum"] / s["count"]
         std = np.sqrt(np.maximum(s["sumsq"] / s["count"] - mean**2, 0.0))
-        r = lambda a: [round(float(v), 6) for v in a]  # noqa: E731
+
+        def r(a: Any) -> list[float]:
+            return [round(float(v), 6) for v in a]
+
         return {"count": int(s["samples"]), "mean": r(mean), "std": r(std), "min": r(s["min"]), "max": r(s["max"])}
 
     # ---- loop --------------------------------------------------------------------------------------------
@@ -261,7 +235,7 @@ class Worker:
                 return {"ok": True, **self.load(msg)}
             if op == "preload":
                 for runtime in msg.get("runtimes", ()):
-                    __import__({"onnxruntime": "onnxruntime"}.get(runtime, "numpy"))
+                    _preload(str(runtime))
                 return {"ok": True}
             if op == "selftest":
                 return {"ok": True, **self.selftest()}
@@ -272,6 +246,29 @@ class Worker:
             return {"ok": False, "status": 500, "error": type(exc).__name__, "message": str(exc)}
         except Exception as exc:  # report, keep serving: the agent decides what a failure means
             return {"ok": False, "status": 500, "error": type(exc).__name__, "message": f"{exc}"[:2000]}
+
+
+#: A 68-byte ONNX model (one Identity op): creating a session from it sets up onnxruntime's environment and
+#: thread pools ahead of the real load, as a warm process would have them.
+_WARMUP_ONNX = bytes.fromhex(
+    "08073a3a0a100a017812017922084964656e7469747912047761726d5a0f0a0178120a0a08080112040a020801620f0a0179120a"
+    "0a08080112040a02080142040a00100d")
+
+
+def _preload(runtime: str) -> None:
+    """Import a runtime ahead of the first load (a standby worker is started while a bundle downloads)."""
+    if runtime == "onnxruntime":
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.log_severity_level = 3
+        ort.InferenceSession(_WARMUP_ONNX, opts, providers=["CPUExecutionProvider"]).run(
+            None, {"x": np.ones(1, np.float32)})
+    elif runtime == "litert":
+        from bundles.runtime import _litert_interpreter
+
+        _litert_interpreter()
 
 
 def _die_with_parent() -> None:
@@ -292,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
     if os.getppid() == 1:
         return 0
+    try:  # under memory pressure the kernel should kill the worker (restarted), not the agent
+        with open("/proc/self/oom_score_adj", "w") as fh:
+            fh.write("500")
+    except OSError:
+        pass
     if memory_mb:
         import resource
 

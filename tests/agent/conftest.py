@@ -188,7 +188,8 @@ class AgentProcess:
 
 
 @pytest.fixture
-def agent_process(tmp_path: Path, fake_server: FakeUpdateServer, keys: KeyStore) -> Iterator[Callable[..., AgentProcess]]:
+def agent_process(tmp_path: Path, fake_server: FakeUpdateServer,
+                  keys: KeyStore) -> Iterator[Callable[..., AgentProcess]]:
     from tests.support.services import free_port
 
     procs: list[AgentProcess] = []

@@ -43,6 +43,7 @@ class FakeUpdateServer:
         self.drip_s: float | None = None
         self.requests: list[tuple[str, str]] = []
         self.fail_targets = 0
+        self.poll_interval_s = 3600.0
         self.lock = threading.Lock()
         self._sign_repo()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -130,7 +131,7 @@ class FakeUpdateServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 server.requests.append(("GET", self.path))
                 if self.path.startswith("/tuf/image/targets/"):
                     return self._target(self.path[len("/tuf/image/targets/"):])
@@ -175,7 +176,7 @@ class FakeUpdateServer:
                 else:
                     self.wfile.write(body)
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 server.requests.append(("POST", self.path))
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 m = re.match(r"^/api/v1/devices/([^/]+)/checkin$", self.path)
@@ -186,7 +187,7 @@ class FakeUpdateServer:
                 server.last_checkin = json.loads(body)
                 data = server.assignments.get(m.group(1))
                 self._send(200, json.dumps({"assignment": data.decode() if data else None,
-                                            "poll_interval_s": 3600,
+                                            "poll_interval_s": server.poll_interval_s,
                                             "server_time": datetime.now(timezone.utc).isoformat()}).encode(),
                            {"Content-Type": "application/json"})
 

@@ -80,7 +80,7 @@ def test_full_cycle_against_the_real_server(keys: KeyStore, tmp_path: Path, priv
                         ans = client.predict(images[i:i + 1].tolist())
                         client.feedback(ans["prediction_id"], str(labels[i]))
                 assert ans["model"]["version"] == version
-                _wait(lambda: admin.get(f"/api/v1/devices/{device}").json()["active"]["version"] == version, 30,
+                _wait(lambda v=version: admin.get(f"/api/v1/devices/{device}").json()["active"]["version"] == v, 30,
                       f"server inventory shows {version}", agent)
                 _wait(lambda r_=rid: admin.get(f"/api/v1/rollouts/{r_}").json()["state"] == "completed", 60,
                       f"rollout {version} completed", agent)

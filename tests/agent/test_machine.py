@@ -36,7 +36,6 @@ def test_install_then_update_commits_and_serves_new_version(
     fake_server.assign(DEVICE, HARDWARE, "digits", "1.1.0", rollout_id="r-2")
     drive(agent)
     answer = _predict(agent)
-    images, labels = digits_data()
     assert answer["model"] == {"name": "digits", "version": "1.1.0", "release_counter": 2, "variant": "onnx-fp32"}
     assert answer["predictions"] == [str(x) for x in np.asarray(answer["outputs"]["label"])]
     assert agent.record.previous is None and agent.record.pending is None

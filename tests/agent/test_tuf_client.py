@@ -39,7 +39,7 @@ def test_init_refresh_download_and_cache(fake_server: FakeUpdateServer, bundle: 
     assert (td / "digits%2F1.0.0%2Fmanifest.json").read_bytes() == fake_server.files[names[0]]
     assert (td / "digits%2F1.0.0%2Fmodels%2Fdigits.fp32.onnx").read_bytes() == fake_server.files[names[1]]
     fake_server.requests.clear()
-    assert tuf_client.main(args + ["download"]) == 0
+    assert tuf_client.main([*args, "download"]) == 0
     assert not [p for _, p in fake_server.requests if "/targets/" in p]  # already there with matching hashes
 
 
