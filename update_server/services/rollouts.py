@@ -104,6 +104,10 @@ def create_rollout(ctx: ServerContext, req: Mapping[str, Any], *, actor: str) ->
             raise Conflict(f"{len(clash)} of these devices are already in active rollout(s) {', '.join(other)} "
                            f"of {bundle.name}; finish, abort or roll that back first",
                            code="rollout_conflict", detail={"rollouts": other, "devices": sorted(clash)[:20]})
+        if rows and not any(r["phase_index"] == 0 for r in rows):
+            # A first phase that rounds to no device (1 % of 40) would skip the canary: the member with the
+            # lowest bucket joins it. Stored with the membership, so it holds across pause and resume.
+            min(rows, key=lambda r: r["bucket"])["phase_index"] = 0
         session.add(rollout)
         session.flush()
         if rows:
