@@ -131,11 +131,24 @@ class Fleet:
         return str(doc["token"])
 
     def roll_out(self, name: str, version: str, device_id: str) -> str:
-        """Assign ``name version`` to this one device at once (one phase of 100 %, no soak)."""
+        """Assign ``name version`` to this one device at once: one phase of 100 %, no soak, and no device
+        needs to report telemetry on it (``min_devices`` 0), so the rollout also completes without a broker."""
         _, doc = self.call("POST", "/api/v1/rollouts", {
             "bundle": {"name": name, "version": version}, "selector": {"device_ids": [device_id]},
-            "phases": [100], "min_soak_s": 0, "start": True, "reason": f"hardware test {device_id}"})
+            "phases": [100], "min_soak_s": 0, "min_devices": 0, "start": True,
+            "reason": f"hardware test {device_id}"})
         return str(doc["id"])
+
+    def wait_rollout(self, rollout_id: str, timeout: float = 120) -> dict[str, Any]:
+        """Until the rollout is completed (the next one for the same bundle name may start then)."""
+
+        def done() -> dict[str, Any] | None:
+            _, doc = self.call("GET", f"/api/v1/rollouts/{rollout_id}")
+            if doc["state"] in ("aborted", "rolled_back", "halted"):
+                raise HarnessError(f"rollout {rollout_id} ended {doc['state']}: {doc}")
+            return dict(doc) if doc["state"] == "completed" else None
+
+        return dict(wait_for(done, timeout, f"rollout {rollout_id} to complete"))
 
     def device(self, device_id: str) -> dict[str, Any]:
         _, doc = self.call("GET", f"/api/v1/devices/{device_id}")
@@ -231,6 +244,12 @@ class AgentProcess:
                                    "key directory the server's bundles are signed with (root.json, director-root.json)")
             shutil.copyfile(self.trust_dir / name, trust / name)
         self.api = f"127.0.0.1:{free_port()}"
+        self.state_dir = self.home / "state"
+        self.log_path = self.home / "agent.log"
+        self.write_config()
+
+    def write_config(self) -> None:
+        """(Re)write agent.toml from the defaults below and ``sections``; takes effect at the next start."""
         g = self.guest_home
         doc: dict[str, Any] = {
             "device_id": self.device_id, "hardware_id": self.hardware_id, "state_dir": f"{g}/state",
@@ -243,8 +262,6 @@ class AgentProcess:
         for name, values in self.sections.items():
             doc[name] = {**doc.get(name, {}), **values}
         (self.home / "agent.toml").write_text(toml_dumps(doc))
-        self.state_dir = self.home / "state"
-        self.log_path = self.home / "agent.log"
 
     def _argv(self, *args: str) -> list[str]:
         return [*self.launcher, "-m", "device_agent.cli", *args, "--config", f"{self.guest_home}/agent.toml"]
