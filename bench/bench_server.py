@@ -6,7 +6,8 @@ database; telemetry goes through a private Mosquitto; devices enroll over HTTP. 
 baseline measured in the same run on the same machine, and the ratio is what to compare across machines:
 
 * check-ins: against `GET /healthz` on the same server (the HTTP stack without database work);
-* telemetry: against a bare paho subscriber draining the same messages from the same broker (no server);
+* telemetry: against a bare drain of the same messages from the same broker with the server's MQTT reader
+  (no validation, no database); a bare paho subscriber is measured too;
 * halt: against the gate loop interval (the best possible reaction time).
 
     python bench/bench_server.py                    # everything, both databases
@@ -192,13 +193,11 @@ def _publish(port: int, items: list[tuple[str, bytes]], publishers: int) -> floa
         f.close()
         files.append(f.name)
     script = (
-        "import json,sys,paho.mqtt.client as m;from paho.mqtt.enums import CallbackAPIVersion as V\n"
-        "items=json.load(open(sys.argv[2]));c=m.Client(V.VERSION2,protocol=m.MQTTv5)\n"
-        "c.max_inflight_messages_set(2000);c.max_queued_messages_set(0);c.connect('127.0.0.1',int(sys.argv[1]))\n"
-        "c.loop_start();infos=[c.publish(t,p,qos=1) for t,p in items]\n"
-        "[i.wait_for_publish(300) for i in infos];c.disconnect();c.loop_stop()\n")
+        "import json,sys;from update_server.mqtt_wire import publish_all\n"
+        "items=[(t,p.encode()) for t,p in json.load(open(sys.argv[2]))]\n"
+        "publish_all('127.0.0.1',int(sys.argv[1]),items,window=2000)\n")
     t0 = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(port), f]) for f in files]
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(port), f], cwd=ROOT) for f in files]
     for p in procs:
         p.wait()
     elapsed = time.perf_counter() - t0
@@ -233,6 +232,43 @@ def _bare_subscriber(port: int, topic: str, expect: int, result: dict[str, float
     result["n"], result["last"] = got["n"], got["last"]
 
 
+def _bare_wire(port: int, topic: str, expect: int, result: dict[str, float], ready: threading.Event) -> None:
+    from update_server.mqtt_wire import WireClient
+
+    client = WireClient("127.0.0.1", port, f"wire-{uuid.uuid4().hex[:6]}", clean_start=True, session_expiry=0)
+    client.connect()
+    client.subscribe(topic)
+    got = {"n": 0}
+    batch: list[Any] = []
+
+    def on_message(msg: Any) -> None:
+        json.loads(msg.payload)
+        got["n"] += 1
+        batch.append(msg)
+
+    deadline = time.monotonic() + 600
+    while got["n"] < expect and time.monotonic() < deadline:
+        client.read(on_message)
+        if client.subscribed.is_set():
+            ready.set()
+        client.ack(batch)
+        batch.clear()
+    result["n"], result["last"] = got["n"], time.perf_counter()
+    client.close()
+
+
+def _baseline(port: int, topic: str, items: list[tuple[str, bytes]], publishers: int, target: Any) -> float:
+    result: dict[str, float] = {}
+    ready = threading.Event()
+    t = threading.Thread(target=target, args=(port, topic, len(items), result, ready))
+    t.start()
+    ready.wait(10)
+    t0 = time.perf_counter()
+    _publish(port, items, publishers)
+    t.join()
+    return result["n"] / (result["last"] - t0)
+
+
 def bench_telemetry(work: Path, keys_dir: Path, messages: int, publishers: int) -> None:
     broker = services.Mosquitto().start()
     db_ctx = services.postgres_database()
@@ -240,17 +276,11 @@ def bench_telemetry(work: Path, keys_dir: Path, messages: int, publishers: int) 
     try:
         prefix = "edgepack/v1/devices"
         items = _payloads(prefix, 1000, messages)
-        # baseline: a bare paho subscriber (no validation, no database) on the same broker
-        bare: dict[str, float] = {}
-        ready = threading.Event()
-        t = threading.Thread(target=_bare_subscriber, args=(broker.port, f"{prefix}/+/telemetry/#", messages,
-                                                            bare, ready))
-        t.start()
-        ready.wait(10)
-        t0 = time.perf_counter()
-        _publish(broker.port, items, publishers)
-        t.join()
-        bare_rate = bare["n"] / (bare["last"] - t0)
+        # baselines on the same broker, same messages: a bare drain with the server's MQTT reader (no
+        # validation, no database), and a bare paho subscriber (why the server does not use paho here)
+        bare_rate = _baseline(broker.port, f"{prefix}/+/telemetry/#", items, publishers, _bare_wire)
+        paho_rate = _baseline(broker.port, f"{prefix}/+/telemetry/#", _payloads(prefix, 1000, messages),
+                              publishers, _bare_subscriber)
 
         server = Server(work, keys_dir, db_url, EDGEPACK_MQTT_URL=broker.url)
         try:
@@ -269,7 +299,7 @@ def bench_telemetry(work: Path, keys_dir: Path, messages: int, publishers: int) 
             server.stop()
         result = {"messages": messages, "ingested": ingested, "lost": messages - ingested,
                   "per_s": round(ingested / elapsed, 1), "publish_s": round(published_s, 2),
-                  "baseline_bare_subscriber_per_s": round(bare_rate, 1),
+                  "baseline_bare_reader_per_s": round(bare_rate, 1), "bare_paho_subscriber_per_s": round(paho_rate, 1),
                   "ratio_to_bare": round(ingested / elapsed / bare_rate, 3), "publishers": publishers,
                   "database": "postgresql"}
         RESULTS["telemetry"] = result
@@ -334,7 +364,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, help="server worker processes (default: 1 SQLite, 2 PostgreSQL)")
     parser.add_argument("--messages", type=int, default=50_000)
     parser.add_argument("--publishers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
@@ -352,8 +382,9 @@ def main() -> None:
         b2 = make_digits_bundle(keys, work / "digits-1.1.0.edgepack", version="1.1.0", release_counter=2)
         if "checkin" in only:
             for db in args.db or ["sqlite", "postgresql"]:
+                workers = args.workers or (1 if db == "sqlite" else 2)
                 bench_checkin(work, keys.directory, b1.path, db, args.devices, args.duration, args.connections,
-                              args.workers)
+                              workers)
         if "telemetry" in only:
             bench_telemetry(work, keys.directory, args.messages, args.publishers)
         if "halt" in only:

@@ -1,7 +1,7 @@
 """MQTT: the telemetry ingester (shared subscription, manual acks after commit) and the notifier.
 
-Threads: paho's network thread only puts messages on a bounded queue (a full queue blocks it, which
-stops reading and lets the broker hold the backlog); one writer thread drains the queue in batches
+Threads: a reader (``mqtt_wire.WireClient``, bulk parsing; paho is too slow here) only puts messages on a
+bounded queue (a full queue blocks it, which stops reading and lets the broker hold the backlog); one writer thread drains the queue in batches
 (``ingest_batch`` messages or ``ingest_flush_s`` seconds), validates, writes a batch in one transaction,
 and only then acknowledges (PUBACK) the batch's messages. So a crash or a database outage loses nothing:
 unacknowledged messages are redelivered by the broker (same ``message_id``, de-duplicated). A malformed
@@ -16,12 +16,12 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from update_server.context import ServerContext
 from update_server.db import is_unavailable
-from update_server.services.telemetry import MembershipCache, parse_many, write_batch
+from update_server.mqtt_wire import Message, MqttError, WireClient
+from update_server.services.telemetry import MembershipCache, Telemetry, parse_one, write_batch
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +38,6 @@ def _client(client_id: str, *, clean_start: bool) -> object:
     return mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
 
 
-@dataclass
-class _Item:
-    topic: str
-    payload: bytes
-    mid: int
-    qos: int
-
-
 class Ingester:
     """Consumes telemetry from the broker into the database. ``start()``/``stop()`` from the lifespan."""
 
@@ -54,50 +46,54 @@ class Ingester:
         s = ctx.settings
         self.host, self.port = _broker(s.mqtt_url)
         self.topic = f"$share/{s.mqtt_share_group}/{s.mqtt_topic_prefix}/+/telemetry/#"
-        self.queue: queue.Queue[_Item] = queue.Queue(maxsize=s.ingest_queue)
+        self.queue: queue.Queue[tuple[Message, Telemetry | None]] = queue.Queue(maxsize=s.ingest_queue)
         self.membership = MembershipCache()
         self._stop = threading.Event()
         self._writer = threading.Thread(target=self._run_writer, name="ingest-writer", daemon=True)
-        self._client: object | None = None
+        self._reader = threading.Thread(target=self._run_reader, name="ingest-reader", daemon=True)
+        self._client: WireClient | None = None
         self.connected = threading.Event()
 
     # ---- network side --------------------------------------------------------------------------------
     def start(self) -> None:
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
-        client = _client(self.ctx.settings.effective_mqtt_client_id, clean_start=False)
-        client.manual_ack_set(True)  # type: ignore[attr-defined]
-        client.on_connect = self._on_connect  # type: ignore[attr-defined]
-        client.on_message = self._on_message  # type: ignore[attr-defined]
-        client.on_disconnect = lambda *a: self.connected.clear()  # type: ignore[attr-defined]
-        client.reconnect_delay_set(0.2, 10)  # type: ignore[attr-defined]
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 24 * 3600
-        props.ReceiveMaximum = 65535
-        client.connect_async(self.host, self.port, keepalive=30, clean_start=False,  # type: ignore[attr-defined]
-                             properties=props)
-        client.loop_start()  # type: ignore[attr-defined]
-        self._client = client
+        self._client = WireClient(self.host, self.port, self.ctx.settings.effective_mqtt_client_id,
+                                  clean_start=False, session_expiry=24 * 3600)
+        self._reader.start()
         self._writer.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._writer.join(10)
+        self._reader.join(10)
         if self._client is not None:
-            self._client.disconnect()  # type: ignore[attr-defined]
-            self._client.loop_stop()  # type: ignore[attr-defined]
+            self._client.close()
 
-    def _on_connect(self, client: object, _userdata: object, _flags: object, reason: object, _props: object) -> None:
-        if getattr(reason, "is_failure", False):
-            log.warning("MQTT connect refused: %s", reason)
-            return
-        client.subscribe(self.topic, qos=1)  # type: ignore[attr-defined]
-        self.connected.set()
-        log.info("ingesting telemetry from %s:%d (%s)", self.host, self.port, self.topic)
+    def _run_reader(self) -> None:
+        client = self._client
+        assert client is not None
+        delay = 0.2
+        while not self._stop.is_set():
+            try:
+                client.connect()
+                client.subscribe(self.topic, qos=1)
+                while not self._stop.is_set():
+                    client.read(self._on_message)
+                    if client.subscribed.is_set() and not self.connected.is_set():
+                        self.connected.set()
+                        delay = 0.2
+                        log.info("ingesting telemetry from %s:%d (%s)", self.host, self.port, self.topic)
+            except (MqttError, OSError) as exc:
+                self.connected.clear()
+                self.ctx.counters.add("mqtt_reconnects")
+                log.warning("MQTT ingest connection: %s; reconnecting in %.1fs", exc, delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 10.0)
 
-    def _on_message(self, _client: object, _userdata: object, msg: object) -> None:
-        item = _Item(msg.topic, msg.payload, msg.mid, msg.qos)  # type: ignore[attr-defined]
+    def _on_message(self, msg: Message) -> None:
+        # Validate here, in the reader thread: it overlaps with the writer waiting on the database.
+        s = self.ctx.settings
+        item = (msg, parse_one(msg.topic, msg.payload, prefix=s.mqtt_topic_prefix, max_bytes=s.max_message_bytes,
+                               counters=self.ctx.counters))
         while not self._stop.is_set():
             try:
                 self.queue.put(item, timeout=0.5)
@@ -106,7 +102,7 @@ class Ingester:
                 self.ctx.counters.add("telemetry_queue_full_waits")
 
     # ---- writer side ---------------------------------------------------------------------------------
-    def _drain(self) -> list[_Item]:
+    def _drain(self) -> list[tuple[Message, Telemetry | None]]:
         s = self.ctx.settings
         try:
             batch = [self.queue.get(timeout=0.2)]
@@ -127,9 +123,7 @@ class Ingester:
             batch = self._drain()
             if not batch:
                 continue
-            s = self.ctx.settings
-            messages = parse_many(((i.topic, i.payload) for i in batch), prefix=s.mqtt_topic_prefix,
-                                  max_bytes=s.max_message_bytes, counters=self.ctx.counters)
+            messages = [parsed for _, parsed in batch if parsed is not None]
             delay = 0.2
             while not self._stop.is_set():
                 try:
@@ -152,10 +146,11 @@ class Ingester:
                     delay = min(delay * 2, 5.0)
             else:
                 return  # stopping: leave the batch unacknowledged, the broker redelivers it
-            client = self._client
-            for item in batch:
-                if item.qos > 0 and client is not None:
-                    client.ack(item.mid, item.qos)  # type: ignore[attr-defined]
+            try:
+                if self._client is not None:
+                    self._client.ack(m for m, _ in batch)
+            except MqttError:
+                pass  # the connection broke: the broker redelivers these, de-duplication drops them
 
 
 class Notifier:

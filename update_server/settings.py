@@ -119,4 +119,7 @@ class Settings(BaseSettings):
 
     @property
     def effective_mqtt_client_id(self) -> str:
-        return self.mqtt_client_id or f"edgepack-server-{socket.gethostname()}-{self.port}"
+        """Stable per replica so its persistent session survives restarts; with several worker processes
+        each needs its own id (the broker would otherwise disconnect one for the other), so the pid is added."""
+        base = self.mqtt_client_id or f"edgepack-server-{socket.gethostname()}-{self.port}"
+        return f"{base}-{os.getpid()}" if self.workers > 1 else base

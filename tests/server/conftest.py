@@ -7,6 +7,7 @@ Bundles are built once per session with the session key directory; every server 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -211,8 +212,6 @@ def private_postgres() -> Iterator[PrivatePostgres]:
     try:
         yield pg
     finally:
-        try:
+        with contextlib.suppress(Exception):
             pg.stop()
-        except Exception:
-            pass
         shutil.rmtree(pg.root, ignore_errors=True)

@@ -119,3 +119,16 @@ class Publisher:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def expected_phases(rollout_id: str, device_ids: list[str], percents: tuple[float, ...] = (1, 10, 50, 100)
+                    ) -> dict[str, int]:
+    """Phases of the devices in a rollout at creation: the cohort hash, plus the canary rule (an empty first
+    phase takes the member with the lowest bucket)."""
+    from update_server.rollout_policy import PhaseSpec, cohort_bucket, phase_of
+
+    phases = [PhaseSpec(p, 0, 0) for p in percents]
+    out = {d: phase_of(cohort_bucket(rollout_id, d), phases) for d in device_ids}
+    if out and 0 not in out.values():
+        out[min(out, key=lambda d: cohort_bucket(rollout_id, d))] = 0
+    return out

@@ -7,7 +7,6 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-
 from fastapi import APIRouter, Response
 
 from update_server.api.deps import CredentialDep, CtxDep
