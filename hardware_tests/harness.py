@@ -362,16 +362,20 @@ def rss_mb(pid: int) -> dict[str, float]:
 
 
 def agent_pid(agent: AgentProcess) -> int:
-    """The agent's own process (the launcher may be a chain of shells under qemu)."""
+    """The agent's own process: the deepest ``device_agent.cli run`` under the launcher, which under qemu is a
+    chain (bash, unshare, chroot + env, sh) whose command lines all name the agent's."""
     assert agent.proc is not None
+    found = None
     for pid in [agent.proc.pid, *_descendants(agent.proc.pid)]:
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
         if b"device_agent.cli" in cmdline and b"run" in cmdline:
-            return pid
-    raise HarnessError(f"no device_agent.cli run process under pid {agent.proc.pid}")
+            found = pid
+    if found is None:
+        raise HarnessError(f"no device_agent.cli run process under pid {agent.proc.pid}")
+    return found
 
 
 def _descendants(pid: int) -> list[int]:
