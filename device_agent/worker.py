@@ -240,6 +240,10 @@ class Worker:
             if op == "selftest":
                 return {"ok": True, **self.selftest()}
             return {"ok": False, "status": 500, "error": "UnknownOp", "message": f"unknown op {op!r}"}
+        except (MemoryError, RuntimeError_) as exc:
+            if _out_of_memory(exc):
+                _die_out_of_memory(exc)
+            return {"ok": False, "status": 500, "error": type(exc).__name__, "message": str(exc)[:2000]}
         except BadRequest as exc:
             return {"ok": False, "status": 400, "error": "bad_request", "message": str(exc)}
         except BundleError as exc:
@@ -269,6 +273,23 @@ def _preload(runtime: str) -> None:
         from bundles.runtime import _litert_interpreter
 
         _litert_interpreter()
+
+
+_OOM_MARKERS = ("Failed to allocate memory", "bad_alloc", "Cannot allocate memory", "out of memory")
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Did the runtime fail to allocate (under the worker's RLIMIT_AS, or beyond the machine)?"""
+    return isinstance(exc, MemoryError) or any(m in str(exc) for m in _OOM_MARKERS)
+
+
+def _die_out_of_memory(exc: BaseException) -> None:
+    """Out of memory is fatal for the worker, as under the kernel's OOM killer: a runtime that failed to
+    allocate may hold half-built state, so the worker dies by SIGKILL and the agent restarts it, counts a
+    crash and (during a self-test or trial) rolls the bundle back."""
+    sys.stderr.write(f"edgepack worker: out of memory, exiting: {str(exc)[:300]}\n")
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _die_with_parent() -> None:
