@@ -188,10 +188,10 @@ def _publish(port: int, items: list[tuple[str, bytes]], publishers: int) -> floa
     chunks = [items[k::publishers] for k in range(publishers)]
     files = []
     for chunk in chunks:
-        f = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
-        json.dump([[t, p.decode()] for t, p in chunk], f)
-        f.close()
-        files.append(f.name)
+        fd, name = tempfile.mkstemp(suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump([[t, p.decode()] for t, p in chunk], f)
+        files.append(name)
     script = (
         "import json,sys;from update_server.mqtt_wire import publish_all\n"
         "items=[(t,p.encode()) for t,p in json.load(open(sys.argv[2]))]\n"

@@ -10,8 +10,14 @@ import logging
 import os
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from update_server.settings import Settings
 
 app = typer.Typer(name="edgepack-server", help="The edgepack update server.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -19,7 +25,7 @@ app = typer.Typer(name="edgepack-server", help="The edgepack update server.", no
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML or env file with settings (EDGEPACK_CONFIG).")
 
 
-def _settings(config: Path | None, **overrides: object):
+def _settings(config: Path | None, **overrides: object) -> Settings:
     from update_server.settings import Settings
 
     if config is not None:
@@ -31,7 +37,8 @@ def _settings(config: Path | None, **overrides: object):
         raise typer.Exit(2) from exc
 
 
-def _factory():
+def _factory() -> FastAPI:
+    """The app for uvicorn worker processes (settings from the environment and EDGEPACK_CONFIG)."""
     from update_server.app import create_app
 
     return create_app()

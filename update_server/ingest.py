@@ -1,9 +1,10 @@
 """MQTT: the telemetry ingester (shared subscription, manual acks after commit) and the notifier.
 
-Threads: a reader (``mqtt_wire.WireClient``, bulk parsing; paho is too slow here) only puts messages on a
-bounded queue (a full queue blocks it, which stops reading and lets the broker hold the backlog); one writer thread drains the queue in batches
-(``ingest_batch`` messages or ``ingest_flush_s`` seconds), validates, writes a batch in one transaction,
-and only then acknowledges (PUBACK) the batch's messages. So a crash or a database outage loses nothing:
+Threads: a reader (``mqtt_wire.WireClient``, bulk parsing; paho is too slow here) validates each message
+and puts it on a bounded queue (a full queue blocks it, which stops reading and lets the broker hold the
+backlog); one writer thread drains the queue in batches (``ingest_batch`` messages or ``ingest_flush_s``
+seconds), writes a batch in one transaction, and only then acknowledges (PUBACK) the batch's messages.
+So a crash or a database outage loses nothing:
 unacknowledged messages are redelivered by the broker (same ``message_id``, de-duplicated). A malformed
 or oversized message is counted, acknowledged and dropped; it never stops the writer.
 """

@@ -11,7 +11,7 @@ import itertools
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -105,7 +105,7 @@ class Settings(BaseSettings):
         if config_file.suffix == ".toml":
             file_cls = type("FileSettings", (cls,), {"model_config": {**cls.model_config,
                                                                         "toml_file": config_file}})
-            return file_cls(**overrides)
+            return cast(Settings, file_cls(**overrides))
         return cls(_env_file=config_file, **overrides)  # type: ignore[call-arg]
 
     # --- derived values

@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import exists, or_, select
+from sqlalchemy import exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from bundles.archive import METADATA_PREFIX, BundleArchive
@@ -146,8 +146,8 @@ def delete_bundle(ctx: ServerContext, name: str, version: str, *, actor: str, re
         if device is not None:
             raise Conflict(f"bundle {name} {version} is assigned to or running on device {device}",
                            code="bundle_in_use", detail={"device_id": device})
-        session.execute(RolloutDevice.__table__.update().where(RolloutDevice.previous_bundle_id == bundle.id)
-                        .values(previous_bundle_id=None))
+        session.execute(update(RolloutDevice).where(RolloutDevice.previous_bundle_id == bundle.id)
+                        .values(previous_bundle_id=None).execution_options(synchronize_session=False))
         session.delete(bundle)
         audit(session, now=now, actor=actor, action="bundle.delete", subject=f"{name}/{version}", reason=reason)
     ctx.storage.delete_prefix(f"targets/{name}/{version}")

@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import JSON, bindparam, func, select, update
+from sqlalchemy import JSON, Table, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from bundles.director import sign_assignment
@@ -109,7 +109,7 @@ def _checkin_statement() -> Any:
     plain = {name: bindparam(f"p_{name}", type_=t[name].type)
              for name in ("state", "last_error", "active_name", "active_version", "active_release_counter",
                           "active_variant")}
-    return (update(Device.__table__)
+    return (update(cast(Table, Device.__table__))
             .where(t.id == bindparam("p_id"), t.credential_hash == bindparam("p_hash"))
             .values(last_seen_at=bindparam("p_now", type_=UTCDateTime()), **plain, **keep)
             .returning(t.desired_seq, t.signed_seq, t.desired_reason, t.assignment, t.assignment_expires_at))
@@ -155,7 +155,7 @@ def assignment(ctx: ServerContext, device_id: str, credential: str) -> str | Non
             raise _auth_failure(session, h, device_id)
         if _needs_signing(ctx, row.desired_seq, row.signed_seq, row.desired_reason, row.assignment_expires_at, now):
             return sign_for(ctx, session, device_id, now)
-        return row.assignment
+        return cast("str | None", row.assignment)
 
 
 def authenticate_device(session: Session, credential: str) -> Device:

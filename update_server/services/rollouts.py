@@ -58,8 +58,9 @@ FINAL = {RolloutState.COMPLETED, RolloutState.ABORTED, RolloutState.ROLLED_BACK}
 def build_spec(ctx: ServerContext, req: Mapping[str, Any]) -> RolloutSpec:
     """The rollout's spec from the request, with the server's defaults for what it leaves out."""
     s = ctx.settings
-    soak = float(req.get("min_soak_s") if req.get("min_soak_s") is not None else s.default_min_soak_s)
-    min_dev = int(req.get("min_devices") if req.get("min_devices") is not None else s.default_min_devices)
+    soak_in, devices_in = req.get("min_soak_s"), req.get("min_devices")
+    soak = float(soak_in) if soak_in is not None else s.default_min_soak_s
+    min_dev = int(devices_in) if devices_in is not None else s.default_min_devices
     try:
         if req.get("phases"):
             phases = tuple(PhaseSpec(float(p["percent"]), float(p.get("min_soak_s", soak)),

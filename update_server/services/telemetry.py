@@ -14,10 +14,10 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import bindparam, insert, select, text
+from sqlalchemy import Table, bindparam, insert, select, text
 from sqlalchemy.orm import Session
 
 from update_server.db import dialect_insert
@@ -260,7 +260,7 @@ def write_batch(session: Session, messages: Sequence[Telemetry], membership: Mem
             set_={**{c: table.c[c] + stmt.excluded[c] for c in SUM_COLUMNS}, "last_at": stmt.excluded.last_at})
         session.connection().execute(stmt, [aggs[k] for k in sorted(aggs)])
     if events:
-        session.connection().execute(insert(TelemetryEvent.__table__), events)
+        session.connection().execute(insert(cast(Table, TelemetryEvent.__table__)), events)
     return len(new_ids)
 
 
