@@ -117,20 +117,27 @@ def fleet(request: pytest.FixtureRequest, device: Device, tmp_path_factory: pyte
 
 
 @pytest.fixture(scope="session")
-def bundles(request: pytest.FixtureRequest, device: Device, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """[installed, update]: two signed versions of one bundle, the second newer."""
+def bundle(request: pytest.FixtureRequest) -> Path:
+    """The signed bundle the suite installs (the first --bundle, or the digits example)."""
     given: list[Path] = request.config.getoption("--bundle") or []
     first = given[0] if given else DIGITS_BUNDLE
     if not first.is_file():
         pytest.skip(f"no bundle at {first}: build it on a workstation (edgepack build -c "
                     "examples/digits/edgepack.toml) and pass it with --bundle")
+    return first
+
+
+@pytest.fixture(scope="session")
+def update_bundle(request: pytest.FixtureRequest, bundle: Path, device: Device,
+                  tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A newer version of ``bundle``: the second --bundle, or ``bundle`` re-signed with --keys."""
+    given: list[Path] = request.config.getoption("--bundle") or []
     if len(given) > 1:
-        return [first, given[1]]
-    m = bundle_manifest(first)
-    version = f"{m['version'].split('-')[0].split('+')[0]}-hwtest.{uuid.uuid4().hex[:8]}"
+        return given[1]
     if not (device.keys / "private").is_dir():
         pytest.skip("the power-loss update needs a second, newer version: pass --bundle twice, or --keys with the "
                     "private/ targets key to re-sign one")
-    second = resign_bundle(first, device.keys, tmp_path_factory.mktemp("bundles") / f"{m['name']}-{version}.edgepack",
-                           version=version, release_counter=int(m["release_counter"]) + 1)
-    return [first, second]
+    m = bundle_manifest(bundle)
+    version = f"{m['version'].split('-')[0].split('+')[0]}-hwtest.{uuid.uuid4().hex[:8]}"
+    return resign_bundle(bundle, device.keys, tmp_path_factory.mktemp("bundles") / f"{m['name']}-{version}.edgepack",
+                         version=version, release_counter=int(m["release_counter"]) + 1)

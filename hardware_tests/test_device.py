@@ -48,7 +48,7 @@ def _trust_store(device: Device, directory: Path) -> Any:
 
 
 # ---- no server needed --------------------------------------------------------------------------------------
-def test_runtimes_present_and_chosen(device: Device, bundles: list[Path], tmp_path: Path,
+def test_runtimes_present_and_chosen(device: Device, bundle: Path, tmp_path: Path,
                                      record_property: Callable[[str, object], None]) -> None:
     """Which runtimes are installed, which variant the agent picks for this profile and why, and that every
     variant an installed runtime can run passes its golden vectors here."""
@@ -60,7 +60,7 @@ def test_runtimes_present_and_chosen(device: Device, bundles: list[Path], tmp_pa
     installed = installed_runtimes()
     assert installed, "no inference runtime is installed: pip install 'edgepack[agent]' (and [litert] on a Pi)"
     assert set(installed) == set(available_runtimes()), "the agent and the bundle library disagree on runtimes"
-    vb = verify_archive(bundles[0], _trust_store(device, tmp_path / "trust"), tmp_path / "bundle",
+    vb = verify_archive(bundle, _trust_store(device, tmp_path / "trust"), tmp_path / "bundle",
                         hardware_id=device.hardware_id)
     chosen, why = choose_variant(vb.manifest, device.hardware_id, installed)
     golden: dict[str, Any] = {}
@@ -82,7 +82,7 @@ def test_runtimes_present_and_chosen(device: Device, bundles: list[Path], tmp_pa
     assert golden[chosen.id].startswith("passed"), f"the variant this device would serve fails here: {golden}"
 
 
-def test_bundle_verification_time(device: Device, bundles: list[Path], tmp_path: Path,
+def test_bundle_verification_time(device: Device, bundle: Path, tmp_path: Path,
                                   record_property: Callable[[str, object], None]) -> None:
     """Signature chain + every file's hash, as on sideloading (``bundles.verify.verify_archive``), 5 times."""
     from bundles.verify import verify_archive
@@ -91,11 +91,11 @@ def test_bundle_verification_time(device: Device, bundles: list[Path], tmp_path:
     for i in range(5):
         trust = _trust_store(device, tmp_path / f"trust{i}")
         t0 = time.perf_counter()
-        vb = verify_archive(bundles[0], trust, tmp_path / f"bundle{i}", hardware_id=device.hardware_id)
+        vb = verify_archive(bundle, trust, tmp_path / f"bundle{i}", hardware_id=device.hardware_id)
         seconds.append(time.perf_counter() - t0)
         digests.add(vb.content_digest)
         shutil.rmtree(tmp_path / f"bundle{i}")
-    size_mb = bundles[0].stat().st_size / 1e6
+    size_mb = bundle.stat().st_size / 1e6
     median = statistics.median(seconds)
     report(record_property, "verification", {"bundle_mb": round(size_mb, 2), "median_s": round(median, 4),
                                               "min_s": round(min(seconds), 4), "mb_per_s": round(size_mb / median, 1)})
@@ -146,16 +146,16 @@ def check_serves_verified(agent: AgentProcess, versions: set[str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def deployed(fleet: Fleet, device: Device, bundles: list[Path],
+def deployed(fleet: Fleet, device: Device, bundle: Path,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
-    agent = deploy(fleet, device, bundles[0], tmp_path_factory.mktemp("agent"), "a")
+    agent = deploy(fleet, device, bundle, tmp_path_factory.mktemp("agent"), "a")
     try:
         yield agent
     finally:
         agent.stop()
 
 
-def test_activation_times(deployed: AgentProcess, device: Device, bundles: list[Path],
+def test_activation_times(deployed: AgentProcess, device: Device, bundle: Path,
                           record_property: Callable[[str, object], None]) -> None:
     """The agent's own timings of its first install: download, verify, self-test, activation."""
     (activated,) = deployed.events("activated")
@@ -249,12 +249,12 @@ def _kill_when(agent: AgentProcess, states: set[str], timeout: float, *, mid_dow
     return f"{state} ({staged} bytes staged)"
 
 
-def test_power_loss_during_update(fleet: Fleet, device: Device, bundles: list[Path], tmp_path: Path,
+def test_power_loss_during_update(fleet: Fleet, device: Device, bundle: Path, update_bundle: Path, tmp_path: Path,
                                   record_property: Callable[[str, object], None]) -> None:
     """kill -9 mid-download and mid-verification of an update; after each restart the state file is valid and
     the agent serves a verified bundle; in the end the update completes."""
-    old, new = (bundle_manifest(b)["version"] for b in bundles)
-    agent = deploy(fleet, device, bundles[0], tmp_path / "agent", "pl")
+    old, new = (bundle_manifest(b)["version"] for b in (bundle, update_bundle))
+    agent = deploy(fleet, device, bundle, tmp_path / "agent", "pl")
     try:
         agent.stop()
         # Slow steps and small chunks, so each state lasts long enough to be hit deliberately.
@@ -262,8 +262,8 @@ def test_power_loss_during_update(fleet: Fleet, device: Device, bundles: list[Pa
         agent.write_config()
         agent.start()
         wait_for(agent.status, 120, "the agent's API", agent.log_tail)
-        fleet.push(bundles[1])
-        rollout = fleet.roll_out(bundle_manifest(bundles[1])["name"], new, agent.device_id)
+        fleet.push(update_bundle)
+        rollout = fleet.roll_out(bundle_manifest(update_bundle)["name"], new, agent.device_id)
         kills = []
         for states, mid_download in (({"downloading"}, True), ({"verifying", "selftest"}, False)):
             kills.append(_kill_when(agent, states, INSTALL_TIMEOUT_S, mid_download=mid_download))
