@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEVICE_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
@@ -37,6 +38,15 @@ class CheckinRequest(_In):
     state: str | None = Field(None, max_length=32)
     active: ActiveBundle | None = None
     last_error: str | None = Field(None, max_length=4000)
+
+    @field_validator("last_error", mode="before")
+    @classmethod
+    def _error_as_text(cls, value: Any) -> Any:
+        """The agent reports its last error as an object (``{"error", "message", "phase", ...}``); it is
+        stored as JSON text. Refusing it with 422 locked a device that had failed once out of check-ins."""
+        if isinstance(value, dict):
+            return json.dumps(value, separators=(",", ":"), default=str)[:4000]
+        return value
 
 
 class CheckinResponse(BaseModel):
