@@ -1,0 +1,349 @@
+"""The simulated fleet: real agents, enrolled for real, stepped by a few threads, used by simulated users.
+
+Each :class:`SimDevice` is one ``device_agent.machine.Agent`` with its own state directory, credential,
+MQTT connection (through :class:`~edgepack.fleet.faults.FaultyPublisher`), HTTP access (through
+:class:`~edgepack.fleet.faults.FaultyTransport` over one shared connection pool) and an
+:class:`~edgepack.fleet.supervisor.InProcessSupervisor`.
+
+Stepping. ``Agent.run()`` would hold one thread per device, mostly asleep in its IDLE wait or its trial.
+Instead a scheduler thread looks at each agent every ``TICK_S`` and hands the ready ones to a small pool,
+which calls ``Agent.step()``. An agent is ready when its step would not block: in IDLE when its next
+check-in is due or a check-in notice is queued; in TRIAL when the trial period is over or a crash is
+queued; in every other state always. Reading "when is the next check-in" uses the agent's private
+``_next_checkin`` (the agent has no public "due" query; see the report in docs/benchmarks.md).
+
+Users. Load threads send each serving device ``requests_per_s`` prediction calls of ``batch`` real digit
+images (scikit-learn's bundled test split) through ``Agent.predict`` and return the true labels through
+``Agent.feedback``, as a kiosk's users would: that is where the accuracy telemetry comes from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from edgepack.fleet.faults import FaultyPublisher, FaultyTransport, Link
+from edgepack.fleet.scenario import Scenario
+from edgepack.fleet.supervisor import InProcessSupervisor, SessionCache
+
+log = logging.getLogger(__name__)
+TICK_S = 0.05
+FAULT_TICK_S = 0.5
+
+
+@dataclass
+class SimDevice:
+    device_id: str
+    hardware_id: str
+    state_dir: Path
+    link: Link
+    agent: Any = None
+    publisher: FaultyPublisher | None = None
+    supervisor: InProcessSupervisor | None = None
+    busy: bool = False
+    offline_at: float | None = None
+    steps: int = 0
+
+
+@dataclass
+class LoadStats:
+    calls: int = 0
+    ok: int = 0
+    errors: int = 0
+    feedback: int = 0
+    correct: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _requests(batch: int, seed: int, n: int = 64) -> list[tuple[bytes, list[str]]]:
+    """Prediction bodies of ``batch`` real digit images each, with their true labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images, labels = digits.images[1200:], digits.target[1200:]  # the split the digits models never saw
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        idx = [rng.randrange(len(images)) for _ in range(batch)]
+        body = json.dumps({"inputs": [images[i].tolist() for i in idx]}).encode()
+        out.append((body, [str(int(labels[i])) for i in idx]))
+    return out
+
+
+class Fleet:
+    def __init__(self, scn: Scenario, *, server_url: str, keys: Any, state_root: Path) -> None:
+        import urllib3
+
+        from device_agent import AGENT_VERSION
+        from device_agent.transport import Urllib3Transport
+        from device_agent.update import installed_runtimes
+
+        self.scn = scn
+        self.server_url = server_url
+        self.keys = keys
+        self.state_root = state_root
+        self.rng = random.Random(scn.seed)
+        self.cache = SessionCache()
+        self.runtimes = installed_runtimes()
+        f = scn.fleet
+        self.http = Urllib3Transport(f"edgepack-agent/{AGENT_VERSION} (fleet-sim)")
+        self.http.pool = urllib3.PoolManager(retries=False, maxsize=f.step_threads + f.enroll_threads + 4,
+                                             headers={"User-Agent": f"edgepack-agent/{AGENT_VERSION} (fleet-sim)"})
+        self.devices = [self._device(i) for i in range(f.devices)]
+        self.load = LoadStats()
+        self.crash_rates: dict[str, float] = {v: b.crash_per_device_minute / 60.0 for v, b in scn.bundles.items()
+                                              if b.crash_per_device_minute}
+        self.injected = {"crashes": 0}
+        self.agent_errors: list[str] = []
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._faults_armed_at: float | None = None
+
+    def _device(self, i: int) -> SimDevice:
+        f, fa = self.scn.fleet, self.scn.faults
+        link = Link(drop=fa.http_drop, rng=random.Random(self.rng.random()))
+        if self.rng.random() < fa.slow_fraction:
+            link.latency_s, link.bytes_per_s = fa.slow_latency_ms / 1e3, fa.slow_kbps * 1000 / 8
+        hw = f.hardware_ids[i % len(f.hardware_ids)]
+        dev_id = f"{f.id_prefix}-{i:05d}"
+        return SimDevice(dev_id, hw, self.state_root / dev_id, link)
+
+    # ---- enrollment and boot --------------------------------------------------------------------------
+    def _config(self, dev: SimDevice) -> Any:
+        from device_agent.config import config_from_dict
+
+        f = self.scn.fleet
+        return config_from_dict({
+            "device_id": dev.device_id, "hardware_id": dev.hardware_id, "state_dir": str(dev.state_dir),
+            "server": {"url": self.server_url, "poll_interval_s": float(f.poll_interval_s)},
+            "trust": {"image_root": str(self.keys.root_path), "director_root": str(self.keys.director_root_path)},
+            "trial": {"period_s": f.trial_s, "max_crashes": f.trial_max_crashes,
+                      "health_interval_s": max(1.0, f.trial_s)},
+            "limits": {"backoff_initial_s": 1.0, "backoff_max_s": 10.0, "download_deadline_s": 120.0},
+            "telemetry": {"window_s": f.window_s},
+            "mqtt": {"keepalive_s": 60, "publish_timeout_s": 15.0},
+        }, source=f"fleet-sim:{dev.device_id}")
+
+    def _enroll(self, dev: SimDevice, token: str) -> None:
+        """What ``edgepack-agent enroll`` does: the real enrollment call, credential stored 0600."""
+        from bundles._util import atomic_write
+        from device_agent import AGENT_VERSION
+        from device_agent.machine import _platform
+        from device_agent.server import ServerClient
+
+        client = ServerClient(self.server_url, self.http, timeout_s=60)
+        answer = client.enroll(token, {"device_id": dev.device_id, "hardware_id": dev.hardware_id,
+                                       "platform": _platform(), "agent_version": AGENT_VERSION,
+                                       "runtimes": {k: v.split(" ")[-1] for k, v in self.runtimes.items()},
+                                       "tags": {"fleet": self.scn.name}})
+        dev.state_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(dev.state_dir / "credential", answer["credential"].encode() + b"\n", mode=0o600)
+        info = {k: v for k, v in answer.items() if k != "credential"}
+        atomic_write(dev.state_dir / "enrollment.json", json.dumps(info, indent=1).encode(), mode=0o600)
+
+    def _boot(self, dev: SimDevice) -> None:
+        from device_agent.machine import Agent
+        from device_agent.telemetry import MqttPublisher
+
+        config = self._config(dev)
+        enrollment = json.loads((dev.state_dir / "enrollment.json").read_bytes())
+        dev.publisher = FaultyPublisher(MqttPublisher(enrollment["mqtt"]["url"], dev.device_id, keepalive_s=60),
+                                        dev.link)
+        dev.supervisor = InProcessSupervisor(dev.state_dir / "bundles", self.cache,
+                                             max_input_dims=config.telemetry.max_input_dims,
+                                             restart_backoff_max_s=5.0)
+        dev.agent = Agent(config, transport=FaultyTransport(self.http, dev.link), publisher=dev.publisher,
+                          supervisor=dev.supervisor, runtimes=self.runtimes)
+        dev.agent.boot()
+
+    def enroll_and_boot(self, token: str) -> float:
+        """Enroll every device (in parallel), then boot its agent; returns the seconds it took."""
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(self.scn.fleet.enroll_threads, thread_name_prefix="enroll") as pool:
+            list(pool.map(lambda d: self._enroll(d, token), self.devices))
+            list(pool.map(self._boot, self.devices))
+        return time.monotonic() - t0
+
+    # ---- running ---------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._pool = ThreadPoolExecutor(self.scn.fleet.step_threads, thread_name_prefix="step")
+        self._threads = [threading.Thread(target=self._schedule, name="scheduler", daemon=True),
+                         threading.Thread(target=self._faults, name="faults", daemon=True)]
+        bodies = _requests(self.scn.fleet.batch, self.scn.seed)
+        for i in range(self.scn.fleet.load_threads):
+            self._threads.append(threading.Thread(target=self._users, args=(i, bodies), name=f"users-{i}",
+                                                  daemon=True))
+        for t in self._threads:
+            t.start()
+
+    def arm_faults(self) -> None:
+        """Offline periods are placed from now on (the first rollout's start)."""
+        fa = self.scn.faults
+        now = time.monotonic()
+        self._faults_armed_at = now
+        for dev in self.devices:
+            if self.rng.random() < fa.offline_fraction:
+                dev.offline_at = now + self.rng.uniform(*fa.offline_start_s)
+
+    def _ready(self, dev: SimDevice) -> bool:
+        from device_agent.states import State
+
+        agent = dev.agent
+        state = agent.record.state
+        if state is State.IDLE:
+            if agent._next_checkin <= agent.clock.monotonic():
+                return True
+            return any(e[0] == "notify" for e in list(agent.events.queue))
+        if state is State.TRIAL:
+            p = agent.record.pending
+            if p is None or p.trial_started_at is None:
+                return True
+            end = datetime.fromisoformat(p.trial_started_at) + timedelta(seconds=agent.config.trial.period_s)
+            return agent.clock.now() >= end or any(e[0] == "crash" for e in list(agent.events.queue))
+        return True
+
+    def _schedule(self) -> None:
+        assert self._pool is not None
+        while not self._stop.wait(TICK_S):
+            for dev in self.devices:
+                if not dev.busy and self._ready(dev):
+                    dev.busy = True
+                    self._pool.submit(self._step, dev)
+
+    def _step(self, dev: SimDevice) -> None:
+        from device_agent.states import State
+
+        try:
+            for _ in range(20):  # an update's steps back to back, while they do not block
+                if self._stop.is_set() or not self._ready(dev):
+                    break
+                if dev.agent.record.state is State.IDLE:
+                    dev.agent._drain("crash")  # in IDLE the real agent's wait swallows crash notes too
+                dev.agent.step()
+                dev.steps += 1
+        except Exception:
+            if len(self.agent_errors) < 20:
+                self.agent_errors.append(f"{dev.device_id}: {traceback.format_exc(limit=6)}")
+            log.exception("agent %s step failed", dev.device_id)
+            time.sleep(1.0)
+        finally:
+            dev.busy = False
+
+    def _faults(self) -> None:
+        fa = self.scn.faults
+        base = fa.crash_per_device_hour / 3600.0
+        drops = fa.mqtt_drops_per_device_hour / 3600.0
+        while not self._stop.wait(FAULT_TICK_S):
+            if self._faults_armed_at is None:
+                continue
+            now = time.monotonic()
+            for dev in self.devices:
+                sup = dev.supervisor
+                serving = sup.serving if sup is not None else None
+                rate = base + (self.crash_rates.get(serving.ref.version, 0.0)
+                               if serving is not None and serving.ref is not None else 0.0)
+                if rate and self.rng.random() < rate * FAULT_TICK_S and sup is not None and sup.crash():
+                    self.injected["crashes"] += 1
+                if drops and dev.publisher is not None and self.rng.random() < drops * FAULT_TICK_S:
+                    dev.publisher.drop_connection()
+                if dev.offline_at is not None and now >= dev.offline_at:
+                    dev.offline_at = None
+                    dev.link.offline_until = now + fa.offline_s
+                    dev.link.count("offline_periods")
+                    if dev.publisher is not None:
+                        dev.publisher.go_offline()
+                elif dev.publisher is not None and dev.publisher._down and not dev.link.offline() \
+                        and dev.link.offline_until:
+                    dev.publisher.go_online()
+
+    def _users(self, index: int, bodies: list[tuple[bytes, list[str]]]) -> None:
+        f = self.scn.fleet
+        rng = random.Random(self.scn.seed * 1000 + index)
+        mine = self.devices[index::f.load_threads]
+        rate = f.requests_per_s * len(mine)  # calls per second for this thread
+        if rate <= 0 or not mine:
+            return
+        i, next_at = 0, time.monotonic()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now < next_at:
+                self._stop.wait(min(0.1, next_at - now))
+                continue
+            next_at = max(next_at + 1.0 / rate, now - 1.0)  # never more than a second of backlog
+            dev = mine[i % len(mine)]
+            i += 1
+            if dev.supervisor is None or dev.supervisor.serving is None:
+                continue
+            self._use(dev, *bodies[rng.randrange(len(bodies))], rng)
+
+    def _use(self, dev: SimDevice, body: bytes, labels: list[str], rng: random.Random) -> None:
+        status, answer = dev.agent.predict(body)
+        load = self.load
+        if status != 200:
+            with load.lock:
+                load.calls += 1
+                load.errors += 1
+            return
+        with load.lock:
+            load.calls += 1
+            load.ok += 1
+        if rng.random() >= self.scn.fleet.feedback:
+            return
+        pid = json.loads(answer)["prediction_id"]
+        status, ans = dev.agent.feedback(json.dumps({"prediction_id": pid, "label": labels}).encode())
+        if status == 200:
+            correct = sum(json.loads(ans)["correct"])
+            with load.lock:
+                load.feedback += len(labels)
+                load.correct += correct
+
+    # ---- observing and stopping --------------------------------------------------------------------------
+    def versions(self) -> dict[str, int]:
+        """Devices per serving version (``none`` before the first bundle)."""
+        out: dict[str, int] = {}
+        for dev in self.devices:
+            ref = dev.agent.record.serving() if dev.agent is not None else None
+            key = ref.version if ref is not None else "none"
+            out[key] = out.get(key, 0) + 1
+        return out
+
+    def states(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for dev in self.devices:
+            if dev.agent is not None:
+                s = dev.agent.record.state.value
+                out[s] = out.get(s, 0) + 1
+        return out
+
+    def fault_counts(self) -> dict[str, int]:
+        total: dict[str, int] = {"crashes_injected": self.injected["crashes"]}
+        for dev in self.devices:
+            for k, v in dev.link.counts.items():
+                total[k] = total.get(k, 0) + v
+        total["slow_devices"] = sum(1 for d in self.devices if d.link.bytes_per_s)
+        return total
+
+    def telemetry_backlog(self) -> int:
+        return sum(len(d.agent.telemetry.outbox) for d in self.devices if d.agent is not None)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(10)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        for dev in self.devices:
+            if dev.agent is not None:
+                dev.agent.stop()
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda d: d.agent.close() if d.agent is not None else None, self.devices))
