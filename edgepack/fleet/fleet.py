@@ -317,6 +317,22 @@ class Fleet:
             out[key] = out.get(key, 0) + 1
         return out
 
+    def settled(self, version: str, rollout_state: str) -> bool:
+        """Every device idle, and every reachable one where the rollout's end sends it: on ``version`` after a
+        completed rollout, off it after a rollback."""
+        for dev in self.devices:
+            if dev.agent is None:
+                continue
+            if dev.agent.record.state.value != "idle":
+                return False
+            ref = dev.agent.record.serving()
+            on_target = ref is not None and ref.version == version
+            if rollout_state == "rolled_back" and on_target:
+                return False
+            if rollout_state == "completed" and not on_target and not dev.link.offline():
+                return False
+        return True
+
     def states(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for dev in self.devices:
@@ -332,6 +348,10 @@ class Fleet:
                 total[k] = total.get(k, 0) + v
         total["slow_devices"] = sum(1 for d in self.devices if d.link.bytes_per_s)
         return total
+
+    def published(self) -> int:
+        """Telemetry messages the devices' brokers acknowledged so far (all devices)."""
+        return sum(d.agent.telemetry.published for d in self.devices if d.agent is not None)
 
     def telemetry_backlog(self) -> int:
         return sum(len(d.agent.telemetry.outbox) for d in self.devices if d.agent is not None)

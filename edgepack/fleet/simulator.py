@@ -76,7 +76,7 @@ def _min_devices(plan: RolloutPlan, n: int) -> list[dict[str, Any]]:
 def run_rollout(scn: Scenario, plan: RolloutPlan, fleet: Fleet, svc: Services,
                 progress: Callable[[str], None]) -> RolloutSummary:
     admin = svc.server.admin()
-    ingested0 = _counter(admin, "telemetry_ingested")
+    ingested0, published0 = _counter(admin, "telemetry_ingested"), fleet.published()
     r = admin.post("/api/v1/rollouts", json={
         "bundle": {"name": scn.model, "version": plan.bundle}, "phases": _min_devices(plan, len(fleet.devices)),
         "gates": gate_values(plan), "on_breach": plan.on_breach, "start": True,
@@ -111,15 +111,15 @@ def run_rollout(scn: Scenario, plan: RolloutPlan, fleet: Fleet, svc: Services,
     c1 = svc.meter.sample()
     phase_end_cpu.setdefault(phase, c1)
     ingested = _counter(admin, "telemetry_ingested") - ingested0
+    published = fleet.published() - published0
     audit = sorted(admin.get(f"/api/v1/rollouts/{rid}/audit").json(), key=lambda e: e["id"])
     progress(f"  {plan.bundle}: {status['state']}" + (f" ({status['halt']['reason']})" if status.get("halt") else ""))
     t_settle = time.monotonic()
-    while time.monotonic() - t_settle < plan.settle_s:
-        if set(fleet.states()) <= {"idle"}:
-            break
+    while time.monotonic() - t_settle < plan.settle_s and not fleet.settled(plan.bundle, status["state"]):
         time.sleep(0.5)
     settle = time.monotonic() - t_settle
     summary = _summarise(plan, rid, status, audit, timed_out, phase_cpu, phase_end_cpu, c0, c1, ingested)
+    summary.telemetry_published = published
     summary.versions_after, summary.settle_s = fleet.versions(), round(settle, 1)
     return summary
 
@@ -175,6 +175,7 @@ def _summarise(plan: RolloutPlan, rid: str, status: dict[str, Any], audit: list[
         members=sum(p["devices"] for p in status["phases"]), duration_s=duration,
         halt_reason=(status.get("halt") or {}).get("reason"), halt_phase=halt_phase, breached=breached,
         phases=phases, telemetry_ingested=ingested, messages_per_s=round(ingested / wall, 1) if wall > 0 else 0.0,
+        telemetry_published=0,
         server_cpu_pct=CpuMeter.pct(c0, c1, "server"), broker_cpu_pct=CpuMeter.pct(c0, c1, "broker"),
         simulator_cpu_pct=CpuMeter.pct(c0, c1, "simulator"), versions_after={}, settle_s=0.0)
 

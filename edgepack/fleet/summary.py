@@ -47,6 +47,9 @@ class RolloutSummary:
     phases: list[PhaseSummary]
     telemetry_ingested: int
     messages_per_s: float
+    """Telemetry messages the server ingested (new, after de-duplication) per second of the rollout."""
+    telemetry_published: int
+    """Messages the devices published (broker acknowledged) meanwhile: the baseline ingestion keeps up with."""
     server_cpu_pct: float
     broker_cpu_pct: float
     simulator_cpu_pct: float
