@@ -60,6 +60,8 @@ class MqttConfig:
     username: str | None = None
     password: str | None = None
     keepalive_s: int = 30
+    protocol: str = "5"
+    """MQTT protocol version: "5" (default), or "3.1.1" for brokers without MQTT 5 (e.g. amqtt)."""
     publish_timeout_s: float = 30.0
     """An unacknowledged message is re-sent after this long (the server de-duplicates by message id)."""
 
@@ -206,6 +208,8 @@ def config_from_dict(doc: Mapping[str, Any], *, source: str = "<dict>") -> Agent
     mqtt = _section(MqttConfig, doc.get("mqtt"), "mqtt")
     if mqtt.url is not None and not mqtt.url.startswith(("mqtt://", "mqtts://")):
         raise ConfigError("[mqtt] url must start with mqtt:// or mqtts://", detail={"found": mqtt.url})
+    if mqtt.protocol not in ("5", "3.1.1"):
+        raise ConfigError('[mqtt] protocol must be "5" or "3.1.1"', detail={"found": mqtt.protocol})
     return AgentConfig(
         device_id=doc["device_id"], hardware_id=doc["hardware_id"], state_dir=Path(doc["state_dir"]),
         server=server, trust=_section(TrustConfig, doc["trust"], "trust"),

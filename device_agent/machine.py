@@ -97,7 +97,7 @@ class Agent:
             url = config.mqtt.url or self.enrollment.get("mqtt", {}).get("url")
             publisher = None if not url else MqttPublisher(
                 url, config.device_id, username=config.mqtt.username, password=config.mqtt.password,
-                keepalive_s=config.mqtt.keepalive_s)
+                keepalive_s=config.mqtt.keepalive_s, protocol=config.mqtt.protocol)
         self.telemetry = Telemetry(config.device_id, Outbox(self.store.outbox,
                                                             max_messages=config.limits.outbox_max_messages,
                                                             max_bytes=config.limits.outbox_max_bytes),

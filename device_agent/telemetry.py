@@ -55,7 +55,7 @@ class MqttPublisher:
     """paho-mqtt client: MQTT 5, QoS 1, clean start false, session expiry 1 day, automatic reconnect."""
 
     def __init__(self, url: str, device_id: str, *, username: str | None = None, password: str | None = None,
-                 keepalive_s: int = 30) -> None:
+                 keepalive_s: int = 30, protocol: str = "5") -> None:
         import paho.mqtt.client as mqtt
 
         u = urlparse(url)
@@ -69,8 +69,12 @@ class MqttPublisher:
         self.on_notify: Callable[[bytes], None] = lambda payload: None
         self._mqtt = mqtt
         self._connected = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,  # type: ignore[attr-defined]  # paho re-export client_id=f"edgepack-dev-{device_id}",
-                                  protocol=mqtt.MQTTv5)
+        self.v5 = protocol == "5"
+        # A stable client id: the broker keeps this device's session (and QoS 1 queue) across reconnects.
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,  # type: ignore[attr-defined]  # paho re-export
+                                  client_id=f"edgepack-dev-{device_id}",
+                                  protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311,
+                                  clean_session=None if self.v5 else False)
         if u.scheme == "mqtts":
             self.client.tls_set()
         if username:
@@ -103,6 +107,10 @@ class MqttPublisher:
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
+        if not self.v5:  # MQTT 3.1.1: the persistent session comes from clean_session=False
+            self.client.connect_async(self.host, self.port, self.keepalive_s)
+            self.client.loop_start()
+            return
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho is untyped here
         props.SessionExpiryInterval = 86_400
         self.client.connect_async(self.host, self.port, self.keepalive_s, clean_start=False, properties=props)
