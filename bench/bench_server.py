@@ -320,6 +320,7 @@ def bench_halt(work: Path, keys_dir: Path, bundles: list[Path], repeats: int) ->
     server = Server(work, keys_dir, db_url, EDGEPACK_MQTT_URL=broker.url, EDGEPACK_GATE_INTERVAL_S="1.0")
     pub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     pub.connect("127.0.0.1", broker.port)
+    print("halt: server up, publishing", flush=True)
     pub.loop_start()
     try:
         for b in bundles:
@@ -341,8 +342,11 @@ def bench_halt(work: Path, keys_dir: Path, bundles: list[Path], repeats: int) ->
                               else 1}, "rollout_id": rid, "event": "crash", "target": None,
                    "detail": {"signal": 11, "phase": "serving"}}
             t0 = time.perf_counter()
-            pub.publish(f"edgepack/v1/devices/{device}/telemetry/event", json.dumps(msg), qos=1).wait_for_publish()
+            pub.publish(f"edgepack/v1/devices/{device}/telemetry/event", json.dumps(msg), qos=1).wait_for_publish(30)
+            deadline = time.monotonic() + 60
             while server.admin.get(f"/api/v1/rollouts/{rid}").json()["state"] not in ("halted", "rolled_back"):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"rollout {rid} was not halted within 60 s of the crash report")
                 time.sleep(0.01)
             times.append(time.perf_counter() - t0)
         RESULTS["halt"] = {"repeats": repeats, "median_s": round(statistics.median(times), 3),
@@ -369,6 +373,8 @@ def main() -> None:
     parser.add_argument("--publishers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, help="Write the results as JSON here.")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="Replace the '## Update server' section of docs/benchmarks.md with these results.")
     args = parser.parse_args()
     only = set(args.only or ["checkin", "telemetry", "halt"])
 
@@ -393,6 +399,72 @@ def main() -> None:
     print(json.dumps(RESULTS, indent=2))
     if args.out:
         args.out.write_text(json.dumps(RESULTS, indent=2) + "\n")
+    if args.write_docs:
+        write_docs(RESULTS, " ".join(sys.argv[1:]))
+
+
+def _met(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def render(results: dict[str, Any], argv: str) -> str:
+    """The '## Update server' section of docs/benchmarks.md."""
+    m = results.get("machine", {})
+    lines = ["## Update server", "",
+             f"Command: `python bench/bench_server.py{' ' + argv if argv else ''}`", "",
+             f"Host: {m.get('cpus')} cores shared with other work (1-minute load average {m.get('load_avg_1m')} at "
+             "the end of the run). The server runs as `edgepack-server serve` in a subprocess; the load generator "
+             "and the broker run on the same machine. Baselines are measured in the same run.", ""]
+    goals = []
+    checkins = [(k.split("_", 1)[1], v) for k, v in results.items() if k.startswith("checkin_")]
+    if checkins:
+        lines += ["### Check-ins (devices with a signed assignment, 32 keep-alive connections)", "",
+                  "| database | workers | devices | check-ins/s | p50 ms | p99 ms | errors | baseline `/healthz`/s | "
+                  "ratio |", "|---|---|---|---|---|---|---|---|---|"]
+        for db, r in checkins:
+            lines.append(f"| {db} | {r['workers']} | {r['devices']} | {r['per_s']:.0f} | {r['p50_ms']} | {r['p99_ms']} "
+                         f"| {r['errors']} | {r['baseline_healthz_per_s']:.0f} | {r['ratio_to_healthz']} |")
+            goals.append((f"check-ins/s, {db}", ">= 1,000", f"{r['per_s']:.0f}", r["per_s"] >= 1000))
+        lines.append("")
+    t = results.get("telemetry")
+    if t:
+        lines += ["### Telemetry ingest (Mosquitto -> shared subscription -> validation -> PostgreSQL)", "",
+                  "| messages | ingested | lost | msgs/s end to end | baseline: bare reader msgs/s | ratio | "
+                  "bare paho subscriber msgs/s |", "|---|---|---|---|---|---|---|",
+                  f"| {t['messages']} | {t['ingested']} | {t['lost']} | {t['per_s']:.0f} | "
+                  f"{t['baseline_bare_reader_per_s']:.0f} | {t['ratio_to_bare']} | "
+                  f"{t['bare_paho_subscriber_per_s']:.0f} |",
+                  "", "End to end: from the first publish until the server reports every message committed "
+                  "(QoS 1, acknowledged to the broker only after the commit).", ""]
+        goals.append(("telemetry msgs/s, nothing lost", ">= 10,000", f"{t['per_s']:.0f} ({t['lost']} lost)",
+                      t["per_s"] >= 10000 and t["lost"] == 0))
+    h = results.get("halt")
+    if h:
+        lines += ["### Breached gate to halted rollout", "",
+                  "| repeats | median s | max s | gate interval s | median / interval |", "|---|---|---|---|---|",
+                  f"| {h['repeats']} | {h['median_s']} | {h['max_s']} | {h['gate_interval_s']} | "
+                  f"{h['ratio_median_to_interval']} |", "",
+                  "From publishing a crash event of a first-phase device until `GET /api/v1/rollouts/{id}` says "
+                  "halted (and rolled back).", ""]
+        goals.append(("breach to halt", "<= 5 s", f"{h['max_s']} s (max)", h["max_s"] <= 5))
+    if goals:
+        lines += ["### Goals", "", "| goal | target | measured | met |", "|---|---|---|---|"]
+        lines += [f"| {g} | {want} | {got} | {_met(ok)} |" for g, want, got, ok in goals]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_docs(results: dict[str, Any], argv: str) -> None:
+    path = ROOT / "docs" / "benchmarks.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    section = render(results, argv)
+    start = text.find("## Update server")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        nxt = text.find("\n## ", start + 3)
+        text = text[:start] + section + ("\n" + text[nxt + 1:] if nxt >= 0 else "")
+    path.write_text(text.rstrip("\n") + "\n")
 
 
 if __name__ == "__main__":
