@@ -71,6 +71,38 @@ def serve(config: Path | None = ConfigOpt,
                     access_log=False)
 
 
+@app.command()
+def ingest(config: Path | None = ConfigOpt, log_level: str = typer.Option("info")) -> None:
+    """Run only the MQTT telemetry ingester (no HTTP): an extra replica in the shared subscription group.
+
+    Give each ingest process its own stable EDGEPACK_MQTT_CLIENT_ID; they split the telemetry with the servers.
+    """
+    import signal
+    import threading
+
+    from update_server.app import build_context, prepare_database
+    from update_server.ingest import Ingester
+
+    settings = _settings(config)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not settings.mqtt_url:
+        typer.echo("error: EDGEPACK_MQTT_URL is not set; there is nothing to ingest", err=True)
+        raise typer.Exit(2)
+    ctx = build_context(settings)
+    prepare_database(ctx)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    ingester = Ingester(ctx)
+    ingester.start()
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        ingester.stop()
+        ctx.engine.dispose()
+
+
 @app.command("migrate")
 def migrate_cmd(config: Path | None = ConfigOpt) -> None:
     """Create or upgrade the database schema (also done at start-up unless auto_migrate is off)."""

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from typer.testing import CliRunner
 
+from bundles.keys import KeyStore
 from tests.server.conftest import LiveServer
 from tests.server.sim import SimDevice
 from update_server import admin_cli
@@ -69,3 +70,50 @@ def test_server_cli_create_token(tmp_path: Path, session_keys: object) -> None:
 
     settings = Settings.load(config)
     assert settings.default_phases == (5.0, 100.0) and settings.data_dir == tmp_path / "data2"
+
+
+def test_ingest_only_replica(tmp_path: Path, session_keys: KeyStore, system_broker: str) -> None:
+    """`edgepack-server ingest` is a replica without HTTP: it consumes its share of the telemetry."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    from sqlalchemy import create_engine, func, select
+
+    from tests.server.sim import Publisher
+    from update_server.models import TelemetrySeen
+
+    prefix = f"edgepack-ingest-{uuid.uuid4().hex[:8]}/v1/devices"
+    db = tmp_path / "ingest.db"
+    env = {**os.environ, "EDGEPACK_DATA_DIR": str(tmp_path / "data"), "EDGEPACK_DATABASE_URL": f"sqlite:///{db}",
+           "EDGEPACK_KEYS_DIR": str(session_keys.directory / "online"), "EDGEPACK_MQTT_URL": system_broker,
+           "EDGEPACK_MQTT_TOPIC_PREFIX": prefix, "EDGEPACK_MQTT_CLIENT_ID": f"ingest-{uuid.uuid4().hex[:6]}",
+           "EDGEPACK_MQTT_SHARE_GROUP": f"g-{uuid.uuid4().hex[:6]}"}
+    proc = subprocess.Popen([sys.executable, "-m", "update_server.cli", "ingest", "--log-level", "warning"], env=env)
+    pub = Publisher(system_broker, prefix)
+    engine = None
+    try:
+        deadline = time.monotonic() + 60
+        while not db.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(2)  # subscribed by now (the process migrated, then connected)
+        device = SimDevice("http://unused", "ing-1")
+        device.active = {"name": "digits", "version": "1.0.0", "release_counter": 1, "variant": "onnx-fp32"}
+        for _ in range(5):
+            pub.window(device)
+        engine = create_engine(f"sqlite:///{db}")
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                if conn.execute(select(func.count()).select_from(TelemetrySeen)).scalar() == 5:
+                    break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the ingest replica did not store the telemetry")
+    finally:
+        pub.close()
+        proc.terminate()
+        assert proc.wait(30) == 0
+        if engine is not None:
+            engine.dispose()
