@@ -64,7 +64,7 @@ def markdown(summary: Summary, scn: Any, command: str) -> str:
         lines += [f"### {r.bundle}: {r.final_state}" + (f" ({r.halt_reason})" if r.halt_reason else ""), "",
                   "| phase | % | devices | reporting | time s | soak s | time / soak | outcome | server CPU % "
                   "| gates at the decision |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for p, soak in zip(r.phases, soaks):
+        for p, soak in zip(r.phases, soaks, strict=False):
             over = f"{p.duration_s / soak:.2f}" if p.duration_s is not None and soak else "-"
             gates = "; ".join(gate_text(g) for g in p.gates if g["status"] not in ("off",))
             lines.append(f"| {p.index} | {p.percent:g} | {p.devices} | {p.reporting} | "
@@ -101,6 +101,9 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=Path("fleet-bench.json"))
     ap.add_argument("--write-docs", action="store_true", help='replace "## Fleet simulation" in docs/benchmarks.md')
     args = ap.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.ERROR, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     scn = load_scenario(args.scenario)
     if args.devices:
         scn = dataclasses.replace(scn, fleet=dataclasses.replace(scn.fleet, devices=args.devices))

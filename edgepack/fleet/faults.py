@@ -92,6 +92,18 @@ class FaultyTransport:
             yield chunk
 
 
+def _forward(name: str) -> Any:
+    """A property reading and writing ``self.inner.<name>``."""
+
+    def getter(self: FaultyPublisher) -> Callable[..., None]:
+        return getattr(self.inner, name)  # type: ignore[no-any-return]
+
+    def setter(self: FaultyPublisher, value: Callable[..., None]) -> None:
+        setattr(self.inner, name, value)
+
+    return property(getter, setter)
+
+
 class FaultyPublisher:
     """A :class:`~device_agent.telemetry.Publisher` over the device's real MQTT publisher.
 
@@ -107,19 +119,9 @@ class FaultyPublisher:
         self._lock = threading.Lock()
 
     # Telemetry installs its callbacks on the publisher: forward them to the real one.
-    def _set(name: str) -> Any:  # noqa: N805 - a property factory, not a method
-        def getter(self: FaultyPublisher) -> Callable[..., None]:
-            return getattr(self.inner, name)  # type: ignore[no-any-return]
-
-        def setter(self: FaultyPublisher, value: Callable[..., None]) -> None:
-            setattr(self.inner, name, value)
-
-        return property(getter, setter)
-
-    on_ack = _set("on_ack")
-    on_connect = _set("on_connect")
-    on_notify = _set("on_notify")
-    del _set
+    on_ack = _forward("on_ack")
+    on_connect = _forward("on_connect")
+    on_notify = _forward("on_notify")
 
     def start(self) -> None:
         self.inner.start()

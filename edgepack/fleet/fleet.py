@@ -25,6 +25,7 @@ import random
 import threading
 import time
 import traceback
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.fleet.faults import FaultyPublisher, FaultyTransport, Link
+from edgepack.fleet.mqtt import LoopedMqttPublisher, SharedLoop
 from edgepack.fleet.scenario import Scenario
 from edgepack.fleet.supervisor import InProcessSupervisor, SessionCache
 
@@ -80,7 +82,8 @@ def _requests(batch: int, seed: int, n: int = 64) -> list[tuple[bytes, list[str]
 
 
 class Fleet:
-    def __init__(self, scn: Scenario, *, server_url: str, keys: Any, state_root: Path) -> None:
+    def __init__(self, scn: Scenario, *, server_url: str, keys: Any, state_root: Path,
+                 indices: Sequence[int] | None = None) -> None:
         import urllib3
 
         from device_agent import AGENT_VERSION
@@ -91,14 +94,16 @@ class Fleet:
         self.server_url = server_url
         self.keys = keys
         self.state_root = state_root
-        self.rng = random.Random(scn.seed)
+        self.indices = list(indices) if indices is not None else list(range(scn.fleet.devices))
+        self.rng = random.Random(scn.seed * 7919 + (self.indices[0] if self.indices else 0))
         self.cache = SessionCache()
+        self.mqtt_loop = SharedLoop()
         self.runtimes = installed_runtimes()
         f = scn.fleet
         self.http = Urllib3Transport(f"edgepack-agent/{AGENT_VERSION} (fleet-sim)")
         self.http.pool = urllib3.PoolManager(retries=False, maxsize=f.step_threads + f.enroll_threads + 4,
                                              headers={"User-Agent": f"edgepack-agent/{AGENT_VERSION} (fleet-sim)"})
-        self.devices = [self._device(i) for i in range(f.devices)]
+        self.devices = [self._device(i) for i in self.indices]
         self.load = LoadStats()
         self.crash_rates: dict[str, float] = {v: b.crash_per_device_minute / 60.0 for v, b in scn.bundles.items()
                                               if b.crash_per_device_minute}
@@ -153,17 +158,17 @@ class Fleet:
 
     def _boot(self, dev: SimDevice) -> None:
         from device_agent.machine import Agent
-        from device_agent.telemetry import MqttPublisher
 
         config = self._config(dev)
         enrollment = json.loads((dev.state_dir / "enrollment.json").read_bytes())
-        dev.publisher = FaultyPublisher(MqttPublisher(enrollment["mqtt"]["url"], dev.device_id, keepalive_s=60),
-                                        dev.link)
+        publisher = LoopedMqttPublisher(enrollment["mqtt"]["url"], dev.device_id, self.mqtt_loop, keepalive_s=60)
+        dev.publisher = FaultyPublisher(publisher, dev.link)
         dev.supervisor = InProcessSupervisor(dev.state_dir / "bundles", self.cache,
                                              max_input_dims=config.telemetry.max_input_dims,
                                              restart_backoff_max_s=5.0)
         dev.agent = Agent(config, transport=FaultyTransport(self.http, dev.link), publisher=dev.publisher,
-                          supervisor=dev.supervisor, runtimes=self.runtimes)
+                          # Agent annotates the concrete Supervisor; ours implements the same interface
+                          supervisor=dev.supervisor, runtimes=self.runtimes)  # type: ignore[arg-type]
         dev.agent.boot()
 
     def enroll_and_boot(self, token: str) -> float:
@@ -353,6 +358,15 @@ class Fleet:
         """Telemetry messages the devices' brokers acknowledged so far (all devices)."""
         return sum(d.agent.telemetry.published for d in self.devices if d.agent is not None)
 
+    def report(self) -> dict[str, Any]:
+        """Everything the summary needs from this (part of the) fleet, as plain data."""
+        load = self.load
+        return {"load": {"calls": load.calls, "ok": load.ok, "errors": load.errors, "feedback": load.feedback,
+                         "correct": load.correct},
+                "faults": self.fault_counts(),
+                "sessions": {"loaded": self.cache.sessions, "device_loads": self.cache.hits},
+                "agent_errors": list(self.agent_errors)}
+
     def telemetry_backlog(self) -> int:
         return sum(len(d.agent.telemetry.outbox) for d in self.devices if d.agent is not None)
 
@@ -367,3 +381,4 @@ class Fleet:
                 dev.agent.stop()
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(lambda d: d.agent.close() if d.agent is not None else None, self.devices))
+        self.mqtt_loop.close()

@@ -8,11 +8,12 @@ what was found and what is allowed, so a typo never silently becomes a default. 
 from __future__ import annotations
 
 import math
-import tomllib
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 
 class ScenarioError(ValueError):
@@ -25,8 +26,10 @@ class FleetSpec:
     id_prefix: str = "sim"
     hardware_ids: tuple[str, ...] = ("x86-kiosk",)
     """Assigned round robin; each must be one the bundles are signed for."""
+    processes: int = 1
+    """Processes the devices are spread over (each runs its share with its own threads)."""
     step_threads: int = 16
-    """Threads stepping the agents' state machines (the devices share them)."""
+    """Threads (per process) stepping the agents' state machines (the devices share them)."""
     load_threads: int = 1
     """Threads sending predictions and feedback to the devices."""
     enroll_threads: int = 8
@@ -177,8 +180,8 @@ def _coerce(value: Any, default: Any, what: str) -> Any:
 
 def _check(scn: Scenario) -> None:
     f = scn.fleet
-    if f.devices < 1 or f.step_threads < 1 or f.load_threads < 1 or f.batch < 1:
-        raise ScenarioError("[fleet] devices, step_threads, load_threads and batch must be at least 1")
+    if min(f.devices, f.processes, f.step_threads, f.load_threads, f.batch) < 1:
+        raise ScenarioError("[fleet] devices, processes, step_threads, load_threads and batch must be at least 1")
     if not f.hardware_ids:
         raise ScenarioError("[fleet] hardware_ids must name at least one hardware id")
     if f.poll_interval_s < 1:
@@ -208,7 +211,7 @@ def _check(scn: Scenario) -> None:
         where = f"[[rollout]] #{i + 1} ({r.bundle})"
         if r.bundle not in scn.bundles:
             raise ScenarioError(f"{where}: bundle {r.bundle!r} is not in [bundles] ({sorted(scn.bundles)})")
-        if not r.phases or r.phases[-1] != 100 or any(b <= a for a, b in zip(r.phases, r.phases[1:])) \
+        if not r.phases or r.phases[-1] != 100 or any(b <= a for a, b in zip(r.phases, r.phases[1:], strict=False)) \
                 or r.phases[0] <= 0:
             raise ScenarioError(f"{where}: phases must grow strictly from above 0 to 100, found {list(r.phases)}")
         if r.phase_soak_s and (len(r.phase_soak_s) != len(r.phases)

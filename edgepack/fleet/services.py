@@ -49,11 +49,11 @@ def _digits_factory() -> Any:
     """``tests.support.factories.make_digits_bundle`` (a real model, real signatures), from the checkout."""
     try:
         from tests.support.factories import make_digits_bundle
-    except ModuleNotFoundError:
+    except ModuleNotFoundError as exc:
         root = Path(__file__).resolve().parents[2]
         if not (root / "tests" / "support" / "factories.py").is_file():
             raise ScenarioError("built-in digits bundles need the source checkout (tests/support/factories.py); "
-                                "give each bundle a `file = \"...edgepack\"` and the top-level `keys` instead")
+                                "give each bundle a `file = \"...edgepack\"` and the top-level `keys` instead") from exc
         sys.path.insert(0, str(root))
         from tests.support.factories import make_digits_bundle
     return make_digits_bundle

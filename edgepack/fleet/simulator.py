@@ -23,6 +23,7 @@ from typing import Any
 from edgepack.fleet.fleet import Fleet
 from edgepack.fleet.scenario import RolloutPlan, Scenario, gate_values
 from edgepack.fleet.services import Broker, Database, ServerProcess, default_state_root, prepare_bundles
+from edgepack.fleet.shards import ShardedFleet
 from edgepack.fleet.summary import PhaseSummary, RolloutSummary, Summary
 
 log = logging.getLogger(__name__)
@@ -32,18 +33,17 @@ FINAL = {"completed", "rolled_back", "aborted"}
 class CpuMeter:
     """CPU seconds (user + system) of a set of processes, sampled on demand."""
 
-    def __init__(self, pids: dict[str, int | None]) -> None:
+    def __init__(self, pids: dict[str, list[int]]) -> None:
         import psutil
 
-        self.procs = {name: psutil.Process(pid) for name, pid in pids.items() if pid is not None}
+        self.procs = {name: [psutil.Process(pid) for pid in group] for name, group in pids.items() if group}
 
     def sample(self) -> tuple[float, dict[str, float]]:
         out = {}
-        for name, p in self.procs.items():
+        for name, group in self.procs.items():
             try:
-                t = p.cpu_times()
-                out[name] = t.user + t.system
-            except Exception:  # the process is gone: its last figure stands
+                out[name] = sum(t.user + t.system for t in (p.cpu_times() for p in group))
+            except Exception:  # a process is gone: no figure
                 out[name] = math.nan
         return time.monotonic(), out
 
@@ -70,15 +70,15 @@ def _counter(admin: Any, name: str) -> int:
 def _min_devices(plan: RolloutPlan, n: int) -> list[dict[str, Any]]:
     soaks = [float(x) for x in plan.phase_soak_s] or [plan.min_soak_s] * len(plan.phases)
     return [{"percent": p, "min_soak_s": soak, "min_devices": max(1, math.floor(plan.min_reporting * n * p / 100.0))}
-            for p, soak in zip(plan.phases, soaks)]
+            for p, soak in zip(plan.phases, soaks, strict=True)]
 
 
-def run_rollout(scn: Scenario, plan: RolloutPlan, fleet: Fleet, svc: Services,
+def run_rollout(scn: Scenario, plan: RolloutPlan, fleet: Any, svc: Services,
                 progress: Callable[[str], None]) -> RolloutSummary:
     admin = svc.server.admin()
     ingested0, published0 = _counter(admin, "telemetry_ingested"), fleet.published()
     r = admin.post("/api/v1/rollouts", json={
-        "bundle": {"name": scn.model, "version": plan.bundle}, "phases": _min_devices(plan, len(fleet.devices)),
+        "bundle": {"name": scn.model, "version": plan.bundle}, "phases": _min_devices(plan, scn.fleet.devices),
         "gates": gate_values(plan), "on_breach": plan.on_breach, "start": True,
         "reason": f"fleet-sim {scn.name}"})
     if r.status_code != 201:
@@ -141,10 +141,12 @@ def _summarise(plan: RolloutPlan, rid: str, status: dict[str, Any], audit: list[
     for p in status["phases"]:
         i = p["index"]
         leaving = next((e for e in decisions if e["detail"].get("phase_from") == i), None)
+        gates: list[dict[str, Any]] = []
+        duration: float | None = None
         if entered is None:
-            outcome, duration, gates = "not reached", None, []
+            outcome = "not reached"
         elif leaving is None:
-            outcome, duration, gates = ("timeout" if timed_out else "aborted"), None, []
+            outcome = "timeout" if timed_out else "aborted"
         else:
             outcome = {"rollout.advance": "advanced", "rollout.complete": "completed",
                        "rollout.halt": "halted"}[leaving["action"]]
@@ -199,7 +201,7 @@ def run_scenario(scn: Scenario, *, json_out: Path | None = None, keep: bool = Fa
     broker: Broker | None = None
     database: Database | None = None
     server: ServerProcess | None = None
-    fleet: Fleet | None = None
+    fleet: Any = None
     try:
         progress(f"building/reading {len(scn.bundles)} bundles")
         keys, bundle_files = prepare_bundles(scn, work)
@@ -220,12 +222,19 @@ def run_scenario(scn: Scenario, *, json_out: Path | None = None, keep: bool = Fa
                     raise RuntimeError(f"pushing bundle {version} failed: HTTP {r.status_code} {r.text[:500]}")
             r = admin.post("/api/v1/admin/enrollment-tokens", json={"uses": scn.fleet.devices})
             token = r.json()["token"]
-        fleet = Fleet(scn, server_url=server.url, keys=keys, state_root=state_root)
+        if scn.fleet.processes > 1:
+            fleet = ShardedFleet(scn, server_url=server.url, keys=keys, state_root=state_root,
+                                 processes=scn.fleet.processes)
+            sim_pids = [os.getpid(), *fleet.pids]
+        else:
+            fleet = Fleet(scn, server_url=server.url, keys=keys, state_root=state_root)
+            sim_pids = [os.getpid()]
         enroll_s = fleet.enroll_and_boot(token)
-        progress(f"{scn.fleet.devices} devices enrolled and booted in {enroll_s:.1f} s")
-        meter = CpuMeter({"server": server.proc.pid if server.proc else None,
-                          "broker": broker.proc.pid if broker and broker.proc else None,
-                          "simulator": os.getpid()})
+        progress(f"{scn.fleet.devices} devices enrolled and booted in {enroll_s:.1f} s "
+                 f"({scn.fleet.processes} process(es))")
+        meter = CpuMeter({"server": [server.proc.pid] if server.proc else [],
+                          "broker": [broker.proc.pid] if broker and broker.proc else [],
+                          "simulator": sim_pids})
         svc = Services(server, broker, database, meter)
         fleet.start()
         results = []
@@ -235,14 +244,12 @@ def run_scenario(scn: Scenario, *, json_out: Path | None = None, keep: bool = Fa
             results.append(run_rollout(scn, plan, fleet, svc, progress))
         with server.admin() as admin:
             counters = admin.get("/api/v1/admin/stats").json()["counters"]
-        load = fleet.load
+        report = fleet.report()
         summary = Summary(
             scenario=scn.name, devices=scn.fleet.devices, database=scn.server.database, enroll_s=round(enroll_s, 1),
             wall_s=round(time.monotonic() - t_start, 1), rollouts=results,
-            load={"calls": load.calls, "ok": load.ok, "errors": load.errors, "feedback": load.feedback,
-                  "correct": load.correct},
-            faults=fleet.fault_counts(), sessions={"loaded": fleet.cache.sessions, "device_loads": fleet.cache.hits},
-            agent_errors=list(fleet.agent_errors), server_counters=counters, host=_host())
+            load=report["load"], faults=report["faults"], sessions=report["sessions"],
+            agent_errors=report["agent_errors"], server_counters=counters, host=_host())
         if json_out is not None:
             summary.write(json_out)
         return summary
