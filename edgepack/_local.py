@@ -51,11 +51,13 @@ class Broker:
             self._stop = None
 
 
-def start_broker(workdir: Path) -> Broker:
-    """mosquitto on a free port when installed, otherwise amqtt in-process (MQTT 3.1.1 only)."""
+def start_broker(workdir: Path, kind: str = "auto") -> Broker:
+    """mosquitto on a free port when installed (or ``kind="mosquitto"``), otherwise amqtt in-process (MQTT 3.1.1)."""
     port = free_port()
     binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
-    if binary:
+    if kind == "mosquitto" and not binary:
+        raise RuntimeError("mosquitto is not installed (apt-get install mosquitto), or use --broker amqtt")
+    if binary and kind != "amqtt":
         conf = workdir / "mosquitto.conf"
         conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\n")
         proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -149,6 +149,8 @@ def demo(
     workdir: Path | None = typer.Option(None, help="Where to put everything (default: a temporary directory)."),
     keep: bool = typer.Option(False, help="Keep the server, broker and devices running until Ctrl-C."),
     rate: float = typer.Option(40.0, help="Predictions per second across the fleet."),
+    broker_kind: str = typer.Option("auto", "--broker",
+                                    help="auto (mosquitto if installed, else amqtt), mosquitto or amqtt."),
 ) -> None:
     """Run the whole system on this machine: build, sign, enroll a fleet, roll out good and bad versions."""
     import logging
@@ -172,7 +174,7 @@ def demo(
     try:
         console.rule("[bold]1. keys, broker, update server")
         keys = KeyStore.init(work / "keys")
-        broker = _local.start_broker(work)
+        broker = _local.start_broker(work, broker_kind)
         console.print(f"broker: {broker.kind} at {broker.url} (MQTT {broker.protocol})")
         server = _local.start_server(data_dir=work / "server", keys_dir=keys.directory, broker=broker,
                                      poll_interval_s=2, gate_interval_s=0.5, default_min_soak_s=soak,

@@ -32,11 +32,12 @@ def _broker(url: str) -> tuple[str, int]:
     return parsed.hostname or "127.0.0.1", parsed.port or 1883
 
 
-def _client(client_id: str, *, clean_start: bool) -> object:
+def _client(client_id: str, *, clean_start: bool, v5: bool = True) -> object:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    return mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    return mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                       protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
 
 
 class Ingester:
@@ -46,7 +47,9 @@ class Ingester:
         self.ctx = ctx
         s = ctx.settings
         self.host, self.port = _broker(s.mqtt_url)
-        self.topic = f"$share/{s.mqtt_share_group}/{s.mqtt_topic_prefix}/+/telemetry/#"
+        self.v5 = s.mqtt_protocol != "3.1.1"
+        plain = f"{s.mqtt_topic_prefix}/+/telemetry/#"
+        self.topic = f"$share/{s.mqtt_share_group}/{plain}" if self.v5 else plain
         self.queue: queue.Queue[tuple[Message, Telemetry | None]] = queue.Queue(maxsize=s.ingest_queue)
         self.membership = MembershipCache()
         self._stop = threading.Event()
@@ -58,7 +61,7 @@ class Ingester:
     # ---- network side --------------------------------------------------------------------------------
     def start(self) -> None:
         self._client = WireClient(self.host, self.port, self.ctx.settings.effective_mqtt_client_id,
-                                  clean_start=False, session_expiry=24 * 3600)
+                                  clean_start=False, session_expiry=24 * 3600, protocol=5 if self.v5 else 4)
         self._reader.start()
         self._writer.start()
 
@@ -164,7 +167,7 @@ class Notifier:
 
     def start(self) -> None:
         client = _client(f"{self.ctx.settings.effective_mqtt_client_id}-notify-{uuid.uuid4().hex[:6]}",
-                         clean_start=True)
+                         clean_start=True, v5=self.ctx.settings.mqtt_protocol != "3.1.1")
         client.max_queued_messages_set(0)  # type: ignore[attr-defined]
         client.max_inflight_messages_set(1000)  # type: ignore[attr-defined]
         client.reconnect_delay_set(0.2, 10)  # type: ignore[attr-defined]

@@ -5,7 +5,8 @@ on this project's 2-core machine a bare paho subscriber drains about 4,500 QoS 1
 (measured in bench/bench_server.py), below the 10,000/s goal before any validation or database work. This
 client reads the socket in 256 KiB chunks, parses every complete packet in the buffer, and acknowledges in
 batches with one ``sendall`` (after the caller committed the batch). It implements only what the server
-uses: CONNECT (MQTT 5, clean start off, session expiry, receive maximum), SUBSCRIBE, incoming PUBLISH at
+uses: CONNECT (MQTT 5, clean start off, session expiry, receive maximum; or MQTT 3.1.1, protocol level 4, for
+brokers without MQTT 5 such as amqtt), SUBSCRIBE, incoming PUBLISH at
 QoS 0/1, PUBACK, outgoing PUBLISH at QoS 1 with a window of unacknowledged messages, PINGREQ and
 DISCONNECT. Anything else from the broker (e.g. AUTH) closes the connection with an error; the caller
 reconnects. Notices to devices (low volume) still go through paho.
@@ -59,8 +60,12 @@ class Message:
 
 class WireClient:
     def __init__(self, host: str, port: int, client_id: str, *, clean_start: bool = False,
-                 session_expiry: int = 24 * 3600, receive_maximum: int = 65535, keepalive: int = 30) -> None:
+                 session_expiry: int = 24 * 3600, receive_maximum: int = 65535, keepalive: int = 30,
+                 protocol: int = 5) -> None:
+        if protocol not in (4, 5):
+            raise ValueError("protocol level must be 5 (MQTT 5) or 4 (MQTT 3.1.1)")
         self.host, self.port, self.client_id = host, port, client_id
+        self.v5 = protocol == 5
         self.clean_start, self.session_expiry = clean_start, session_expiry
         self.receive_maximum, self.keepalive = receive_maximum, keepalive
         self.sock: socket.socket | None = None
@@ -79,11 +84,14 @@ class WireClient:
         sock = socket.create_connection((self.host, self.port), timeout=timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        props = bytes([_PROP_SESSION_EXPIRY]) + struct.pack("!I", self.session_expiry) + \
-            bytes([_PROP_RECEIVE_MAX]) + struct.pack("!H", self.receive_maximum)
         flags = 0x02 if self.clean_start else 0x00
-        body = _str("MQTT") + bytes([5, flags]) + struct.pack("!H", self.keepalive) + _varint(len(props)) + props \
-            + _str(self.client_id)
+        if self.v5:
+            props = bytes([_PROP_SESSION_EXPIRY]) + struct.pack("!I", self.session_expiry) + \
+                bytes([_PROP_RECEIVE_MAX]) + struct.pack("!H", self.receive_maximum)
+            body = _str("MQTT") + bytes([5, flags]) + struct.pack("!H", self.keepalive) + _varint(len(props)) \
+                + props + _str(self.client_id)
+        else:  # 3.1.1: clean session flag, no properties
+            body = _str("MQTT") + bytes([4, flags]) + struct.pack("!H", self.keepalive) + _str(self.client_id)
         self.sock, self._buf = sock, bytearray()
         self._send(_packet(0x10, body))
         ptype, _flags, payload = self._read_packet(timeout)
@@ -108,7 +116,8 @@ class WireClient:
 
         Messages of a resumed session may arrive before the SUBACK; they go to the reader like any other."""
         self.subscribed.clear()
-        body = struct.pack("!H", self._packet_id()) + _varint(0) + _str(topic) + bytes([qos])
+        props = _varint(0) if self.v5 else b""
+        body = struct.pack("!H", self._packet_id()) + props + _str(topic) + bytes([qos])
         self._send(_packet(0x82, body))
 
     # ---- reading -------------------------------------------------------------------------------------
@@ -154,15 +163,16 @@ class WireClient:
                 if qos:
                     pid = (buf[j] << 8) | buf[j + 1]
                     j += 2
-                plen, pmult = 0, 1
-                while True:
-                    byte = buf[j]
-                    j += 1
-                    plen += (byte & 0x7F) * pmult
-                    pmult *= 128
-                    if not byte & 0x80:
-                        break
-                j += plen
+                if self.v5:  # skip the properties
+                    plen, pmult = 0, 1
+                    while True:
+                        byte = buf[j]
+                        j += 1
+                        plen += (byte & 0x7F) * pmult
+                        pmult *= 128
+                        if not byte & 0x80:
+                            break
+                    j += plen
                 on_message(Message(topic, bytes(buf[j:i + length]), pid, qos, self.generation))
                 n += 1
             elif ptype == PUBACK:
@@ -171,8 +181,11 @@ class WireClient:
                 if on_puback is not None:
                     on_puback(pid)
             elif ptype == SUBACK:
-                plen = buf[i + 2]
-                code = buf[i + 3 + plen] if i + 3 + plen < i + length else 0x80
+                if self.v5:
+                    plen = buf[i + 2]
+                    code = buf[i + 3 + plen] if i + 3 + plen < i + length else 0x80
+                else:
+                    code = buf[i + 2] if i + 2 < i + length else 0x80
                 if code > 2:
                     raise MqttError(f"subscription refused by the broker (reason code 0x{code:02x})")
                 self.subscribed.set()
@@ -223,7 +236,7 @@ class WireClient:
     def publish(self, topic: str, payload: bytes) -> int:
         """Queue a QoS 1 PUBLISH (no properties); returns its packet id (see ``inflight``)."""
         pid = self._packet_id()
-        body = _str(topic) + struct.pack("!H", pid) + b"\x00" + payload
+        body = _str(topic) + struct.pack("!H", pid) + (b"\x00" if self.v5 else b"") + payload
         self.inflight.add(pid)
         self._send(_packet(0x32, body))
         return pid

@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     mqtt_url: str = Field("", description="broker the server subscribes to; empty disables telemetry")
     mqtt_public_url: str = Field("", description="broker URL handed to devices; empty = mqtt_url")
     mqtt_client_id: str = Field("", description="stable client id of this replica; empty = derived")
+    mqtt_protocol: str = Field("5", description='"5", or "3.1.1" for brokers without MQTT 5 (amqtt): '
+                                                 "then one ingesting replica, no shared subscription")
     mqtt_share_group: str = "edgepack-server"
     mqtt_topic_prefix: str = "edgepack/v1/devices"
     max_message_bytes: int = 64 * 1024
@@ -64,6 +66,13 @@ class Settings(BaseSettings):
     default_min_soak_s: float = 3600.0
     default_min_devices: int = 5
     gate_interval_s: float = 1.0
+
+    @field_validator("mqtt_protocol")
+    @classmethod
+    def _mqtt_protocol(cls, value: str) -> str:
+        if value not in ("5", "3.1.1"):
+            raise ValueError('mqtt_protocol must be "5" or "3.1.1"')
+        return value
 
     @field_validator("default_phases", mode="before")
     @classmethod

@@ -12,9 +12,12 @@ import pytest
 
 
 @pytest.mark.slow
-def test_shortened_demo_ends_as_documented(tmp_path: Path) -> None:
+@pytest.mark.parametrize("broker", ["mosquitto", "amqtt"])
+def test_shortened_demo_ends_as_documented(tmp_path: Path, broker: str) -> None:
+    """With mosquitto (MQTT 5), and with amqtt, the pure-Python fallback broker (MQTT 3.1.1)."""
     res = subprocess.run([sys.executable, "-m", "edgepack.cli", "demo", "--devices", "6", "--soak", "3",
-                          "--workdir", str(tmp_path / "demo")], capture_output=True, text=True, timeout=900,
+                          "--broker", broker, "--workdir", str(tmp_path / "demo")],
+                         capture_output=True, text=True, timeout=900,
                          env={"COLUMNS": "200", "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
                               "HOME": str(tmp_path)})
     out = res.stdout
@@ -23,3 +26,4 @@ def test_shortened_demo_ends_as_documented(tmp_path: Path) -> None:
     assert rows == {"1.0.0": "completed", "1.1.0": "completed", "1.2.0": "rolled_back", "1.3.0": "rolled_back"}
     assert "accuracy_drop" in out and "crash_rate" in out  # the gates that halted the bad versions
     assert "fleet now serves {'1.1.0': 6}" in out
+    assert f"broker: {broker}" in out
