@@ -43,10 +43,11 @@ def markdown(summary: Summary, scn: Any, command: str) -> str:
              f"Command: `{command}` (scenario `examples/fleet/fleet-1000.toml`, one run).", "",
              f"Host: {h['cpus']} cores (shared with other work), {h['memory_gb']} GB, Python {h['python']}. "
              f"{summary.devices} devices, each the real `device_agent.machine.Agent` with its own state directory "
-             "(tmpfs), credential (real enrollment) and MQTT connection, stepped by "
-             f"{scn.fleet.step_threads} threads in one process; the worker runs in-process "
-             f"({summary.sessions['loaded']} onnxruntime sessions shared by {summary.sessions['device_loads']} "
-             f"device loads). Server: `edgepack-server serve` in its own process, database {summary.database}; "
+             f"(tmpfs), credential (real enrollment) and MQTT connection, spread over {scn.fleet.processes} "
+             f"process(es) of {scn.fleet.step_threads} stepping threads each; the worker runs in-process "
+             f"({summary.sessions['loaded']} onnxruntime sessions, one per bundle per process, shared by "
+             f"{summary.sessions['device_loads']} device loads). Server: `edgepack-server serve` in its own process, "
+             f"database {summary.database}; "
              f"a private Mosquitto. Enrollment of the fleet: {summary.enroll_s} s; whole run {summary.wall_s} s.", "",
              f"Faults injected: {', '.join(f'{k} {v}' for k, v in summary.faults.items())}. "
              f"Users: {summary.load['calls']} prediction calls ({summary.load['feedback']} labelled predictions).", "",
