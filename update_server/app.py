@@ -76,7 +76,17 @@ def build_context(settings: Settings) -> ServerContext:
     repo = ImageRepository(keys, timestamp_expiry=timedelta(seconds=settings.timestamp_expiry_s),
                            snapshot_expiry=timedelta(seconds=settings.snapshot_expiry_s))
     return ServerContext(settings=settings, engine=engine, sessions=make_sessionmaker(engine),
-                         storage=make_storage(settings.storage, settings.data_dir), keys=keys, repo=repo)
+                         storage=make_storage(settings.storage, settings.data_dir), keys=keys, repo=repo,
+                         checkin_pool=_checkin_pool(engine))
+
+
+def _checkin_pool(engine: Any) -> Any:
+    if engine.dialect.name != "postgresql":
+        return None
+    from update_server.pg_fast import CheckinPool
+    from update_server.services.devices import CHECKIN
+
+    return CheckinPool(engine.url.render_as_string(hide_password=False), CHECKIN)
 
 
 def prepare_database(ctx: ServerContext) -> None:
@@ -135,6 +145,8 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
             for item in reversed(started):
                 item.stop()
             ctx.engine.dispose()
+            if ctx.checkin_pool is not None:
+                await ctx.checkin_pool.close()
 
     app = FastAPI(title="edgepack update server", version="1", lifespan=lifespan)
     app.state.ctx = ctx

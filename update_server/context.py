@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Any
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -49,6 +50,8 @@ class ServerContext:
     storage: BlobStorage
     keys: OnlineKeys
     repo: ImageRepository
+    checkin_pool: Any = None
+    """PostgreSQL only: ``pg_fast.CheckinPool``, async connections for the check-in UPDATE."""
     counters: Counters = field(default_factory=Counters)
     notify: Notify = lambda devices: None
     clock: Callable[[], datetime] = utcnow

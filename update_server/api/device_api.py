@@ -5,23 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import anyio
-import anyio.to_thread
 from fastapi import APIRouter, Response
 
 from update_server.api.deps import CredentialDep, CtxDep
 from update_server.schemas import CheckinRequest, CheckinResponse, EnrollRequest
 from update_server.services import devices
-
-_LIMITER: list[anyio.CapacityLimiter] = []
-
-
-def _limiter() -> anyio.CapacityLimiter:
-    """Few threads for check-ins: with dozens of threads the GIL hand-offs cost more than the work."""
-    if not _LIMITER:
-        _LIMITER.append(anyio.CapacityLimiter(8))
-    return _LIMITER[0]
-
 
 router = APIRouter(prefix="/api/v1/devices", tags=["device"])
 
@@ -41,13 +29,12 @@ def enroll(body: EnrollRequest, ctx: CtxDep) -> dict[str, Any]:
 async def checkin(device_id: str, body: CheckinRequest, ctx: CtxDep, credential: CredentialDep) -> Response:
     """Report inventory; get the signed assignment (or null)."""
     req = body.model_dump(exclude_unset=True)
-    if ctx.engine.dialect.name == "sqlite":
-        # An in-process file: the statement takes ~0.3 ms and cannot hang on a network, so it runs on the
-        # event loop; the thread hand-off would cost as much as the work (measured in bench_server.py).
-        result = devices.checkin(ctx, device_id, credential, req)
+    if ctx.checkin_pool is not None:  # PostgreSQL: awaited on psycopg's async connections, no thread
+        result = await devices.checkin_async(ctx, device_id, credential, req)
     else:
-        result = await anyio.to_thread.run_sync(devices.checkin, ctx, device_id, credential, req,
-                                                limiter=_limiter())
+        # SQLite, an in-process file: the statement takes ~0.3 ms and cannot hang on a network, so it runs
+        # on the event loop; a thread hand-off would cost as much as the work (measured in bench_server.py).
+        result = devices.checkin(ctx, device_id, credential, req)
     return Response(json.dumps(result), media_type="application/json")  # hot path: skip re-validation
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from datetime import datetime, timedelta
-from typing import Any, cast
+from datetime import datetime, timedelta, timezone
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import JSON, Table, bindparam, func, select, update
 from sqlalchemy.orm import Session
@@ -115,33 +115,90 @@ def _checkin_statement() -> Any:
             .returning(t.desired_seq, t.signed_seq, t.desired_reason, t.assignment, t.assignment_expires_at))
 
 
-_CHECKIN = _checkin_statement()
+CHECKIN = _checkin_statement()
+
+
+def _sign_locked(ctx: ServerContext, device_id: str, now: datetime) -> str | None:
+    """Re-check and sign under the device's row lock, so two concurrent check-ins sign only once."""
+    with ctx.sessions() as session, session.begin():
+        device = session.scalars(select(Device).where(Device.id == device_id).with_for_update()
+                                 .execution_options(populate_existing=True)).one()
+        if not _needs_signing(ctx, device.desired_seq, device.signed_seq, device.desired_reason,
+                              device.assignment_expires_at, now):
+            return device.assignment
+        return sign_for(ctx, session, device_id, now)
+
+
+def checkin_params(device_id: str, credential: str, req: Mapping[str, Any], now: datetime) -> dict[str, Any]:
+    active = req.get("active") or {}
+    return {"p_id": device_id, "p_hash": digest(credential), "p_now": now, "p_state": req.get("state"),
+            "p_last_error": req.get("last_error"), "p_active_name": active.get("name"),
+            "p_active_version": active.get("version"), "p_active_release_counter": active.get("release_counter"),
+            "p_active_variant": active.get("variant"), "p_agent_version": req.get("agent_version"),
+            "p_platform": req.get("platform"), "p_runtimes": req.get("runtimes")}
+
+
+def checkin_response(ctx: ServerContext, assignment: str | None, now: datetime) -> dict[str, Any]:
+    return {"assignment": assignment, "poll_interval_s": ctx.settings.poll_interval_s, "server_time": now.isoformat()}
+
+
+def after_update(ctx: ServerContext, device_id: str, credential_hash: str, row: Any, now: datetime) -> str | None:
+    """What follows the check-in UPDATE done outside a session: auth errors, or (rarely) signing."""
+    if row is None:
+        with ctx.sessions() as session, session.begin():
+            raise _auth_failure(session, credential_hash, device_id)
+    if _needs_signing(ctx, row.desired_seq, row.signed_seq, row.desired_reason, row.assignment_expires_at, now):
+        return _sign_locked(ctx, device_id, now)
+    return cast("str | None", row.assignment)
 
 
 def checkin(ctx: ServerContext, device_id: str, credential: str, req: Mapping[str, Any]) -> dict[str, Any]:
-    """The hot path: one Core statement on a connection (no ORM unit of work) unless re-signing is due."""
+    """The hot path: one prebuilt Core statement (no ORM unit of work) unless re-signing is due.
+
+    On PostgreSQL the HTTP layer calls :func:`checkin_async` instead (same statement, no thread hand-off)."""
     now = ctx.clock()
-    h = digest(credential)
-    active = req.get("active") or {}
-    params = {"p_id": device_id, "p_hash": h, "p_now": now, "p_state": req.get("state"),
-              "p_last_error": req.get("last_error"), "p_active_name": active.get("name"),
-              "p_active_version": active.get("version"), "p_active_release_counter": active.get("release_counter"),
-              "p_active_variant": active.get("variant"), "p_agent_version": req.get("agent_version"),
-              "p_platform": req.get("platform"), "p_runtimes": req.get("runtimes")}
+    params = checkin_params(device_id, credential, req, now)
     with ctx.sessions() as session, session.begin():
-        conn = session.connection()
-        if conn.dialect.name == "postgresql":
-            # Losing the last instants of "last seen" in a database crash is harmless; waiting for the WAL
-            # flush on every check-in is not (it halves throughput).
-            conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
-        row = conn.execute(_CHECKIN, params).first()
+        row = session.connection().execute(CHECKIN, params).first()
         if row is None:
-            raise _auth_failure(session, h, device_id)
+            raise _auth_failure(session, params["p_hash"], device_id)
         assignment = row.assignment
         if _needs_signing(ctx, row.desired_seq, row.signed_seq, row.desired_reason, row.assignment_expires_at, now):
             assignment = sign_for(ctx, session, device_id, now)
-    return {"assignment": assignment, "poll_interval_s": ctx.settings.poll_interval_s,
-            "server_time": now.isoformat()}
+    return checkin_response(ctx, assignment, now)
+
+
+async def checkin_async(ctx: ServerContext, device_id: str, credential: str, req: Mapping[str, Any]) -> dict[str, Any]:
+    """PostgreSQL: the UPDATE alone on the async engine (autocommit, asynchronous commit: one round trip, no
+    WAL flush wait; losing the last instants of "last seen" in a database crash is harmless). Auth failures
+    and signing, both rare, run in a worker thread."""
+    import anyio.to_thread
+
+    now = ctx.clock()
+    params = checkin_params(device_id, credential, req, now)
+    values = await ctx.checkin_pool.fetchone(params)
+    row = None if values is None else _Row(*values)
+    if row is None or _needs_signing(ctx, row.desired_seq, row.signed_seq, row.desired_reason,
+                                     row.assignment_expires_at, now):
+        assignment = await anyio.to_thread.run_sync(after_update, ctx, device_id, params["p_hash"], row, now)
+    else:
+        assignment = row.assignment
+    return checkin_response(ctx, assignment, now)
+
+
+class _Row(NamedTuple):
+    """The columns CHECKIN returns (as the async pool gives them: naive UTC timestamps made aware)."""
+
+    desired_seq: int
+    signed_seq: int
+    desired_reason: str
+    assignment: str | None
+    naive_expires_at: datetime | None
+
+    @property
+    def assignment_expires_at(self) -> datetime | None:
+        e = self.naive_expires_at
+        return None if e is None else e.replace(tzinfo=timezone.utc)
 
 
 def assignment(ctx: ServerContext, device_id: str, credential: str) -> str | None:
