@@ -414,7 +414,15 @@ def main() -> None:
     if args.out:
         args.out.write_text(json.dumps(RESULTS, indent=2) + "\n")
     if args.write_docs:
-        write_docs(RESULTS, " ".join(sys.argv[1:]))
+        shown, skip = [], False
+        for arg in sys.argv[1:]:  # the command as others should run it: without output paths
+            if skip:
+                skip = False
+            elif arg == "--out":
+                skip = True
+            elif arg != "--write-docs" and not arg.startswith("--out="):
+                shown.append(arg)
+        write_docs(RESULTS, " ".join(shown))
 
 
 def _met(ok: bool) -> str:
@@ -428,7 +436,9 @@ def render(results: dict[str, Any], argv: str) -> str:
              f"Command: `python bench/bench_server.py{' ' + argv if argv else ''}`", "",
              f"Host: {m.get('cpus')} cores shared with other work (1-minute load average {m.get('load_avg_1m')} at "
              "the end of the run). The server runs as `edgepack-server serve` in a subprocess; the load generator "
-             "and the broker run on the same machine. Baselines are measured in the same run.", ""]
+             "and the broker run on the same machine. Baselines are measured in the same run; compare the ratios "
+             "across machines. Other work on this shared machine moves absolute figures by tens of percent between "
+             "runs.", ""]
     goals = []
     checkins = [(k.split("_", 1)[1], v) for k, v in results.items() if k.startswith("checkin_")]
     if checkins:
