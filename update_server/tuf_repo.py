@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import threading
 from datetime import datetime, timedelta
-from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -154,6 +153,3 @@ class ImageRepository:
         session.add(TufMetadata(role=role, version=version, data=data, expires_at=expires, created_at=now))
         session.flush()
 
-
-def target_info(targets: Metadata[Targets] | None, path: str) -> Any:
-    return None if targets is None else targets.signed.targets.get(path)

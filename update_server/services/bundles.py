@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -164,10 +163,3 @@ def bundle_view(bundle: Bundle) -> dict[str, Any]:
 def bundle_detail(bundle: Bundle) -> dict[str, Any]:
     return {**bundle_view(bundle), "manifest": bundle.manifest, "files": bundle.files}
 
-
-def bundle_by_id(session: Session, bundle_id: int | None) -> Bundle | None:
-    return None if bundle_id is None else session.get(Bundle, bundle_id)
-
-
-def now_iso(now: datetime) -> str:
-    return now.isoformat()

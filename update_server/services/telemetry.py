@@ -11,7 +11,7 @@ not from the device's claim.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, cast
@@ -273,12 +273,3 @@ def parse_one(topic: str, payload: bytes, *, prefix: str, max_bytes: int, counte
         log.debug("dropped telemetry on %s: %s", topic, exc)
         return None
 
-
-def parse_many(items: Iterable[tuple[str, bytes]], *, prefix: str, max_bytes: int,
-               counters: Any) -> list[Telemetry]:
-    out = []
-    for topic, payload in items:
-        msg = parse_one(topic, payload, prefix=prefix, max_bytes=max_bytes, counters=counters)
-        if msg is not None:
-            out.append(msg)
-    return out
