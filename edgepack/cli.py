@@ -26,6 +26,7 @@ _PLUGINS = (
     ("converter.cli", "register"),
     ("update_server.admin_cli", "register"),
     ("edgepack.demo", "register"),
+    ("edgepack.fleet.cli", "register"),
 )
 
 

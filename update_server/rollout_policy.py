@@ -128,6 +128,20 @@ class GateSpec:
     max_p95_latency_regression: float | None = 0.25
     min_requests: int = 100
     min_feedback: int = 50
+    require_data: tuple[str, ...] = ()
+    """Gates that must have data (not ``no_data``) before a phase may advance, e.g. ("accuracy_drop",):
+    without it a phase that soaked too briefly to collect labels could advance on gates that never counted."""
+
+    def __post_init__(self) -> None:
+        names = tuple(self.require_data)
+        unknown = sorted(set(names) - set(GATE_NAMES))
+        if unknown:
+            raise ValueError(f"require_data names unknown gates {unknown}; known: {list(GATE_NAMES)}")
+        object.__setattr__(self, "require_data", names)
+
+
+GATE_NAMES = ("install_failure_rate", "crash_rate", "error_rate", "accuracy", "accuracy_drop",
+              "p95_latency_regression")
 
 
 @dataclass(frozen=True)
@@ -345,6 +359,9 @@ def decide(spec: RolloutSpec, stats: RolloutStats, now: datetime) -> Decision:
     need_soak = spec.phases[phase].min_soak_s
     if soaked < need_soak:
         return Decision(Verdict.NONE, f"soaking: {soaked:.0f}/{need_soak:.0f} s", gates)
+    missing = [g.name for g in gates if g.name in spec.gates.require_data and g.status is GateStatus.NO_DATA]
+    if missing:
+        return Decision(Verdict.NONE, f"waiting for gate data: {', '.join(missing)}", gates)
     reporting, required = required_devices(spec, stats, phase)
     if reporting < required:
         return Decision(Verdict.NONE, f"waiting for devices: {reporting}/{required} reporting on the target",

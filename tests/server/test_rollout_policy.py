@@ -157,3 +157,23 @@ def test_final_states_have_no_way_out() -> None:
 def test_invalid_phases(phases: tuple[float, ...]) -> None:
     with pytest.raises(ValueError):
         RolloutSpec(phases=tuple(PhaseSpec(p, 0, 0) for p in phases))
+
+
+@pytest.mark.parametrize(("require", "target", "verdict", "reason"), [
+    ((), replace(HEALTHY, feedback_count=10, feedback_correct=9), Verdict.ADVANCE, "soaked"),
+    (("accuracy_drop",), replace(HEALTHY, feedback_count=10, feedback_correct=9), Verdict.NONE,
+     "waiting for gate data: accuracy_drop"),
+    (("accuracy_drop",), HEALTHY, Verdict.ADVANCE, "soaked"),
+])
+def test_require_data_holds_a_phase_until_the_gate_counts(require: tuple[str, ...], target: GroupStats,
+                                                          verdict: Verdict, reason: str) -> None:
+    spec = replace(SPEC, gates=replace(SPEC.gates, require_data=require))
+    decision = decide(spec, stats(target=target), NOW)
+    assert decision.verdict is verdict and reason in decision.reason
+
+
+def test_require_data_names_known_gates() -> None:
+    with pytest.raises(ValueError, match="unknown gates"):
+        GateSpec(require_data=("accurcy",))
+    assert RolloutSpec.from_dict(replace(SPEC, gates=GateSpec(require_data=["accuracy"])).to_dict()).gates \
+        .require_data == ("accuracy",)
