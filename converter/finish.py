@@ -25,7 +25,7 @@ def _measure_all(spec: BuildSpec, results: list[VariantResult], ev: dict[str, np
                  steps: Any) -> None:
     built = [r for r in results if r.data is not None]
     sample = work / "sample.npz"
-    np.savez(sample, **{k: v[:1] for k, v in ev.items()})
+    np.savez(sample, **{k: v[:1] for k, v in ev.items()})  # type: ignore[arg-type]  # numpy stub: kwargs are arrays
     with steps.step("measure latency + memory", total=len(built)) as advance:
         for r in built:
             path = work / f"measure-{r.id}.{r.format}"

@@ -108,9 +108,9 @@ def keras_to_onnx(model: Any, *, input_name: str, output_name: str, opset: int =
         if kind in ("InputLayer", "Dropout", "SpatialDropout2D", "GaussianNoise"):
             continue
         if kind == "Rescaling":
-            g.op("Mul", [g.current, g.const("scale", np.float32(cfg["scale"]))], "rescale")
+            g.op("Mul", [g.current, g.const("scale", np.asarray(cfg["scale"], np.float32))], "rescale")
             if float(cfg.get("offset", 0.0)) != 0.0:
-                g.op("Add", [g.current, g.const("offset", np.float32(cfg["offset"]))], "offset")
+                g.op("Add", [g.current, g.const("offset", np.asarray(cfg["offset"], np.float32))], "offset")
         elif kind in ("Conv2D", "DepthwiseConv2D"):
             g.to_nchw(rank)
             if kind == "Conv2D":
@@ -199,4 +199,4 @@ def keras_to_onnx(model: Any, *, input_name: str, output_name: str, opset: int =
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edgepack")
     proto.ir_version = min(proto.ir_version, 9)
     onnx.checker.check_model(proto)
-    return proto.SerializeToString()
+    return bytes(proto.SerializeToString())

@@ -92,7 +92,7 @@ def preprocess(fp32: bytes, work: Path) -> bytes:
     proto.producer_name, proto.producer_version = "edgepack", ""
     data = proto.SerializeToString()
     _check_loads(data, "onnx-fp32", ConversionError)
-    return data
+    return bytes(data)
 
 
 def to_fp16(base: bytes, options: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
@@ -168,7 +168,7 @@ def _static_once(base_path: Path, out: Path, cal: dict[str, np.ndarray], per_cha
         quantize_static,
     )
 
-    class Reader(_Reader, CalibrationDataReader):
+    class Reader(_Reader, CalibrationDataReader):  # type: ignore[misc]  # onnxruntime.quantization is untyped
         pass
 
     method = str(options.get("calibration_method", "minmax")).lower()

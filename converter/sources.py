@@ -180,7 +180,8 @@ def _from_torch(module: Any, names: list[str], outs: list[str], opset: int,
 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, sample, buf, input_names=names, output_names=outs, opset_version=opset,
+        torch.onnx.export(module, sample, buf,  # type: ignore[arg-type]  # BytesIO is accepted at run time
+                          input_names=names, output_names=outs, opset_version=opset,
                           dynamic_axes=axes, do_constant_folding=True, dynamo=False)
         check = {n: features[n][:8] for n in names}
         expected = module(*(torch.from_numpy(np.ascontiguousarray(v)) for v in check.values()))

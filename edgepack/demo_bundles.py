@@ -64,7 +64,7 @@ def confuse_classes(model: bytes) -> bytes:
             if axis is None:
                 continue
             for a, b in swaps:
-                idx = [slice(None)] * arr.ndim
+                idx: list[slice | int] = [slice(None)] * arr.ndim
                 ia, ib = list(idx), list(idx)
                 ia[axis], ib[axis] = a, b
                 arr[tuple(ia)], arr[tuple(ib)] = arr[tuple(ib)].copy(), arr[tuple(ia)].copy()
