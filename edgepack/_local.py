@@ -44,6 +44,8 @@ class Broker:
     kind: str
     protocol: str
     _stop: Any = None
+    pid: int | None = None
+    """The broker's process (mosquitto), for CPU measurements; None when it runs in this process."""
 
     def stop(self) -> None:
         if self._stop is not None:
@@ -51,31 +53,43 @@ class Broker:
             self._stop = None
 
 
+def _mosquitto_binary() -> str | None:
+    return shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+
+
 def start_broker(workdir: Path, kind: str = "auto") -> Broker:
     """mosquitto on a free port when installed (or ``kind="mosquitto"``), otherwise amqtt in-process (MQTT 3.1.1)."""
-    port = free_port()
-    binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+    binary = _mosquitto_binary()
     if kind == "mosquitto" and not binary:
         raise RuntimeError("mosquitto is not installed (apt-get install mosquitto), or use --broker amqtt")
     if binary and kind != "amqtt":
-        conf = workdir / "mosquitto.conf"
-        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\n")
-        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not _listening(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("mosquitto did not start")
-            time.sleep(0.05)
+        return start_mosquitto(workdir)
+    return _start_amqtt(free_port())
 
-        def stop() -> None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
-        return Broker(f"mqtt://127.0.0.1:{port}", "mosquitto", "5", stop)
-    return _start_amqtt(port)
+def start_mosquitto(workdir: Path, extra_config: tuple[str, ...] = ("max_queued_messages 100000",)) -> Broker:
+    """A private mosquitto (MQTT 5) on a free port, with ``extra_config`` lines in its configuration."""
+    binary = _mosquitto_binary()
+    if binary is None:
+        raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
+    port = free_port()
+    conf = workdir / "mosquitto.conf"
+    conf.write_text("\n".join([f"listener {port} 127.0.0.1", "allow_anonymous true", *extra_config]) + "\n")
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not _listening(port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("mosquitto did not start")
+        time.sleep(0.05)
+
+    def stop() -> None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+    return Broker(f"mqtt://127.0.0.1:{port}", "mosquitto", "5", stop, proc.pid)
 
 
 def _start_amqtt(port: int) -> Broker:

@@ -9,8 +9,6 @@ topics, which a shared broker would mix with other runs' devices.
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from edgepack._local import Broker, free_port, start_mosquitto
 from edgepack.fleet.scenario import BundleSpec, Scenario, ScenarioError
 
 PG_ADMIN_URL = os.environ.get("EDGEPACK_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
@@ -28,20 +27,6 @@ PG_ADMIN_URL = os.environ.get("EDGEPACK_TEST_PG", "postgresql://postgres@127.0.0
 
 class ServiceError(RuntimeError):
     """A service the run needs did not start or answer; the message says which and how to check it."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 # ---- keys and bundles -------------------------------------------------------------------------------------
@@ -78,42 +63,12 @@ def _build(keys: Any, spec: BundleSpec, out: Path) -> Path:
 
 
 # ---- broker -------------------------------------------------------------------------------------------------
-class Broker:
-    """A private mosquitto on a free port (no persistence: a run is one-off)."""
-
-    def __init__(self, work: Path) -> None:
-        self.binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.port = free_port()
-        self.conf = work / "mosquitto.conf"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
-                             "max_queued_messages 1000000\nmax_inflight_messages 0\n")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def start(self) -> Broker:
-        if not os.path.exists(self.binary):
-            raise ServiceError("mosquitto is not installed (apt-get install mosquitto), or set "
-                               "[server] broker = \"mqtt://host:port\"")
-        self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not _port_open(self.port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise ServiceError(f"mosquitto did not start on port {self.port}")
-            time.sleep(0.05)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+def start_private_broker(work: Path) -> Broker:
+    """A private mosquitto on a free port (no persistence: a run is one-off), deep queues for bursts."""
+    try:
+        return start_mosquitto(work, ("max_queued_messages 1000000", "max_inflight_messages 0"))
+    except RuntimeError as exc:
+        raise ServiceError(f"{exc}; or set [server] broker = \"mqtt://host:port\"") from exc
 
 
 # ---- database -----------------------------------------------------------------------------------------------

@@ -20,9 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgepack._local import Broker
 from edgepack.fleet.fleet import Fleet
 from edgepack.fleet.scenario import RolloutPlan, Scenario, gate_values
-from edgepack.fleet.services import Broker, Database, ServerProcess, default_state_root, prepare_bundles
+from edgepack.fleet.services import (
+    Database,
+    ServerProcess,
+    default_state_root,
+    prepare_bundles,
+    start_private_broker,
+)
 from edgepack.fleet.shards import ShardedFleet
 from edgepack.fleet.summary import PhaseSummary, RolloutSummary, Summary
 
@@ -206,7 +213,7 @@ def run_scenario(scn: Scenario, *, json_out: Path | None = None, keep: bool = Fa
         progress(f"building/reading {len(scn.bundles)} bundles")
         keys, bundle_files = prepare_bundles(scn, work)
         if scn.server.broker == "private":
-            broker = Broker(work).start()
+            broker = start_private_broker(work)
             mqtt_url = broker.url
         else:
             mqtt_url = scn.server.broker
@@ -233,7 +240,7 @@ def run_scenario(scn: Scenario, *, json_out: Path | None = None, keep: bool = Fa
         progress(f"{scn.fleet.devices} devices enrolled and booted in {enroll_s:.1f} s "
                  f"({scn.fleet.processes} process(es))")
         meter = CpuMeter({"server": [server.proc.pid] if server.proc else [],
-                          "broker": [broker.proc.pid] if broker and broker.proc else [],
+                          "broker": [broker.pid] if broker and broker.pid else [],
                           "simulator": sim_pids})
         svc = Services(server, broker, database, meter)
         fleet.start()
