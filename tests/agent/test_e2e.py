@@ -7,6 +7,7 @@ telemetry ingestion must agree with the device.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -46,6 +47,7 @@ def test_full_cycle_against_the_real_server(keys: KeyStore, tmp_path: Path, priv
         for v, rc in (("1.0.0", 1), ("1.1.0", 2))}
     live = start_server(keys=keys, data_dir=tmp_path / "server", db_url=f"sqlite:///{tmp_path / 'server.db'}",
                         mqtt_url=private_broker.url)
+    agent: AgentProcess | None = None
     try:
         for info in bundles.values():
             assert push(live, info).status_code == 201
@@ -99,5 +101,8 @@ def test_full_cycle_against_the_real_server(keys: KeyStore, tmp_path: Path, priv
         assert view["runtimes"].get("onnxruntime")
         _wait(lambda: agent.status()["outbox"] == 0, 30, "telemetry delivered", agent)
         assert agent.stop() == 0
+        agent = None
     finally:
+        if agent is not None:  # a failed assertion must not leave the agent process running
+            agent.stop(signal.SIGKILL)
         live.stop()
