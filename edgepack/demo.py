@@ -212,7 +212,9 @@ def demo(
                 fleet.append(device.start())
             console.print(f"{len(fleet)} devices enrolled and checking in every 2 s")
             traffic = Traffic(fleet, rate)
-            gates = {"min_requests": 10, "min_feedback": 10, "max_accuracy_drop": 0.05,
+            # 40 labels before the accuracy gates count: with 10, one unlucky miss on a 98 % model reads as a
+            # 10-point drop and halts a good release. The bad release (about 40 % accurate) still trips at 40.
+            gates = {"min_requests": 20, "min_feedback": 40, "max_accuracy_drop": 0.1,
                      "max_p95_latency_regression": None, "max_error_rate": 0.2}
 
             console.rule("[bold]4. roll out 1.0.0 to the whole fleet")
