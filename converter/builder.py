@@ -71,7 +71,7 @@ def build(spec: BuildSpec, *, console: Any = None, dry_run: bool = False, spec_s
     if console is None:
         console = Console(stderr=True)
         if not console.is_terminal:
-            console = Console(stderr=True, width=150)
+            console = Console(stderr=True, width=240, soft_wrap=True)
     t0 = time.perf_counter()
     report: dict[str, Any] = {"name": spec.name, "version": spec.version, "status": "running", "variants": [],
                               "errors": [], "profiles": {}, "bundle": None, "timings": {}}

@@ -48,10 +48,9 @@ def build_command(
     dump_files: Path | None = typer.Option(None, "--dump-files", help="Also write the bundle's files to DIR."),
 ) -> None:
     """Convert, quantize, evaluate and sign a model bundle from an edgepack.toml."""
-    from rich.console import Console
-
     from converter.builder import build
     from converter.spec import load_spec
+    from edgepack._console import cli_console, plain
 
     overrides: dict[str, Any] = {}
     for key, value in (("model.path", model), ("output.dir", out), ("signing.keys", keys),
@@ -67,13 +66,11 @@ def build_command(
     if strict:
         overrides["output.strict"] = True
     overrides.update(_parse_set(set_))
-    console = Console(stderr=True)
-    if not console.is_terminal:
-        console = Console(stderr=True, width=150)
+    console = cli_console(stderr=True)
     try:
         spec = load_spec(config, overrides)
     except ConverterError as exc:
-        console.print(f"[red]error[/] {exc}")
+        console.print(f"[red]error[/] {plain(exc)}")
         raise typer.Exit(2) from exc
     path = config / "edgepack.toml" if config.is_dir() else config
     report = build(spec, console=console, dry_run=dry_run,
@@ -109,7 +106,7 @@ def register(app: typer.Typer) -> None:
 
 def main() -> None:
     """Standalone entry point (``python -m converter.cli``), same commands."""
-    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
     register(app)
     app()
 

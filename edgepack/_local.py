@@ -93,7 +93,12 @@ def start_mosquitto(workdir: Path, extra_config: tuple[str, ...] = ("max_queued_
 
 
 def _start_amqtt(port: int) -> Broker:
-    from amqtt.broker import Broker as AmqttBroker
+    try:
+        from amqtt.broker import Broker as AmqttBroker
+    except ModuleNotFoundError as exc:
+        raise RuntimeError("neither mosquitto nor amqtt is installed: install amqtt, the pure-Python broker, "
+                           "with pip install 'edgepack[demo]' (./scripts/demo does), or mosquitto "
+                           "(apt-get install mosquitto)") from exc
 
     loop = asyncio.new_event_loop()
     config = {"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},

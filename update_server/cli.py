@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from update_server.settings import Settings
 
 app = typer.Typer(name="edgepack-server", help="The edgepack update server.", no_args_is_help=True,
-                  add_completion=False, pretty_exceptions_enable=False)
+                  add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML or env file with settings (EDGEPACK_CONFIG).")
 
@@ -117,7 +117,10 @@ def migrate_cmd(config: Path | None = ConfigOpt) -> None:
 def create_token(name: str = typer.Option("admin", help="A name for the token (shown in the audit log)."),
                  role: str = typer.Option("admin", help="admin, operator or viewer."),
                  config: Path | None = ConfigOpt) -> None:
-    """Create an API token directly in the database (the way to get the first admin token)."""
+    """Create an API token directly in the database (the way to get the first admin token).
+
+    Prints only the token on stdout (a note goes to stderr): export EDGEPACK_TOKEN=$(edgepack-server create-token)
+    """
     from update_server.context import utcnow
     from update_server.db import make_engine, make_sessionmaker, migrate
     from update_server.security import Role
@@ -134,7 +137,8 @@ def create_token(name: str = typer.Option("admin", help="A name for the token (s
     with make_sessionmaker(engine)() as session, session.begin():
         token, secret = create_api_token(session, name=name, role=parsed, actor="edgepack-server create-token",
                                          now=utcnow())
-    typer.echo(f"created {token.role} token {token.id} ({name}); it is shown only once:")
+    # Only the token goes to stdout, so `export EDGEPACK_TOKEN=$(edgepack-server create-token ...)` works.
+    typer.echo(f"created {token.role} token {token.id} ({name}); it is shown only once", err=True)
     typer.echo(secret)
 
 
@@ -152,6 +156,9 @@ def enroll_token(uses: int = typer.Option(1, help="How many devices may enroll w
     settings = _settings(config)
     engine = make_engine(settings.effective_database_url)
     migrate(engine)
+    if any("=" not in t for t in tag):
+        typer.echo(f"error: --tag must be key=value, got {tag}", err=True)
+        raise typer.Exit(2)
     tags = dict(t.split("=", 1) for t in tag)
     with make_sessionmaker(engine)() as session, session.begin():
         _, secret = create_enrollment_token(session, uses=uses, ttl=timedelta(hours=ttl_hours), group=group,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -46,11 +47,31 @@ def test_admin_cli(server: LiveServer, digits_bundles: dict) -> None:
     rid = re.search(r"rollout (r-[0-9a-f]+)", out).group(1)
     status = run("rollout", "status", rid)
     assert "crash_rate" in status and "<= 0.01" in status and "min soak" in status and "soaking" in status
-    assert "paused" in run("rollout", "pause", rid, "--reason", "lunch")
+    assert "paused" in run("rollout", "pause", rid, "--reason", "[urgent] lunch")
     assert "running" in run("rollout", "resume", rid, "--reason", "back")
     assert "phase 1" in run("rollout", "advance", rid, "--reason", "looks good")
     assert "rolled_back" in run("rollout", "rollback", rid, "--reason", "changed my mind")
-    assert "changed my mind" in run("rollout", "audit", rid)
+    audit = run("rollout", "audit", rid)
+    assert "changed my mind" in audit and "[urgent] lunch" in audit  # operators' words are not rich markup
+    assert json.loads(run("rollout", "audit", rid, "--json"))[0]["reason"] == "changed my mind"  # newest first
+    assert [r["id"] for r in json.loads(run("rollout", "list", "--json"))] == [rid]
+    tokens = json.loads(run("tokens", "list", "--json"))
+    assert {t["name"] for t in tokens} >= {"test-admin"} and not any("token" in t for t in tokens)
+    created = json.loads(run("enroll-token", "create", "--uses", "2", "--json"))
+    assert created["token"] and created["uses"] == 2
+    assert json.loads(run("bundles", "show", "digits", "1.1.0", "--json"))["manifest"]["version"] == "1.1.0"
+    assert "onnx-fp32" in run("bundles", "show", "digits", "1.1.0")
+    assert json.loads(run("devices", "show", "cli-0", "--json"))["group"] == "lab"
+    # an unknown gate is refused by name, with the known ones listed (not a Python TypeError)
+    bad_gate = runner.invoke(app, ["rollout", "create", "digits", "1.1.0", "--gate", "foo=1"], env=env)
+    assert bad_gate.exit_code == 1 and "unknown gate(s) ['foo']" in bad_gate.output, bad_gate.output
+    assert "max_crash_rate" in bad_gate.output and "TypeError" not in bad_gate.output
+    bad_value = runner.invoke(app, ["rollout", "create", "digits", "1.1.0", "--gate", "max_crash_rate=lots"],
+                              env=env)
+    assert bad_value.exit_code == 1 and "max_crash_rate must be a number" in bad_value.output
+    # a captured token with a second line (or a space) says so instead of "Illegal header value"
+    two_lines = runner.invoke(app, ["bundles", "list"], env={**env, "EDGEPACK_TOKEN": f"created\n{server.token}"})
+    assert two_lines.exit_code == 2 and "must hold the token alone" in two_lines.output
     bad = runner.invoke(app, ["rollout", "abort", rid], env=env)
     assert bad.exit_code == 1 and "cannot abort a rollout that is rolled_back" in bad.output
     denied = runner.invoke(app, ["bundles", "list"], env={**env, "EDGEPACK_TOKEN": "ept_wrong"})
@@ -61,7 +82,9 @@ def test_server_cli_create_token(tmp_path: Path, session_keys: object) -> None:
     env = {"EDGEPACK_DATA_DIR": str(tmp_path / "data"), "EDGEPACK_KEYS_DIR": str(tmp_path)}
     result = runner.invoke(server_cli.app, ["create-token", "--name", "first", "--role", "admin"], env=env)
     assert result.exit_code == 0, result.output
-    assert result.output.strip().splitlines()[-1].startswith("ept_")
+    # stdout is the token alone, so $(edgepack-server create-token) captures it; the note goes to stderr
+    assert result.stdout.startswith("ept_") and len(result.stdout.strip().splitlines()) == 1
+    assert "shown only once" in result.stderr
     bad = runner.invoke(server_cli.app, ["create-token", "--role", "root"], env=env)
     assert bad.exit_code == 2 and "unknown role" in bad.output
     config = tmp_path / "server.toml"
