@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def edgepack(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    env = {**os.environ, "COLUMNS": "80", "LINES": "24"}  # as pytest-xdist exports them
     return subprocess.run([sys.executable, "-m", "edgepack.cli", *args], capture_output=True, text=True,
                           timeout=120, env=env, cwd=cwd)
 
