@@ -31,10 +31,26 @@ def _settings(config: Path | None, **overrides: object) -> Settings:
     if config is not None:
         os.environ["EDGEPACK_CONFIG"] = str(config.resolve())  # worker processes read the same file
     try:
-        return Settings.load(config, **{k: v for k, v in overrides.items() if v is not None})
+        settings = Settings.load(config, **{k: v for k, v in overrides.items() if v is not None})
     except ValueError as exc:
-        typer.echo(f"error: invalid settings: {exc}", err=True)
+        from pydantic import ValidationError
+
+        from update_server.settings import explain
+
+        typer.echo(f"error: {explain(exc) if isinstance(exc, ValidationError) else exc}", err=True)
         raise typer.Exit(2) from exc
+    # The environment is shared with other tools (EDGEPACK_TOKEN, ...): an unknown EDGEPACK_ variable is only
+    # reported, since it may be someone else's; a typo in a setting's name shows up here.
+    for key in sorted(os.environ):
+        name = key[len("EDGEPACK_"):].lower()
+        if key.startswith("EDGEPACK_") and name not in Settings.model_fields and name not in _NOT_SETTINGS:
+            typer.echo(f"warning: {key} is not a server setting and is ignored (settings: docs/server.md)",
+                       err=True)
+    return settings
+
+
+_NOT_SETTINGS = {"config", "token", "server", "test_pg", "test_mqtt"}
+"""EDGEPACK_ variables that are not server settings: the settings file, the operator CLI's token and URL."""
 
 
 def _factory() -> FastAPI:

@@ -107,6 +107,8 @@ def test_example_scenarios_are_valid() -> None:
     ({"rollout": [{"bundle": "1.0.0", "phases": [50, 100], "phase_soak_s": [1]}]}, "one number >= 0 per phase"),
     ({"rollout": [{"bundle": "1.0.0", "expect": "done"}]}, "expect must be one of"),
     ({"rollout": []}, "has no [[rollout]]"),
+    ({"server": {"settings": {"ingest_flsh_s": 1}}}, "[server] settings has unknown key(s) ['ingest_flsh_s']"),
+    ({"seed": "x"}, "seed must be a whole number"),
 ])
 def test_bad_scenarios_are_refused_with_the_key_named(change: dict[str, Any], message: str) -> None:
     doc = {"bundles": {"1.0.0": {"release_counter": 1}}, "rollout": [{"bundle": "1.0.0"}], **change}

@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -93,6 +94,30 @@ def test_server_cli_create_token(tmp_path: Path, session_keys: object) -> None:
 
     settings = Settings.load(config)
     assert settings.default_phases == (5.0, 100.0) and settings.data_dir == tmp_path / "data2"
+
+
+def test_settings_files_are_checked_strictly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGEPACK_CONFIG", "")  # `--config` exports it for worker processes; restored afterwards
+    env = {"EDGEPACK_DATA_DIR": str(tmp_path / "data")}
+    typo = tmp_path / "server.toml"
+    typo.write_text('max_uplod_bytes = 10\n[mqtt]\nurl = "mqtt://broker"\n')
+    result = runner.invoke(server_cli.app, ["migrate", "--config", str(typo)], env=env)
+    assert result.exit_code == 2
+    assert "unknown key 'max_uplod_bytes' (did you mean 'max_upload_bytes'?)" in result.stderr
+    assert "unknown key 'mqtt'" in result.stderr and "known keys: data_dir" in result.stderr
+    wrong_type = tmp_path / "types.toml"
+    wrong_type.write_text('port = "eighty"\n')
+    result = runner.invoke(server_cli.app, ["migrate", "--config", str(wrong_type)], env=env)
+    assert result.exit_code == 2 and "port: Input should be a valid integer" in result.stderr
+    env_file = tmp_path / "server.env"
+    env_file.write_text("EDGEPACK_DATA_DIR=/tmp/x\nEDGEPACK_MAX_UPLOD=5\n")
+    result = runner.invoke(server_cli.app, ["migrate", "--config", str(env_file)], env=env)
+    assert result.exit_code == 2 and "unknown key 'EDGEPACK_MAX_UPLOD'" in result.stderr
+    assert not (tmp_path / "data").exists()  # refused before anything was created
+    # an unknown EDGEPACK_ environment variable may belong to another tool: a warning, not a refusal
+    result = runner.invoke(server_cli.app, ["migrate"],
+                           env={**env, "EDGEPACK_MQTT_ULR": "mqtt://x", "EDGEPACK_CONFIG": None})
+    assert result.exit_code == 0 and "EDGEPACK_MQTT_ULR is not a server setting" in result.stderr
 
 
 def test_ingest_only_replica(tmp_path: Path, session_keys: KeyStore, system_broker: str) -> None:
