@@ -77,7 +77,10 @@ def test_minilm_builds_within_goals(tmp_path: Path) -> None:
     shutil.copytree(REPO / "examples" / "minilm", tmp_path / "ex",
                     ignore=shutil.ignore_patterns("out", "keys", "__pycache__"))
     console = Console(file=open(tmp_path / "log.txt", "w"), width=150)  # noqa: SIM115
-    report = run_build(tmp_path / "ex" / "edgepack.toml", console)
+    # fp16 is left out (nothing here asserts on it; the digits build covers fp16) and latency is sampled
+    # less: the assertions are about accuracy, size and the golden vectors.
+    report = run_build(tmp_path / "ex" / "edgepack.toml", console,
+                       {"variants.build": ["onnx-fp32", "onnx-int8-dynamic"], "output.latency_runs": 10})
     assert report["status"] == "ok", report["errors"]
     int8 = variant(report, "onnx-int8-dynamic")
     assert int8["status"] == "shipped"

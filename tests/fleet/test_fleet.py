@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from edgepack.fleet.scenario import ScenarioError, load_scenario, scenario_from_dict
+from tests.support.services import service_missing
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "fleet"
 GATES = {"max_p95_latency_regression": "off", "min_accuracy": 0.8, "max_accuracy_drop": 0.08, "min_feedback": 200}
@@ -51,7 +52,7 @@ def _scenario(tmp_path: Path) -> dict[str, Any]:
 @pytest.mark.mqtt
 def test_a_simulated_fleet_completes_a_good_rollout_and_halts_bad_ones(tmp_path: Path) -> None:
     if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
-        pytest.skip("mosquitto is not installed")
+        service_missing("the mosquitto binary (apt-get install mosquitto)")  # a failure in CI, never a skip
     from edgepack.fleet.simulator import run_scenario
 
     scn = scenario_from_dict(_scenario(tmp_path))
