@@ -83,9 +83,13 @@ def build_command(
 
 def init_command(
     directory: Path = typer.Argument(Path("."), help="Where to write edgepack.toml."),
+    keys: Path | None = typer.Option(None, "--keys", help="Your key directory (edgepack keys init --out DIR): "
+                                     "the template's [signing] keys points at it. Default: DIRECTORY/keys."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing edgepack.toml."),
 ) -> None:
     """Write a commented edgepack.toml template."""
+    import os
+
     from converter.template import TEMPLATE
 
     target = directory / "edgepack.toml"
@@ -93,7 +97,14 @@ def init_command(
         typer.echo(f"{target} exists; pass --force to overwrite", err=True)
         raise typer.Exit(2)
     directory.mkdir(parents=True, exist_ok=True)
-    target.write_text(TEMPLATE, encoding="utf-8")
+    text = TEMPLATE
+    if keys is not None:
+        rel = Path(os.path.relpath(keys.resolve(), directory.resolve())).as_posix()
+        text = text.replace('keys = "keys"  ', f'keys = "{rel}"  '.ljust(len('keys = "keys"  ')), 1)
+        if not (keys / "trust" / "root.json").is_file():
+            typer.echo(f"note: {keys} is not a key directory yet; create it with: edgepack keys init --out {keys}",
+                       err=True)
+    target.write_text(text, encoding="utf-8")
     typer.echo(f"wrote {target}; edit [model], [preprocessing], [calibration] and [evaluation], then "
                f"run: edgepack build -c {target}")
 

@@ -247,4 +247,4 @@ def make_device(*, device_id: str, hardware_id: str, workdir: Path, server: Loca
 
     info = {k: v for k, v in answer.items() if k != "credential"}
     atomic_write(state / "enrollment.json", json.dumps(info).encode(), mode=0o600)
-    return SimDevice(device_id, state, agent=Agent(config))
+    return SimDevice(device_id, state, agent=Agent(config), extra={"config": doc})

@@ -18,11 +18,11 @@ edgepack_venv() {
 
   if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import sys' >/dev/null 2>&1; then
     if ! command -v "$python" >/dev/null 2>&1; then
-      edgepack_say "FAILED: $python not found; install Python 3.10 or newer (apt-get install python3 python3-venv)"
+      edgepack_say "FAILED: $python not found; install Python 3.11 or newer (apt-get install python3 python3-venv)"
       return 1
     fi
-    if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
-      edgepack_say "FAILED: edgepack needs Python 3.10 or newer; $python is $("$python" -V 2>&1)." \
+    if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+      edgepack_say "FAILED: edgepack needs Python 3.11 or newer; $python is $("$python" -V 2>&1)." \
         "Set EDGEPACK_PYTHON to a newer interpreter."
       return 1
     fi

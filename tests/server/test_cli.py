@@ -44,8 +44,10 @@ def test_admin_cli(server: LiveServer, digits_bundles: dict) -> None:
         SimDevice(server.url, f"cli-{i}").enroll(token)
     assert "3 device(s)" in run("devices", "list", "--group", "lab")
     out = run("rollout", "create", "digits", "1.1.0", "--group", "lab", "--phases", "50,100", "--soak", "600",
-              "--gate", "max_crash_rate=0.01", "--gate", "min_accuracy=0.9", "--start", "--reason", "try it")
+              "--gate", "max_crash_rate=0.01", "--gate", "min_accuracy=0.9", "--gate", "require_data=accuracy",
+              "--start", "--reason", "try it")
     rid = re.search(r"rollout (r-[0-9a-f]+)", out).group(1)
+    assert "require_data" in json.dumps(json.loads(run("rollout", "status", rid, "--json")))
     status = run("rollout", "status", rid)
     assert "crash_rate" in status and "<= 0.01" in status and "min soak" in status and "soaking" in status
     assert "paused" in run("rollout", "pause", rid, "--reason", "[urgent] lunch")

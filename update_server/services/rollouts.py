@@ -83,6 +83,8 @@ def _checked_gates(given: dict[str, Any]) -> dict[str, Any]:
     for name, value in given.items():
         default = defaults[name]
         if isinstance(default, (tuple, list)):
+            if isinstance(value, str):  # the CLI's --gate require_data=accuracy_drop,crash_rate
+                value = given[name] = [v.strip() for v in value.split(",") if v.strip()]
             ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
             want = "a list of gate names"
         elif isinstance(default, int) and not isinstance(default, bool):
