@@ -164,3 +164,12 @@ def test_zipmap_outputs_get_a_fix_that_applies(project: Path, quiet_console, tmp
     err = report["errors"][0]
     assert "output_probability sequence of maps" in err["message"] and "zipmap" in err["fix"]
     assert "[evaluation] output" in err["fix"]
+
+
+def test_fitting_on_the_evaluation_set_is_reported(project: Path, quiet_console) -> None:
+    report = run_build(project, quiet_console, {"fit.factory": "recipe.py:evaluation",
+                                                "variants.build": ["onnx-fp32"]}, dry_run=True)
+    assert report["status"] == "ok", report["errors"]
+    assert "optimistic" in report["preprocessing"]["warning"]
+    md = (project.parent / "out" / "build-report.md").read_text()
+    assert "Warning: [fit] is the evaluation set" in md
