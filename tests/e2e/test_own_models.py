@@ -75,10 +75,15 @@ MODELS = {
 }
 
 
-def cli(*args: str, cwd: Path) -> str:
-    res = subprocess.run([sys.executable, "-m", "edgepack.cli", *args], cwd=cwd, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, f"edgepack {' '.join(args)}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+def cli(*args: str) -> str:
+    """The `edgepack` command, run in this process (PyTorch, scikit-learn and onnxruntime imported once)."""
+    from typer.testing import CliRunner
+
+    from edgepack import cli as edgepack_cli
+
+    edgepack_cli._register_all()
+    res = CliRunner().invoke(edgepack_cli.app, list(args))
+    assert res.exit_code == 0, f"edgepack {' '.join(args)}:\n{res.output[-3000:]}\n{res.exception!r}"
     return res.stdout
 
 
@@ -88,13 +93,13 @@ def test_torch_and_sklearn_models_from_init_to_a_serving_device(tmp_path: Path) 
 
     from tests.server.conftest import enrollment_token, push, start_server
 
-    cli("keys", "init", "--out", "keys", cwd=tmp_path)
+    cli("keys", "init", "--out", str(tmp_path / "keys"))
     bundles: dict[str, Path] = {}
     for name, settings in MODELS.items():
-        cli("init", name, "--keys", "keys", cwd=tmp_path)
+        cli("init", str(tmp_path / name), "--keys", str(tmp_path / "keys"))
         (tmp_path / name / "recipe.py").write_text(RECIPE)
         sets = [f"bundle.name=\"{name}\"", *COMMON, *settings]
-        cli("build", "-c", f"{name}/edgepack.toml", *[a for s in sets for a in ("--set", s)], cwd=tmp_path)
+        cli("build", "-c", str(tmp_path / name / "edgepack.toml"), *[a for s in sets for a in ("--set", s)])
         bundles[name] = next((tmp_path / name / "out").glob("*.edgepack"))
 
     keys = KeyStore.load(tmp_path / "keys")
