@@ -83,7 +83,8 @@ def print_table(report: dict[str, Any], console: Any) -> None:
     styles = {"shipped": "green", "passed": "cyan", "refused": "red", "failed": "red"}
     for row in rows(report):
         table.add_row(*row, style=styles.get(row[1]))
-    console.print(table)
+    if report.get("variants"):  # a build stopped before any variant (a bad path, missing keys) has no table
+        console.print(table)
     if report.get("preprocessing"):
         console.print(escape(preprocessing_line(report)))
     for name, prof in report.get("profiles", {}).items():
