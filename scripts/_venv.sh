@@ -54,8 +54,12 @@ edgepack_venv() {
   then
     edgepack_say "edgepack[$extra] is installed in .venv (pyproject.toml unchanged)"
   else
-    edgepack_say "installing edgepack[$extra] into .venv with pip (editable; the first time takes several" \
-      "minutes: TensorFlow and PyTorch are large downloads)"
+    if [ -f "$stamp" ]; then
+      edgepack_say "installing edgepack[$extra] into .venv with pip (pyproject.toml changed, or a new extra)"
+    else
+      edgepack_say "installing edgepack[$extra] into .venv with pip (editable; this first time takes several" \
+        "minutes: TensorFlow and PyTorch are large downloads)"
+    fi
     if ! "$VENV_PY" -m pip install --quiet --disable-pip-version-check -e ".[$extra]"; then
       edgepack_say "FAILED: pip could not install edgepack[$extra] into $venv (see pip's message above)"
       return 1
