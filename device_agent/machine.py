@@ -31,6 +31,7 @@ from tuf.api.metadata import Metadata, Root
 from device_agent import AGENT_VERSION
 from device_agent.clock import Clock, SystemClock, iso
 from device_agent.config import AgentConfig
+from device_agent.connection import http_transport, mqtt_publisher
 from device_agent.errors import AgentError, ConfigError, ServerError, TransportError, UpdateRefused, WorkerError
 from device_agent.fetcher import cached, download_target, target_url
 from device_agent.outbox import Outbox
@@ -38,8 +39,8 @@ from device_agent.server import ServerClient
 from device_agent.states import Event, State, next_state
 from device_agent.store import BundleRef, Pending, StateRecord, Store, slot_name
 from device_agent.supervisor import Supervisor
-from device_agent.telemetry import MqttPublisher, Publisher, Telemetry, WindowStats
-from device_agent.transport import Deadline, Transport, Urllib3Transport
+from device_agent.telemetry import Publisher, Telemetry, WindowStats
+from device_agent.transport import Deadline, Transport
 from device_agent.update import (
     ImageRepository,
     accept_assignment,
@@ -75,7 +76,7 @@ class Agent:
                  runtimes: dict[str, str] | None = None) -> None:
         self.config = config
         self.clock = clock or SystemClock()
-        self.transport: Transport = transport or Urllib3Transport(f"edgepack-agent/{AGENT_VERSION}")
+        self.transport: Transport = transport or http_transport(config, f"edgepack-agent/{AGENT_VERSION}")
         self.store = Store(config.state_dir)
         self.record = self.store.load()
         self.runtimes = runtimes if runtimes is not None else installed_runtimes()
@@ -94,10 +95,7 @@ class Agent:
         self.stop_flag = threading.Event()
         self.window = WindowStats(self.clock.now())
         if publisher == "mqtt":
-            url = config.mqtt.url or self.enrollment.get("mqtt", {}).get("url")
-            publisher = None if not url else MqttPublisher(
-                url, config.device_id, username=config.mqtt.username, password=config.mqtt.password,
-                keepalive_s=config.mqtt.keepalive_s, protocol=config.mqtt.protocol)
+            publisher = mqtt_publisher(config, self.enrollment)
         self.telemetry = Telemetry(config.device_id, Outbox(self.store.outbox,
                                                             max_messages=config.limits.outbox_max_messages,
                                                             max_bytes=config.limits.outbox_max_bytes),

@@ -50,7 +50,7 @@ def serve(config: Path | None = ConfigOpt,
           port: int | None = typer.Option(None, help="Port (EDGEPACK_PORT)."),
           workers: int | None = typer.Option(None, help="Worker processes (EDGEPACK_WORKERS)."),
           log_level: str = typer.Option("info")) -> None:
-    """Serve the HTTP API, the TUF repository, the gate loop and the MQTT ingester."""
+    """Serve the HTTP API (HTTPS with tls_cert/tls_key), the TUF repository, the gate loop and the MQTT ingester."""
     import uvicorn
 
     settings = _settings(config, host=host, port=port, workers=workers)
@@ -61,14 +61,24 @@ def serve(config: Path | None = ConfigOpt,
         typer.echo("error: EDGEPACK_KEYS_DIR is not set; point it at the online/ folder of a key directory",
                    err=True)
         raise typer.Exit(2)
+    try:
+        settings.transport_warnings()  # refuses plain HTTP/MQTT off loopback before anything starts
+        problems = settings.broker_admin_problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    tls = {} if settings.tls_cert is None else {"ssl_certfile": str(settings.tls_cert),
+                                                "ssl_keyfile": str(settings.tls_key)}
     if settings.workers > 1:
         uvicorn.run("update_server.cli:_factory", factory=True, host=settings.host, port=settings.port,
-                    workers=settings.workers, log_level=log_level, access_log=False)
+                    workers=settings.workers, log_level=log_level, access_log=False, **tls)
     else:
         from update_server.app import create_app
 
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
-                    access_log=False)
+                    access_log=False, **tls)
 
 
 @app.command()
@@ -88,7 +98,13 @@ def ingest(config: Path | None = ConfigOpt, log_level: str = typer.Option("info"
     if not settings.mqtt_url:
         typer.echo("error: EDGEPACK_MQTT_URL is not set; there is nothing to ingest", err=True)
         raise typer.Exit(2)
-    ctx = build_context(settings)
+    try:
+        for warning in settings.transport_warnings(http=False):
+            logging.getLogger("edgepack-server").warning("%s", warning)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    ctx = build_context(settings, accounts=False)
     prepare_database(ctx)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

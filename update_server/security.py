@@ -13,6 +13,8 @@ import hashlib
 import secrets
 
 API_PREFIX, ENROLL_PREFIX, DEVICE_PREFIX = "ept_", "epe_", "epd_"
+MQTT_PREFIX = "epm_"
+"""A device's broker password (the broker, not this server, checks it)."""
 
 
 class Role(enum.IntEnum):

@@ -1,0 +1,145 @@
+"""A Mosquitto configuration for edgepack: dynamic security (or password/ACL files), TLS, the settings the
+product relies on. ``edgepack-server broker init`` writes it for production; ``edgepack._local`` (demo,
+fleet simulator, tests, benchmarks) launches a private broker from the same text.
+
+What the product needs from the broker, and why:
+
+* ``allow_anonymous false`` plus dynamic security (or ``password_file`` + ``acl_file``): every client has
+  an account, every account only its topics (:mod:`update_server.broker.acl`).
+* a TLS listener (``cafile``/``certfile``/``keyfile``, TLS 1.2 or newer); a plain listener only on loopback.
+* ``persistence true``: the ingester's persistent session (QoS 1 telemetry waiting while the server is down)
+  and the dynamic-security state survive a broker restart.
+* ``max_queued_messages 1000000``: one ingester session may hold a backlog of a large fleet for minutes.
+* ``max_inflight_messages 0``: the ingester acknowledges in batches of thousands (receive maximum 65535).
+* ``max_packet_size``: telemetry is at most 64 KiB; bigger packets are refused by the broker itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from update_server.broker.acl import ADMIN_ACLS, ADMIN_ROLE
+from update_server.broker.passwords import PasswordHash
+
+DYNSEC_PLUGIN_PATHS = ("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+                       "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so",
+                       "/usr/lib/mosquitto_dynamic_security.so",
+                       "/usr/local/lib/mosquitto_dynamic_security.so")
+MAX_PACKET_BYTES = 256 * 1024
+
+
+def find_dynsec_plugin() -> Path | None:
+    for path in DYNSEC_PLUGIN_PATHS:
+        if os.path.exists(path):
+            return Path(path)
+    return None
+
+
+def dynsec_document(admin_username: str, admin_password: str) -> dict[str, object]:
+    """A dynamic-security.json holding only the administrator (what ``mosquitto_ctrl dynsec init`` does,
+    with a narrower role: the control topics, nothing else). Everything is denied by default."""
+    return {
+        "clients": [{"username": admin_username, "textname": "edgepack update server",
+                     **PasswordHash.of(admin_password).dynsec_fields(), "roles": [{"rolename": ADMIN_ROLE}]}],
+        "groups": [],
+        "roles": [{"rolename": ADMIN_ROLE, "acls": [{"acltype": a.acltype, "topic": a.topic, "priority": 0,
+                                                     "allow": True} for a in ADMIN_ACLS]}],
+        "defaultACLAccess": {"publishClientSend": False, "publishClientReceive": True, "subscribe": False,
+                             "unsubscribe": True},
+    }
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a secret-bearing file with mode 0600 (created so, never world-readable in between)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_dynsec(path: Path, admin_username: str, admin_password: str) -> None:
+    write_private(path, json.dumps(dynsec_document(admin_username, admin_password), indent=1) + "\n")
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+
+
+@dataclass
+class MosquittoConfig:
+    """The text of a mosquitto.conf (Mosquitto 2.0)."""
+
+    tls_port: int | None = 8883
+    tls_bind: str = "0.0.0.0"
+    tls: TlsFiles | None = None
+    plain_port: int | None = None
+    """A plain listener, bound to ``plain_bind`` (loopback by default): development and local tools only."""
+    plain_bind: str = "127.0.0.1"
+    dynsec_file: Path | None = None
+    dynsec_plugin: Path | None = None
+    password_file: Path | None = None
+    acl_file: Path | None = None
+    anonymous: bool = False
+    persistence_dir: Path | None = None
+    pid_file: Path | None = None
+    log_file: Path | None = None
+    run_as: str | None = None
+    """``user``: when started as root mosquitto switches to this user (default ``mosquitto``)."""
+    max_queued_messages: int = 1_000_000
+    extra: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        lines = ["# written by edgepack (update_server/broker/setup.py); see docs/server.md",
+                 "per_listener_settings false", f"allow_anonymous {'true' if self.anonymous else 'false'}"]
+        if self.run_as:
+            lines.append(f"user {self.run_as}")
+        if self.dynsec_file is not None:
+            plugin = self.dynsec_plugin or find_dynsec_plugin()
+            if plugin is None:
+                raise FileNotFoundError("mosquitto_dynamic_security.so not found; install mosquitto 2.x, or use "
+                                        "broker_auth = \"files\" (docs/server.md)")
+            lines += [f"plugin {plugin}", f"plugin_opt_config_file {self.dynsec_file}"]
+        if self.password_file is not None:
+            lines.append(f"password_file {self.password_file}")
+        if self.acl_file is not None:
+            lines.append(f"acl_file {self.acl_file}")
+        if self.persistence_dir is not None:
+            lines += ["persistence true", f"persistence_location {self.persistence_dir}/", "autosave_interval 60"]
+        else:
+            lines.append("persistence false")
+        if self.pid_file is not None:
+            lines.append(f"pid_file {self.pid_file}")
+        if self.log_file is not None:
+            lines += [f"log_dest file {self.log_file}", "log_type error", "log_type warning", "log_type notice",
+                      "log_type information", "connection_messages true"]
+        lines += [f"max_queued_messages {self.max_queued_messages}", "max_inflight_messages 0",
+                  f"max_packet_size {MAX_PACKET_BYTES}", "set_tcp_nodelay true"]
+        if self.tls_port is not None:
+            if self.tls is None:
+                raise ValueError("a TLS listener needs cafile, certfile and keyfile (edgepack tls init)")
+            lines += ["", f"listener {self.tls_port} {self.tls_bind}", f"cafile {self.tls.cafile}",
+                      f"certfile {self.tls.certfile}", f"keyfile {self.tls.keyfile}", "tls_version tlsv1.2"]
+        if self.plain_port is not None:
+            lines += ["", f"listener {self.plain_port} {self.plain_bind}"]
+        lines += self.extra
+        return "\n".join(lines) + "\n"
+
+
+def current_user() -> str:
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+def env_lines(values: Iterable[tuple[str, object]]) -> str:
+    return "".join(f"{k}={v}\n" for k, v in values if v is not None and v != "")
