@@ -158,11 +158,11 @@ class Notifier:
     def start(self) -> None:
         client = self.broker.paho_client(f"{self.ctx.settings.effective_mqtt_client_id}-notify-{uuid.uuid4().hex[:6]}",
                                          v5=self.ctx.settings.mqtt_protocol != "3.1.1")
-        client.max_queued_messages_set(0)  # type: ignore[attr-defined]
-        client.max_inflight_messages_set(1000)  # type: ignore[attr-defined]
-        client.reconnect_delay_set(0.2, 10)  # type: ignore[attr-defined]
-        client.connect_async(self.broker.host, self.broker.port, keepalive=30)  # type: ignore[attr-defined]
-        client.loop_start()  # type: ignore[attr-defined]
+        client.max_queued_messages_set(0)
+        client.max_inflight_messages_set(1000)
+        client.reconnect_delay_set(0.2, 10)
+        client.connect_async(self.broker.host, self.broker.port, keepalive=30)
+        client.loop_start()
         self._client = client
 
     def stop(self) -> None:

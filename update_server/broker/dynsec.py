@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -88,7 +89,7 @@ class DynsecClient:
             raise BrokerAdminError(f"not connected to the broker's dynamic-security control topic at "
                                    f"{self.endpoint} as {self.endpoint.username!r}{why}")
         key = uuid.uuid4().hex
-        done, out = threading.Event(), []
+        done, out = threading.Event(), list[dict[str, Any]]()
         with self._lock:
             self._pending[key] = (done, out)
             try:
@@ -96,7 +97,14 @@ class DynsecClient:
                 # QoS 0: a request lost with its connection times out and is refused; at QoS 1 paho would
                 # re-send it after a reconnect and the broker would run it twice.
                 info = self._client.publish(CONTROL_TOPIC, json.dumps(body), qos=0)
-                if info.rc != 0 or not done.wait(self.timeout_s):
+                deadline = time.monotonic() + self.timeout_s
+                while info.rc == 0 and not done.wait(0.05):
+                    if not self._ready.is_set():
+                        raise BrokerAdminError(f"the connection to {self.endpoint} was lost before the broker "
+                                               "answered; the request may or may not have been applied")
+                    if time.monotonic() > deadline:
+                        break
+                if not done.is_set():
                     raise BrokerAdminError(f"the broker at {self.endpoint} did not answer a dynamic-security "
                                            f"request within {self.timeout_s:.0f} s (is the plugin loaded and the "
                                            f"account {self.endpoint.username!r} its administrator?)")

@@ -143,3 +143,74 @@ def current_user() -> str:
 
 def env_lines(values: Iterable[tuple[str, object]]) -> str:
     return "".join(f"{k}={v}\n" for k, v in values if v is not None and v != "")
+
+
+@dataclass(frozen=True)
+class BrokerInit:
+    conf: Path
+    server_env: Path
+    ingest_env: Path
+    dynsec_file: Path | None
+    password_file: Path | None
+    acl_file: Path | None
+
+
+def init_broker(out: Path, *, tls_dir: Path, broker_host: str, port: int = 8883, bind: str = "0.0.0.0",
+                auth: str = "dynsec", plain_port: int | None = None, data_dir: Path | None = None,
+                topic_prefix: str = "edgepack/v1/devices", share_group: str = "edgepack-server",
+                admin_username: str = "edgepack-server", ingest_username: str = "edgepack-ingest",
+                run_as: str | None = None, force: bool = False) -> BrokerInit:
+    """Write a production broker configuration into ``out`` (``edgepack-server broker init``).
+
+    ``mosquitto.conf`` (a TLS listener on ``bind:port`` with ``tls_dir``'s CA and broker certificate; an
+    optional plain listener on loopback), the account store (``dynamic-security.json`` with the administrator,
+    or ``passwd`` + ``acl`` for the files backend) and two env files (0600) with fresh random passwords:
+    ``server.env`` for ``edgepack-server serve`` and ``ingest.env`` for ingest-only replicas."""
+    import secrets
+
+    from update_server.broker.acl import BrokerPolicy
+
+    out.mkdir(parents=True, exist_ok=True)
+    store = out / ("dynamic-security.json" if auth == "dynsec" else "passwd")
+    if store.exists() and not force:
+        raise FileExistsError(f"{store} exists and holds live accounts; use another directory (or --force to "
+                              "start over: every device would have to enroll again)")
+    tls = TlsFiles(tls_dir / "ca.pem", tls_dir / "broker.pem", tls_dir / "broker.key")
+    for path in (tls.cafile, tls.certfile, tls.keyfile):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: run `edgepack tls init --out {tls_dir} --host "
+                                    f"{broker_host}` first")
+    admin_password, ingest_password = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    conf = MosquittoConfig(tls_port=port, tls_bind=bind, tls=tls, plain_port=plain_port,
+                           persistence_dir=data_dir or out / "data", pid_file=out / "mosquitto.pid", run_as=run_as)
+    (data_dir or out / "data").mkdir(parents=True, exist_ok=True)
+    env: list[tuple[str, object]] = [("EDGEPACK_MQTT_URL", f"mqtts://{broker_host}:{port}"),
+                                     ("EDGEPACK_MQTT_CA_FILE", tls.cafile.resolve()),
+                                     ("EDGEPACK_BROKER_AUTH", auth),
+                                     ("EDGEPACK_MQTT_TOPIC_PREFIX", topic_prefix),
+                                     ("EDGEPACK_MQTT_SHARE_GROUP", share_group),
+                                     ("EDGEPACK_MQTT_USERNAME", ingest_username),
+                                     ("EDGEPACK_MQTT_PASSWORD", ingest_password)]
+    ingest_env = list(env)
+    env += [("EDGEPACK_BROKER_ADMIN_USERNAME", admin_username), ("EDGEPACK_BROKER_ADMIN_PASSWORD", admin_password)]
+    dynsec_file = password_file = acl_file = None
+    if auth == "dynsec":
+        dynsec_file = conf.dynsec_file = store
+        write_dynsec(store, admin_username, admin_password)
+    elif auth == "files":
+        from update_server.broker.files import write_server_accounts
+
+        policy = BrokerPolicy(topic_prefix=topic_prefix, ingest_subscription=f"$share/{share_group}/{topic_prefix}"
+                              "/+/telemetry/#", admin_username=admin_username, ingest_username=ingest_username)
+        password_file, acl_file = write_server_accounts(out, policy, admin_password=admin_password,
+                                                        ingest_password=ingest_password)
+        conf.password_file, conf.acl_file = password_file, acl_file
+        env += [("EDGEPACK_BROKER_FILES_DIR", out.resolve()),
+                ("EDGEPACK_BROKER_RELOAD_COMMAND", f"kill -HUP $(cat {(out / 'mosquitto.pid').resolve()})")]
+    else:
+        raise ValueError(f"auth must be dynsec or files, found {auth!r}")
+    (out / "mosquitto.conf").write_text(conf.render())
+    write_private(out / "server.env", env_lines(env))
+    write_private(out / "ingest.env", env_lines(ingest_env))
+    return BrokerInit(out / "mosquitto.conf", out / "server.env", out / "ingest.env", dynsec_file, password_file,
+                      acl_file)
