@@ -164,7 +164,8 @@ class MosquittoBroker(Broker):
                           broker_account_prefix=account_prefix, mqtt_username=f"{account_prefix}edgepack-ingest",
                           mqtt_password=self.ingest_password)
         if self.auth == "files":
-            values.update(broker_files_dir=self.files_dir, broker_reload_command=f"kill -HUP {self.pid}")
+            values.update(broker_files_dir=self.files_dir,
+                          broker_reload_command=f"kill -HUP $(cat {self.dir / 'mosquitto.pid'})")
         return values
 
     def start(self) -> MosquittoBroker:
