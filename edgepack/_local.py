@@ -16,6 +16,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -89,7 +90,11 @@ class MosquittoBroker(Broker):
 
     def __init__(self, workdir: Path, *, auth: str = "dynsec", tls: bool = True, tls_files: Any = None,
                  persistence: bool = True, plain_listener: bool = False, max_queued_messages: int = 1_000_000,
-                 extra: tuple[str, ...] = ()) -> None:
+                 devices: int | Sequence[str] = (), topic_prefix: str = "edgepack/v1/devices",
+                 share_group: str = "edgepack-server", extra: tuple[str, ...] = ()) -> None:
+        """``devices`` (dynsec): device ids (or a count: ``dev-00000``...) whose accounts exist from the start,
+        with the server's ingest and notify accounts, for ``topic_prefix``/``share_group``; their
+        credentials are in :attr:`device_accounts` (benchmarks with thousands of authenticated devices)."""
         from update_server.broker.setup import MosquittoConfig, TlsFiles, current_user, write_dynsec
 
         binary = _mosquitto_binary()
@@ -118,9 +123,22 @@ class MosquittoBroker(Broker):
                                persistence_dir=self.dir / "data" if persistence else None,
                                pid_file=self.dir / "mosquitto.pid", log_file=self.dir / "mosquitto.log",
                                max_queued_messages=max_queued_messages, extra=list(extra))
+        self.device_accounts: dict[str, Any] = {}
         if auth == "dynsec":
             conf.dynsec_file = self.dir / "dynamic-security.json"
-            write_dynsec(conf.dynsec_file, self.admin_username, self.admin_password)
+            provision: dict[str, Any] = {}
+            ids = [f"dev-{i:05d}" for i in range(devices)] if isinstance(devices, int) else list(devices)
+            if ids:
+                from update_server.broker import DeviceAccount
+                from update_server.broker.acl import BrokerPolicy
+
+                policy = BrokerPolicy(topic_prefix=topic_prefix, admin_username=self.admin_username,
+                                      ingest_subscription=f"$share/{share_group}/{topic_prefix}/+/telemetry/#")
+                passwords = {d: secrets.token_urlsafe(16) for d in ids}
+                self.device_accounts = {d: DeviceAccount(policy.device_username(d), pw, policy.device_client_id(d))
+                                        for d, pw in passwords.items()}
+                provision = {"policy": policy, "ingest_password": self.ingest_password, "devices": passwords}
+            write_dynsec(conf.dynsec_file, self.admin_username, self.admin_password, **provision)
         elif auth == "files":
             from update_server.broker.files import write_initial_files
 

@@ -276,3 +276,25 @@ def test_revocation_the_broker_missed_is_completed_by_revoking_again(make_server
     late = _as(server, d)
     assert late.connack != "Success"
     late.close()
+
+
+def test_accounts_provisioned_before_the_broker_starts_behave_like_enrolled_ones(tmp_path: Path) -> None:
+    """``MosquittoBroker(devices=N)`` (benchmarks) writes the same accounts and ACLs the server creates."""
+    from edgepack._local import MosquittoBroker
+
+    broker = MosquittoBroker(tmp_path / "broker", persistence=False, devices=["pre-1", "pre-2"]).start()
+    try:
+        one, two = broker.device_accounts["pre-1"], broker.device_accounts["pre-2"]
+        device = Client(broker, client_id=one.client_id, username=one.username, password=one.password).connect()
+        other = Client(broker, client_id=two.client_id, username=two.username, password=two.password).connect()
+        ingest = Client(broker, username="edgepack-ingest", password=broker.ingest_password).connect()
+        assert ingest.subscribe("$share/edgepack-server/edgepack/v1/devices/+/telemetry/#") == "Granted QoS 1"
+        assert device.publish("edgepack/v1/devices/pre-1/telemetry/window", b"{}") == "Success"
+        assert device.publish("edgepack/v1/devices/pre-2/telemetry/window", b"{}") == "Not authorized"
+        assert other.subscribe("edgepack/v1/devices/pre-1/notify") == "Not authorized"
+        wait_for(lambda: ingest.messages, timeout=10, what="the device's own message")
+        assert [t for t, _ in ingest.messages] == ["edgepack/v1/devices/pre-1/telemetry/window"]
+        for c in (device, other, ingest):
+            c.close()
+    finally:
+        broker.close()

@@ -146,3 +146,35 @@ def test_enrollment_is_refused_whole_when_the_broker_cannot_reload(files_server:
     device = _as(server, d)
     assert device.connack == "Success"
     device.close()
+
+
+def test_broker_init_for_the_files_backend_starts_a_working_broker(tmp_path: Path) -> None:
+    from edgepack import tls
+    from update_server import cli as server_cli
+    from update_server.broker.setup import current_user
+
+    tls.init(tmp_path / "tls", hosts=["127.0.0.1"])
+    port = services.free_port()
+    made = CliRunner().invoke(server_cli.app, [
+        "broker", "init", "--auth", "files", "--out", str(tmp_path / "broker"), "--tls-dir", str(tmp_path / "tls"),
+        "--broker-host", "127.0.0.1", "--port", str(port), "--bind", "127.0.0.1", "--run-as", current_user()])
+    assert made.exit_code == 0, made.output
+    env = dict(line.split("=", 1) for line in (tmp_path / "broker" / "ingest.env").read_text().splitlines())
+    assert "EDGEPACK_BROKER_ADMIN_PASSWORD" not in env  # an ingest replica gets only its own account
+    conf = (tmp_path / "broker" / "mosquitto.conf").read_text()
+    assert "password_file" in conf and "acl_file" in conf and "allow_anonymous false" in conf
+    proc = subprocess.Popen(["mosquitto", "-c", str(tmp_path / "broker" / "mosquitto.conf")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: services.port_open("127.0.0.1", port), timeout=10, what="mosquitto")
+
+        class Where:
+            url, ca_file = f"mqtts://127.0.0.1:{port}", tmp_path / "tls" / "ca.pem"
+
+        ingest = Client(Where, username=env["EDGEPACK_MQTT_USERNAME"], password=env["EDGEPACK_MQTT_PASSWORD"])
+        assert ingest.connect().connack == "Success"
+        ingest.close()
+        assert Client(Where).connect().connack == "Not authorized"
+    finally:
+        proc.terminate()
+        proc.wait(10)

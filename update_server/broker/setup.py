@@ -19,11 +19,12 @@ from __future__ import annotations
 import json
 import os
 import pwd
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from update_server.broker.acl import ADMIN_ACLS, ADMIN_ROLE
+from update_server.broker.acl import ADMIN_ACLS, ADMIN_ROLE, Acl, BrokerPolicy, notify_password
 from update_server.broker.passwords import PasswordHash
 
 DYNSEC_PLUGIN_PATHS = ("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
@@ -40,18 +41,45 @@ def find_dynsec_plugin() -> Path | None:
     return None
 
 
-def dynsec_document(admin_username: str, admin_password: str) -> dict[str, object]:
-    """A dynamic-security.json holding only the administrator (what ``mosquitto_ctrl dynsec init`` does,
-    with a narrower role: the control topics, nothing else). Everything is denied by default."""
-    return {
-        "clients": [{"username": admin_username, "textname": "edgepack update server",
-                     **PasswordHash.of(admin_password).dynsec_fields(), "roles": [{"rolename": ADMIN_ROLE}]}],
-        "groups": [],
-        "roles": [{"rolename": ADMIN_ROLE, "acls": [{"acltype": a.acltype, "topic": a.topic, "priority": 0,
-                                                     "allow": True} for a in ADMIN_ACLS]}],
-        "defaultACLAccess": {"publishClientSend": False, "publishClientReceive": True, "subscribe": False,
-                             "unsubscribe": True},
-    }
+def _role(name: str, acls: Iterable[Acl]) -> dict[str, object]:
+    return {"rolename": name, "acls": [{"acltype": a.acltype, "topic": a.topic, "priority": 0, "allow": True}
+                                       for a in acls]}
+
+
+def _client(username: str, password: str, roles: Iterable[str], *, textname: str,
+            clientid: str | None = None) -> dict[str, object]:
+    out: dict[str, object] = {"username": username, "textname": textname, **PasswordHash.of(password).dynsec_fields(),
+                              "roles": [{"rolename": r} for r in roles]}
+    if clientid:
+        out["clientid"] = clientid
+    return out
+
+
+def dynsec_document(admin_username: str, admin_password: str, *, policy: BrokerPolicy | None = None,
+                    ingest_password: str = "", devices: Mapping[str, str] | None = None) -> dict[str, object]:
+    """A dynamic-security.json holding the administrator (what ``mosquitto_ctrl dynsec init`` does, with a
+    narrower role: the control topics, nothing else); everything is denied by default.
+
+    With ``policy``, also what the server would create at start-up and enrollment: the ingest and notify
+    accounts and one account per device in ``devices`` (id -> password). Written before the broker starts,
+    this provisions thousands of devices at once (benchmarks; dynamic security rewrites its whole file after
+    every change, so creating N accounts one by one costs O(N^2))."""
+    clients = [_client(admin_username, admin_password, [ADMIN_ROLE], textname="edgepack update server")]
+    roles = [_role(ADMIN_ROLE, ADMIN_ACLS)]
+    if policy is not None:
+        roles += [_role(policy.ingest_role, policy.ingest_acls()), _role(policy.notify_role, policy.notify_acls())]
+        clients += [_client(policy.ingest_username, ingest_password, [policy.ingest_role],
+                            textname="edgepack telemetry ingester"),
+                    _client(policy.notify_username, notify_password(admin_password), [policy.notify_role],
+                            textname="edgepack check-in notices")]
+        for device_id, password in (devices or {}).items():
+            roles.append(_role(policy.device_role(device_id), policy.device_acls(device_id)))
+            clients.append(_client(policy.device_username(device_id), password, [policy.device_role(device_id)],
+                                   textname=f"edgepack device {device_id}",
+                                   clientid=policy.device_client_id(device_id)))
+    return {"clients": clients, "groups": [], "roles": roles,
+            "defaultACLAccess": {"publishClientSend": False, "publishClientReceive": True, "subscribe": False,
+                                 "unsubscribe": True}}
 
 
 def write_private(path: Path, text: str) -> None:
@@ -66,8 +94,9 @@ def write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_dynsec(path: Path, admin_username: str, admin_password: str) -> None:
-    write_private(path, json.dumps(dynsec_document(admin_username, admin_password), indent=1) + "\n")
+def write_dynsec(path: Path, admin_username: str, admin_password: str, **provision: Any) -> None:
+    """Write :func:`dynsec_document` (``provision``: its ``policy``, ``ingest_password``, ``devices``)."""
+    write_private(path, json.dumps(dynsec_document(admin_username, admin_password, **provision), indent=1) + "\n")
 
 
 @dataclass(frozen=True)
@@ -167,8 +196,6 @@ def init_broker(out: Path, *, tls_dir: Path, broker_host: str, port: int = 8883,
     or ``passwd`` + ``acl`` for the files backend) and two env files (0600) with fresh random passwords:
     ``server.env`` for ``edgepack-server serve`` and ``ingest.env`` for ingest-only replicas."""
     import secrets
-
-    from update_server.broker.acl import BrokerPolicy
 
     out.mkdir(parents=True, exist_ok=True)
     store = out / ("dynamic-security.json" if auth == "dynsec" else "passwd")
