@@ -298,3 +298,20 @@ def test_accounts_provisioned_before_the_broker_starts_behave_like_enrolled_ones
             c.close()
     finally:
         broker.close()
+
+
+def test_a_leftover_broker_account_is_replaced_at_enrollment(auth_server: LiveServer) -> None:
+    """A broker account of an id the database does not know (left by an enrollment whose commit failed after
+    the broker said yes) is replaced when that id enrolls: the old password stops working."""
+    server = auth_server
+    accounts = server.ctx.broker
+    stale = accounts.add_device("acl-stale", "epm_left-over-password")
+    d = _device(server, "acl-stale", enrollment_token(server))
+    assert d.mqtt["username"] == stale.username
+    old = Client(server.broker, client_id=stale.client_id, username=stale.username,
+                 password=stale.password).connect()
+    assert old.connack != "Success"
+    old.close()
+    new = _as(server, d)
+    assert new.connack == "Success"
+    new.close()
