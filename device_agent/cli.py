@@ -99,14 +99,14 @@ def cmd_run(config: AgentConfig) -> int:
 
 def cmd_enroll(config: AgentConfig, token: str, tags: list[str]) -> int:
     from device_agent.connection import http_transport, save_enrollment
-    from device_agent.machine import _platform
     from device_agent.server import ServerClient
+    from device_agent.steps import platform_name
     from device_agent.update import installed_runtimes
 
     tag_map = dict(t.split("=", 1) for t in tags)
     client = ServerClient(config.server.url, http_transport(config), timeout_s=config.server.request_timeout_s)
     answer = client.enroll(token, {"device_id": config.device_id, "hardware_id": config.hardware_id,
-                                   "platform": _platform(), "agent_version": AGENT_VERSION,
+                                   "platform": platform_name(), "agent_version": AGENT_VERSION,
                                    "runtimes": {k: v.split(" ")[-1] for k, v in installed_runtimes().items()},
                                    "tags": tag_map})
     save_enrollment(config, answer)
