@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from bundles._util import atomic_write  # temp file (0600 until chmod), fsync, rename
 
 CA_DAYS = 3650
 LEAF_DAYS = 365
@@ -54,17 +55,6 @@ class TlsFiles:
 
     def key(self, name: str) -> Path:
         return self.dir / f"{name}.key"
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -97,8 +87,8 @@ def init_ca(out: Path, *, common_name: str = "edgepack local CA", days: int = CA
                                          key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256()))
-    _write(files.ca_key, _key_pem(key), 0o600)
-    _write(files.ca_cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    atomic_write(files.ca_key, _key_pem(key), 0o600)
+    atomic_write(files.ca_cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return files
 
 
@@ -134,8 +124,8 @@ def issue(files: TlsFiles, name: str, hosts: list[str], *, days: int = LEAF_DAYS
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256()))
-    _write(files.key(name), _key_pem(key), 0o600)
-    _write(files.cert(name), cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    atomic_write(files.key(name), _key_pem(key), 0o600)
+    atomic_write(files.cert(name), cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return files.cert(name), files.key(name)
 
 

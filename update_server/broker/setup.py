@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bundles._util import atomic_write
 from update_server.broker.acl import ADMIN_ACLS, ADMIN_ROLE, Acl, BrokerPolicy, notify_password
 from update_server.broker.passwords import PasswordHash
 
@@ -83,15 +84,8 @@ def dynsec_document(admin_username: str, admin_password: str, *, policy: BrokerP
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write a secret-bearing file with mode 0600 (created so, never world-readable in between)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write a secret-bearing file atomically with mode 0600 (never world-readable in between)."""
+    atomic_write(path, text.encode(), mode=0o600)
 
 
 def write_dynsec(path: Path, admin_username: str, admin_password: str, **provision: Any) -> None:
