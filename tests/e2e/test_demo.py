@@ -29,6 +29,11 @@ def _check_outcome(out: str, broker: str) -> None:
     assert "accuracy_drop" in out and "crash_rate" in out  # the gates that halted the bad versions
     assert "fleet now serves {'1.1.0': 6}" in out
     assert f"broker: {broker}" in out
+    assert re.search(r"update server: https://127\.0\.0\.1:\d+", out)  # HTTPS with the demo's local CA
+    if broker == "mosquitto":  # TLS, and every device on its own broker account
+        assert re.search(r"broker: mosquitto at mqtts://127\.0\.0\.1:\d+ \(MQTT 5, accounts: dynsec\)", out)
+    else:  # said loudly: amqtt has no accounts in the demo
+        assert "WITHOUT accounts" in out and "accounts: none" in out
 
 
 class Demo:
