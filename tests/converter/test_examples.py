@@ -43,6 +43,9 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"root": root, "report": report, "console": console}
 
 
+# Both digits tests share the module's build: under `--dist loadgroup` the group keeps them on one worker, so
+# the example is built once, not once per worker.
+@pytest.mark.xdist_group("digits-example")
 def test_digits_builds_verifies_and_golden_runs_on_onnxruntime_and_litert(digits: dict[str, Any]) -> None:
     report, root = digits["report"], digits["root"]
     assert report["status"] == "ok", report["errors"]
@@ -61,6 +64,7 @@ def test_digits_builds_verifies_and_golden_runs_on_onnxruntime_and_litert(digits
     assert (out / "build-report.json").is_file() and (out / "build-report.md").is_file()
 
 
+@pytest.mark.xdist_group("digits-example")
 def test_digits_build_is_deterministic(digits: dict[str, Any], tmp_path: Path) -> None:
     """Same inputs, same package versions -> same content digest, with a different key set."""
     first = digits["report"]
