@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -13,6 +11,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from bundles.keys import OnlineKeys
+from update_server.metrics import Counters, Metrics
 from update_server.settings import Settings
 from update_server.storage import BlobStorage
 from update_server.tuf_repo import ImageRepository
@@ -20,22 +19,6 @@ from update_server.tuf_repo import ImageRepository
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
-
-
-class Counters:
-    """Thread-safe counters (ingest drops, duplicates, ...) exposed at /api/v1/admin/stats."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts: Counter[str] = Counter()
-
-    def add(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self._counts[name] += n
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._counts)
 
 
 Notify = Callable[[Iterable[str]], None]
@@ -52,6 +35,12 @@ class ServerContext:
     repo: ImageRepository
     checkin_pool: Any = None
     """PostgreSQL only: ``pg_fast.CheckinPool``, async connections for the check-in UPDATE."""
-    counters: Counters = field(default_factory=Counters)
+    metrics: Metrics = field(default_factory=Metrics)
+    """Prometheus metrics of this process (summed over workers at /metrics); ``counters`` is their seam."""
     notify: Notify = lambda devices: None
     clock: Callable[[], datetime] = utcnow
+
+    @property
+    def counters(self) -> Counters:
+        """Where every part of the server counts occurrences by name (``update_server.metrics``)."""
+        return self.metrics.counters
