@@ -111,8 +111,11 @@ def make_digits_bundle(
         "profiles": {hw: ["onnx-fp32"] for hw in hardware_ids},
         "provenance": {"edgepack_version": "0.1.0", "input_model_sha256": hashlib.sha256(model).hexdigest()},
     }
+    from bundles.drift import build_profile
+
     stats = {"count": len(test_x), "mean": test_x.mean(axis=0).round(6).tolist(),
-             "std": test_x.std(axis=0).round(6).tolist()}
+             "std": test_x.std(axis=0).round(6).tolist(),
+             "drift": build_profile({"input": test_x}, {}, first_input="input", task="classification").to_dict()}
     files = {
         "models/digits.fp32.onnx": model,
         "preprocessing.json": json.dumps(spec, sort_keys=True).encode(),
