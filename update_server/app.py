@@ -165,7 +165,7 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
     if settings.metrics_enabled:
         app.add_middleware(HttpMetricsMiddleware, metrics=ctx.metrics)
         app.include_router(metrics_api.router)
-        ctx.metrics.extra.append(FleetCollector(ctx))
+        ctx.metrics.extra.append(FleetCollector(ctx, ttl_s=settings.metrics_cache_s))
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

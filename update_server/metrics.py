@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from datetime import datetime, timezone
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -132,9 +133,11 @@ class Metrics:
             self.gate_breaches.labels(name).inc()
         self.gate_duration.observe(seconds)
 
-    def ingest_lag(self, lags_s: list[float]) -> None:
-        for lag in lags_s:
-            self.telemetry_lag.observe(max(lag, 0.0))
+    def ingest_committed(self, messages: Iterable[Any], now: datetime) -> None:
+        """After a telemetry batch committed: each message's lag from ``sent_at`` (device clock) to now."""
+        for msg in messages:
+            sent = msg.sent_at if msg.sent_at.tzinfo else msg.sent_at.replace(tzinfo=timezone.utc)
+            self.telemetry_lag.observe(max((now - sent).total_seconds(), 0.0))
 
     # ---- exposition ------------------------------------------------------------------------------------
     def collect_process_metrics(self) -> list[Any]:

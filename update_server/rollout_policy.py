@@ -133,7 +133,7 @@ class GateSpec:
     min_requests: int = 100
     min_feedback: int = 50
     max_input_drift: float | None = None
-    min_drift_samples: int = 200
+    min_drift_samples: int = 1000
     require_data: tuple[str, ...] = ()
     """Gates that must have data (not ``no_data``) before a phase may advance, e.g. ("accuracy_drop",):
     without it a phase that soaked too briefly to collect labels could advance on gates that never counted."""

@@ -76,7 +76,9 @@ class Settings(BaseSettings):
     drift_threshold: float = Field(0.25, gt=0, description="input drift (PSI) that raises the fleet alert for a "
                                                              "version at 100 %")
     drift_window_s: float = Field(24 * 3600.0, gt=0, description="the drift alert looks at this recent window")
-    drift_min_samples: int = Field(200, ge=1, description="inputs a drift statistic needs before it counts")
+    drift_min_samples: int = Field(1000, ge=1, description="inputs a drift statistic needs before it counts")
+    metrics_cache_s: float = Field(10.0, ge=0, description="fleet figures at /metrics are re-read from the database "
+                                                            "at most this often")
 
     @field_validator("mqtt_protocol")
     @classmethod

@@ -140,6 +140,7 @@ def test_metrics_add_up_across_two_workers(pg_url: str, session_keys: KeyStore, 
                          status="200") == 200
             assert value(samples, "edgepack_server_events_total", event="telemetry_ingested") == 200
             assert value(samples, "edgepack_telemetry_received_total") == 200
+            assert value(samples, "edgepack_telemetry_lag_seconds_count") == 200
             assert value(samples, "edgepack_model_requests_total", model="digits", version="1.0.0") == 200 * 100
         assert admin.get("/api/v1/admin/stats").json()["counters"]["telemetry_ingested"] == 200
         admin.close()

@@ -33,7 +33,6 @@ from update_server.services.health import HOUR, MINUTE, bucket_start
 
 if TYPE_CHECKING:
     from update_server.context import ServerContext
-    from update_server.settings import Settings
 
 VH = VersionHealth
 SCALARS = ("windows", "requests", "errors", "crashes", "feedback_count", "feedback_correct")
@@ -169,14 +168,22 @@ def full_versions(session: Session) -> list[tuple[str, str]]:
     return sorted((m, v) for m, (_, v) in newest.items())
 
 
-def drift_alerts(session: Session, settings: Settings, now: datetime) -> list[dict[str, Any]]:
+def drift_alerts(ctx: ServerContext, now: datetime) -> list[dict[str, Any]]:
     """The fleet alert: versions at 100 % whose inputs drifted past ``drift_threshold`` in the recent window."""
+    from update_server.services.health import ensure_reference
+
+    settings = ctx.settings
+    with ctx.sessions() as session, session.begin():
+        full = full_versions(session)
+    for name, version in full:
+        ensure_reference(ctx, name, version)
     out = []
-    for name, version in full_versions(session):
-        drift = version_drift(session, name, version, now - timedelta(seconds=settings.drift_window_s),
-                              settings.drift_min_samples)
-        out.append({"model": name, "version": version, "drift": drift,
-                    "alert": drift.value is not None and drift.value > settings.drift_threshold})
+    with ctx.sessions() as session, session.begin():
+        for name, version in full:
+            drift = version_drift(session, name, version, now - timedelta(seconds=settings.drift_window_s),
+                                  settings.drift_min_samples)
+            out.append({"model": name, "version": version, "drift": drift,
+                        "alert": drift.value is not None and drift.value > settings.drift_threshold})
     return out
 
 
@@ -278,8 +285,8 @@ class FleetCollector:
                     cum += int(getattr(row, col))
                     buckets.append(("+Inf" if bound == float("inf") else str(float(bound)), cum))
                 latency.add_metric(labels, buckets, sum_value=0.0)
-            for a in drift_alerts(session, ctx.settings, now):
-                if a["drift"].value is not None:
-                    drift.add_metric([a["model"], a["version"]], a["drift"].value)
-                alert.add_metric([a["model"], a["version"]], 1.0 if a["alert"] else 0.0)
+        for a in drift_alerts(ctx, now):
+            if a["drift"].value is not None:
+                drift.add_metric([a["model"], a["version"]], a["drift"].value)
+            alert.add_metric([a["model"], a["version"]], 1.0 if a["alert"] else 0.0)
         return [rollouts, phase, gate, threshold, devices, *metric.values(), latency, drift, alert]

@@ -56,8 +56,21 @@ def _num(value: float | None, digits: int = 3) -> str:
 
 ENV = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]),
                   trim_blocks=True, lstrip_blocks=True)
-ENV.filters.update(ago=_ago, pct=_pct, num=_num,
-                   ts=lambda v: "–" if v is None else v.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"))
+def _ts(value: datetime | str | None) -> str:
+    """UTC to the second; ISO strings (as the API views give them) too."""
+    if value is None or value == "":
+        return "–"
+    if isinstance(value, str):
+        try:
+            at = datetime.fromisoformat(value)
+        except ValueError:
+            return value
+    else:
+        at = value
+    return at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+ENV.filters.update(ago=_ago, pct=_pct, num=_num, ts=_ts)
 
 
 class Page:

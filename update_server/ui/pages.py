@@ -55,7 +55,7 @@ def overview(request: Request) -> Response:
                 Device.last_seen_at >= p.now - timedelta(minutes=10))) or 0)
             errors = int(session.scalar(select(func.count()).select_from(Device).where(
                 Device.last_error.is_not(None))) or 0)
-            alerts = [a for a in drift_alerts(session, ctx.settings, p.now) if a["alert"]]
+        alerts = [a for a in drift_alerts(ctx, p.now) if a["alert"]]
         versions: dict[tuple[str, str], list[tuple[str, int, str]]] = {}
         for name, version, state, n in fleet:
             versions.setdefault((name or "(none)", version or "–"), []).append((state or "unknown", n,
@@ -136,7 +136,7 @@ def models(request: Request) -> Response:
     def body(p: Page) -> Response:
         with p.ctx.sessions() as session, session.begin():
             table = version_table(session, p.now - timedelta(hours=24))
-            drift = {(a["model"], a["version"]): a for a in drift_alerts(session, p.ctx.settings, p.now)}
+        drift = {(a["model"], a["version"]): a for a in drift_alerts(p.ctx, p.now)}
         return p.render("models.html", versions=table, drift=drift)
     return view(request, body)
 
@@ -233,8 +233,12 @@ def device_page(request: Request, device_id: str, before: int | None = None) -> 
                                           .join(Rollout, Rollout.id == RolloutDevice.rollout_id)
                                           .where(RolloutDevice.device_id == device_id)
                                           .order_by(Rollout.created_at.desc()).limit(50)).all()
-            drift = device_drift(session, device_id, p.ctx.settings.drift_min_samples)
+            versions = {(a.bundle_name, a.bundle_version) for a in aggregates}
             session.expunge_all()
+        for name, version in versions:
+            ensure_reference(p.ctx, name, version)
+        with p.ctx.sessions() as session, session.begin():
+            drift = device_drift(session, device_id, p.ctx.settings.drift_min_samples)
         return p.render("device.html", d=device, events=events, errors=errors, aggregates=aggregates,
                         memberships=memberships, drift=drift,
                         older=events[-1].id if len(events) == PAGE_SIZE else None)
