@@ -27,3 +27,5 @@ def test_shortened_demo_ends_as_documented(tmp_path: Path, broker: str) -> None:
     assert "accuracy_drop" in out and "crash_rate" in out  # the gates that halted the bad versions
     assert "fleet now serves {'1.1.0': 6}" in out
     assert f"broker: {broker}" in out
+    assert re.search(r"dashboard: http://127\.0\.0\.1:\d+/ui/", out)
+    assert "dashboard pages show the halted rollouts and their gates: ok" in out
