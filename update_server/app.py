@@ -33,6 +33,7 @@ from update_server.metrics import HttpMetricsMiddleware
 from update_server.models import TelemetrySeen
 from update_server.services import rollouts
 from update_server.services.common import ensure_locks, lock
+from update_server.services.health import prune as prune_health
 from update_server.services.health import record_evaluation
 from update_server.services.health_views import FleetCollector
 from update_server.settings import Settings
@@ -119,6 +120,7 @@ def maintain_repository(ctx: ServerContext) -> None:
         ctx.repo.refresh(session, now)
     with ctx.sessions() as session, session.begin():
         session.execute(delete(TelemetrySeen).where(TelemetrySeen.received_at < now - SEEN_RETENTION))
+        prune_health(session, now)
 
 
 def create_app(settings: Settings | None = None, *, background: bool = True) -> FastAPI:

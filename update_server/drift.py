@@ -16,10 +16,14 @@ units) is not averaged away by 63 stable ones. With few samples PSI is biased up
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 EPS = 1e-4
 
@@ -46,6 +50,7 @@ class InputDrift:
 
 
 def psi(expected: Sequence[float], counts: Sequence[int]) -> float:
+    """PSI of one feature (the vectorized :func:`compare` computes the same for every feature at once)."""
     total = sum(counts)
     if total <= 0:
         return 0.0
@@ -69,6 +74,33 @@ def ks_distance(expected: Sequence[float], counts: Sequence[int]) -> float:
     return gap
 
 
+@dataclass(frozen=True)
+class Reference:
+    """A drift profile as flat arrays: every feature's expected shares one after the other."""
+
+    names: tuple[str, ...]
+    sizes: npt.NDArray[np.int64]
+    starts: npt.NDArray[np.int64]
+    expected: npt.NDArray[np.float64]
+
+    @classmethod
+    def of(cls, profile: Mapping[str, Any]) -> Reference:
+        feats = list(profile.get("features", []))
+        sizes = np.asarray([len(f["expected"]) for f in feats], dtype=np.int64)
+        expected = np.asarray([float(e) for f in feats for e in f["expected"]], dtype=np.float64)
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if len(sizes) else sizes
+        return cls(tuple(str(f["name"]) for f in feats), sizes, starts, expected)
+
+    @property
+    def width(self) -> int:
+        return int(self.sizes.sum())
+
+    def flatten(self, counts: Sequence[Sequence[int]]) -> npt.NDArray[np.int64] | None:
+        """Per-feature counts as one flat array, or None when they do not fit this profile."""
+        flat = np.fromiter(itertools.chain.from_iterable(counts), dtype=np.int64)
+        return flat if flat.size == self.width and len(counts) == len(self.sizes) else None
+
+
 def add_counts(into: list[list[int]] | None, more: Sequence[Sequence[int]]) -> list[list[int]]:
     """Element-wise sum of two per-feature count lists (shapes come from the same profile)."""
     if into is None:
@@ -76,23 +108,40 @@ def add_counts(into: list[list[int]] | None, more: Sequence[Sequence[int]]) -> l
     return [[int(x) + int(y) for x, y in zip(a, b, strict=False)] for a, b in zip(into, more, strict=False)]
 
 
-def compare(profile: Mapping[str, Any] | None, counts: Sequence[Sequence[int]] | None, samples: int,
-            min_samples: int) -> InputDrift:
-    """Drift of ``counts`` (per feature, per bin) against a profile dict (``DriftProfile.to_dict()``)."""
+def sum_counts(ref: Reference, rows: Iterable[Sequence[Sequence[int]]]) -> npt.NDArray[np.int64] | None:
+    """The sum of many per-feature count lists (each flattened once), skipping any that do not fit."""
+    total: npt.NDArray[np.int64] | None = None
+    for row in rows:
+        flat = ref.flatten(row)
+        if flat is not None:
+            total = flat if total is None else total + flat
+    return total
+
+
+def compare(profile: Mapping[str, Any] | None, counts: Sequence[Sequence[int]] | npt.NDArray[np.int64] | None,
+            samples: int, min_samples: int, *, ref: Reference | None = None, detail: bool = True) -> InputDrift:
+    """Drift of ``counts`` (per feature per bin, nested or flat) against a profile (``DriftProfile.to_dict()``).
+
+    Every feature at once with numpy: about 0.1 ms for 64 features of 10 bins."""
     if profile is None:
         return InputDrift(None, samples, reason="the bundle has no drift profile (rebuild it with this edgepack)")
-    if not counts or samples <= 0:
+    if counts is None or len(counts) == 0 or samples <= 0:
         return InputDrift(None, 0, reason="no input statistics reported yet")
-    features = []
-    for spec, row in zip(profile.get("features", []), counts, strict=False):
-        expected = [float(e) for e in spec["expected"]]
-        if len(row) != len(expected):
-            continue
-        features.append(FeatureDrift(str(spec["name"]), round(psi(expected, row), 6),
-                                     round(ks_distance(expected, row), 6), int(sum(row))))
-    if not features:
+    ref = ref or Reference.of(profile)
+    flat = counts if isinstance(counts, np.ndarray) else ref.flatten(counts)
+    if flat is None or flat.size != ref.width or not len(ref.sizes):
         return InputDrift(None, samples, reason="counts do not match the profile")
+    totals = np.add.reduceat(flat, ref.starts).astype(np.float64)
+    share = flat / np.repeat(np.maximum(totals, 1.0), ref.sizes)
+    a, e = np.maximum(share, EPS), np.maximum(ref.expected, EPS)
+    psis = np.add.reduceat((a - e) * np.log(a / e), ref.starts)
+    psis[totals <= 0] = 0.0
+    before = np.concatenate([[0.0], np.cumsum(share - ref.expected)])[ref.starts]
+    gaps = np.abs(np.cumsum(share - ref.expected) - np.repeat(before, ref.sizes))
+    kss = np.maximum.reduceat(gaps, ref.starts)
+    features = tuple(FeatureDrift(n, round(float(p), 6), round(float(k), 6), int(t))
+                     for n, p, k, t in zip(ref.names, psis, kss, totals, strict=True)) if detail else ()
     if samples < min_samples:
-        return InputDrift(None, samples, reason=f"{samples}/{min_samples} samples", features=tuple(features))
-    worst = max(features, key=lambda f: f.psi)
-    return InputDrift(worst.psi, samples, worst.name, max(f.ks for f in features), tuple(features))
+        return InputDrift(None, samples, reason=f"{samples}/{min_samples} samples", features=features)
+    worst = int(np.argmax(psis))
+    return InputDrift(round(float(psis[worst]), 6), samples, ref.names[worst], round(float(kss.max()), 6), features)

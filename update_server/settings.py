@@ -70,7 +70,6 @@ class Settings(BaseSettings):
     # --- metrics, dashboard, drift (docs/dashboard.md)
     metrics_enabled: bool = Field(True, description="/metrics and the HTTP metrics middleware")
     metrics_public: bool = Field(False, description="serve /metrics without an API token (private networks only)")
-    health_bucket_s: int = Field(300, ge=1, description="width of the per-version time buckets (charts, drift)")
     gate_history_interval_s: float = Field(30.0, description="gate values are kept for the charts this often "
                                                                 "(and at every change of a gate's status)")
     drift_threshold: float = Field(0.25, gt=0, description="input drift (PSI) that raises the fleet alert for a "

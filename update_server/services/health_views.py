@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from update_server.drift import InputDrift, add_counts, compare
+from update_server.drift import InputDrift, Reference, compare, sum_counts
 from update_server.models import (
     LATENCY_BOUNDS_MS,
     LATENCY_COLUMNS,
@@ -124,26 +124,37 @@ def version_drift(session: Session, name: str, version: str, since: datetime | N
         VH.bundle_name == name, VH.bundle_version == version, VH.resolution == HOUR, VH.input_hist.is_not(None))
     if since is not None:
         stmt = stmt.where(VH.bucket_start >= bucket_start(since, HOUR))
-    counts: list[list[int]] | None = None
-    samples = 0
-    for profile, n, hist in session.execute(stmt):
-        if profile == ref.digest and hist:
-            counts = add_counts(counts, hist)
-            samples += int(n)
-    return compare(ref.profile, counts, samples, min_samples)
+    if ref.profile is None:
+        return compare(None, None, 0, min_samples)
+    arrays = Reference.of(ref.profile)
+    rows = [(int(n), hist) for profile, n, hist in session.execute(stmt) if profile == ref.digest and hist]
+    counts = sum_counts(arrays, (hist for _, hist in rows))
+    return compare(ref.profile, counts, sum(n for n, _ in rows), min_samples, ref=arrays)
 
 
-def drift_series(session: Session, name: str, version: str, since: datetime,
-                 min_samples: int) -> list[tuple[datetime, float | None]]:
-    """Worst-feature PSI per hour bucket (each bucket on its own: how the drift moves over time)."""
+def drift_over(session: Session, name: str, version: str, since: datetime,
+               min_samples: int) -> tuple[InputDrift, list[tuple[datetime, float | None]]]:
+    """The version's drift over the whole range, and the worst-feature PSI of each hour bucket on its own (how
+    the drift moves over time), from one read of the hour buckets."""
     ref = session.get(DriftReference, (name, version))
     if ref is None or ref.profile is None:
-        return []
+        return compare(None, None, 0, min_samples) if ref is not None else InputDrift(
+            None, 0, reason="reference profile not loaded yet"), []
+    arrays = Reference.of(ref.profile)
     rows = session.execute(select(VH.bucket_start, VH.input_profile, VH.input_samples, VH.input_hist).where(
         VH.bundle_name == name, VH.bundle_version == version, VH.resolution == HOUR,
         VH.bucket_start >= bucket_start(since, HOUR), VH.input_hist.is_not(None)).order_by(VH.bucket_start))
-    return [(at, compare(ref.profile, hist, int(n), min_samples).value) for at, profile, n, hist in rows
-            if profile == ref.digest]
+    total: Any = None
+    samples = 0
+    series: list[tuple[datetime, float | None]] = []
+    for at, profile, n, hist in rows:
+        flat = arrays.flatten(hist) if profile == ref.digest and hist else None
+        if flat is None:
+            continue
+        total = flat if total is None else total + flat
+        samples += int(n)
+        series.append((at, compare(ref.profile, flat, int(n), min_samples, ref=arrays, detail=False).value))
+    return compare(ref.profile, total, samples, min_samples, ref=arrays), series
 
 
 def device_drift(session: Session, device_id: str, min_samples: int) -> list[tuple[str, str, InputDrift]]:
@@ -175,8 +186,10 @@ def drift_alerts(ctx: ServerContext, now: datetime) -> list[dict[str, Any]]:
     settings = ctx.settings
     with ctx.sessions() as session, session.begin():
         full = full_versions(session)
+        known = {(a, b) for a, b in session.execute(select(DriftReference.bundle_name, DriftReference.bundle_version))}
     for name, version in full:
-        ensure_reference(ctx, name, version)
+        if (name, version) not in known:
+            ensure_reference(ctx, name, version)
     out = []
     with ctx.sessions() as session, session.begin():
         for name, version in full:
@@ -217,10 +230,17 @@ def version_table(session: Session, since: datetime) -> list[dict[str, Any]]:
     return out
 
 
-def gate_history(session: Session, rollout_id: str, limit: int = 2000) -> list[GateSample]:
-    rows = list(session.scalars(select(GateSample).where(GateSample.rollout_id == rollout_id)
-                                .order_by(GateSample.at.desc()).limit(limit)))
-    return rows[::-1]
+def gate_history(session: Session, rollout_id: str, since: datetime, points: int = 120) -> list[GateSample]:
+    """The rollout's gate samples since ``since``, thinned to about ``points`` evenly spaced ones (always the
+    newest): a week of samples every 30 s is 20,000 rows, and a chart needs a hundred."""
+    ids = [i for (i,) in session.execute(select(GateSample.id).where(
+        GateSample.rollout_id == rollout_id, GateSample.at >= since).order_by(GateSample.at))]
+    if len(ids) > points:
+        step = len(ids) / points
+        ids = sorted({ids[int(k * step)] for k in range(points)} | {ids[-1]})
+    if not ids:
+        return []
+    return list(session.scalars(select(GateSample).where(GateSample.id.in_(ids)).order_by(GateSample.at)))
 
 
 # ---- Prometheus: fleet-wide figures from the database ------------------------------------------------------

@@ -56,9 +56,9 @@ def _num(value: float | None, digits: int = 3) -> str:
 
 ENV = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]),
                   trim_blocks=True, lstrip_blocks=True)
-def _ts(value: datetime | str | None) -> str:
+def _ts(value: Any) -> str:
     """UTC to the second; ISO strings (as the API views give them) too."""
-    if value is None or value == "":
+    if not value:  # None, "", or a missing key (jinja2's Undefined)
         return "–"
     if isinstance(value, str):
         try:

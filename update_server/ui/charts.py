@@ -16,6 +16,8 @@ from html import escape
 from markupsafe import Markup
 
 PALETTE = ("#2563eb", "#9ca3af", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563")
+DOTS_UP_TO = 48
+"""Series with more points are drawn as a line without a hover dot per point (keeps pages small)."""
 STATE_COLOURS = {"idle": "#16a34a", "serving": "#16a34a", "trial": "#0891b2", "downloading": "#2563eb",
                  "verifying": "#2563eb", "installing": "#2563eb", "error": "#dc2626", "rolling_back": "#ea580c"}
 
@@ -109,11 +111,15 @@ def line_chart(series: Sequence[Series], *, title: str, unit: str = "", threshol
             else:
                 runs[-1].append((x(t), y(value), t, value))
         dash = ' stroke-dasharray="4 3"' if s.dashed else ""
+        dense = sum(len(run) for run in runs) > DOTS_UP_TO
         for run in runs:
             if len(run) > 1:
                 pts = " ".join(f"{px:.1f},{py:.1f}" for px, py, _, _ in run)
-                out.append(f'<polyline points="{pts}" fill="none" stroke="{s.colour}" stroke-width="1.8"{dash}/>')
-            for px, py, t, v in run:
+                hint = (f"<title>{escape(s.name)}: {_fmt(min(r[3] for r in run))} to {_fmt(max(r[3] for r in run))}"
+                        f"{unit}, last {_fmt(run[-1][3])}{unit}</title>") if dense else ""
+                out.append(f'<polyline points="{pts}" fill="none" stroke="{s.colour}" stroke-width="1.8"{dash}>'
+                           f"{hint}</polyline>")
+            for px, py, t, v in ([] if dense and len(run) > 1 else run):
                 out.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="{2.2 if len(run) == 1 else 1.4}" '
                            f'fill="{s.colour}"><title>{escape(s.name)} {t:%Y-%m-%d %H:%M}: {_fmt(v)}{unit}</title>'
                            "</circle>")

@@ -18,7 +18,7 @@ from update_server.services.health_views import (
     class_histogram,
     device_drift,
     drift_alerts,
-    drift_series,
+    drift_over,
     fleet_by_version,
     gate_history,
     version_drift,
@@ -113,7 +113,10 @@ def rollout_page(request: Request, rollout_id: str, members: int = 1) -> Respons
         page_no = max(members, 1)
         with p.ctx.sessions() as session, session.begin():
             audit = rollouts.audit_entries(session, rollout_id, 200)
-            history = gate_history(session, rollout_id)
+            row = session.get(Rollout, rollout_id)
+            end = (row.finished_at if row is not None else None) or p.now
+            started = (row.started_at if row is not None else None) or end
+            history = gate_history(session, rollout_id, max(started, end - timedelta(hours=24)))
             member_total = int(session.scalar(select(func.count()).select_from(RolloutDevice)
                                               .where(RolloutDevice.rollout_id == rollout_id)) or 0)
             member_rows = session.execute(
@@ -123,7 +126,7 @@ def rollout_page(request: Request, rollout_id: str, members: int = 1) -> Respons
                 .where(RolloutDevice.rollout_id == rollout_id)
                 .order_by(RolloutDevice.phase_index, RolloutDevice.device_id)
                 .limit(PAGE_SIZE).offset((page_no - 1) * PAGE_SIZE)).all()
-            drift = version_drift(session, status["bundle"]["name"], status["bundle"]["version"], None,
+            drift = version_drift(session, status["bundle"]["name"], status["bundle"]["version"], started,
                                   p.ctx.settings.drift_min_samples)
         return p.render("rollout.html", r=status, audit=audit, gate_charts=_gate_charts(history),
                         actions=allowed_actions(status["state"]), members=member_rows, member_total=member_total,
@@ -151,8 +154,7 @@ def version_page(request: Request, name: str, version: str, range: str = "24h") 
         with p.ctx.sessions() as session, session.begin():
             target, control, step = version_series(session, name, version, since, p.now)
             classes = class_histogram(session, name, version, since)
-            drift = version_drift(session, name, version, since, s.drift_min_samples)
-            drift_points = drift_series(session, name, version, since, s.drift_min_samples)
+            drift, drift_points = drift_over(session, name, version, since, s.drift_min_samples)
             running = int(session.scalar(select(func.count()).select_from(Device).where(
                 Device.active_name == name, Device.active_version == version)) or 0)
         tgt, ctl = f"{version}", "other versions (control)"
