@@ -99,15 +99,15 @@ def cmd_run(config: AgentConfig) -> int:
 
 def cmd_enroll(config: AgentConfig, token: str, tags: list[str]) -> int:
     from bundles._util import atomic_write
-    from device_agent.machine import _platform
     from device_agent.server import ServerClient
+    from device_agent.steps import platform_name
     from device_agent.transport import Urllib3Transport
     from device_agent.update import installed_runtimes
 
     tag_map = dict(t.split("=", 1) for t in tags)
     client = ServerClient(config.server.url, Urllib3Transport(), timeout_s=config.server.request_timeout_s)
     answer = client.enroll(token, {"device_id": config.device_id, "hardware_id": config.hardware_id,
-                                   "platform": _platform(), "agent_version": AGENT_VERSION,
+                                   "platform": platform_name(), "agent_version": AGENT_VERSION,
                                    "runtimes": {k: v.split(" ")[-1] for k, v in installed_runtimes().items()},
                                    "tags": tag_map})
     config.state_dir.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,6 @@ import traceback
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -143,12 +142,12 @@ class Fleet:
         """What ``edgepack-agent enroll`` does: the real enrollment call, credential stored 0600."""
         from bundles._util import atomic_write
         from device_agent import AGENT_VERSION
-        from device_agent.machine import _platform
         from device_agent.server import ServerClient
+        from device_agent.steps import platform_name
 
         client = ServerClient(self.server_url, self.http, timeout_s=60)
         answer = client.enroll(token, {"device_id": dev.device_id, "hardware_id": dev.hardware_id,
-                                       "platform": _platform(), "agent_version": AGENT_VERSION,
+                                       "platform": platform_name(), "agent_version": AGENT_VERSION,
                                        "runtimes": {k: v.split(" ")[-1] for k, v in self.runtimes.items()},
                                        "tags": {"fleet": self.scn.name}})
         dev.state_dir.mkdir(parents=True, exist_ok=True)
@@ -167,8 +166,7 @@ class Fleet:
                                              max_input_dims=config.telemetry.max_input_dims,
                                              restart_backoff_max_s=5.0)
         dev.agent = Agent(config, transport=FaultyTransport(self.http, dev.link), publisher=dev.publisher,
-                          # Agent annotates the concrete Supervisor; ours implements the same interface
-                          supervisor=dev.supervisor, runtimes=self.runtimes)  # type: ignore[arg-type]
+                          supervisor=dev.supervisor, runtimes=self.runtimes)
         dev.agent.boot()
 
     def enroll_and_boot(self, token: str) -> float:
@@ -200,22 +198,9 @@ class Fleet:
             if self.rng.random() < fa.offline_fraction:
                 dev.offline_at = now + self.rng.uniform(*fa.offline_start_s)
 
-    def _ready(self, dev: SimDevice) -> bool:
-        from device_agent.states import State
-
-        agent = dev.agent
-        state = agent.record.state
-        if state is State.IDLE:
-            if agent._next_checkin <= agent.clock.monotonic():
-                return True
-            return any(e[0] == "notify" for e in list(agent.events.queue))
-        if state is State.TRIAL:
-            p = agent.record.pending
-            if p is None or p.trial_started_at is None:
-                return True
-            end = datetime.fromisoformat(p.trial_started_at) + timedelta(seconds=agent.config.trial.period_s)
-            return agent.clock.now() >= end or any(e[0] == "crash" for e in list(agent.events.queue))
-        return True
+    @staticmethod
+    def _ready(dev: SimDevice) -> bool:
+        return bool(dev.agent.ready())
 
     def _schedule(self) -> None:
         assert self._pool is not None
@@ -226,14 +211,10 @@ class Fleet:
                     self._pool.submit(self._step, dev)
 
     def _step(self, dev: SimDevice) -> None:
-        from device_agent.states import State
-
         try:
             for _ in range(20):  # an update's steps back to back, while they do not block
                 if self._stop.is_set() or not self._ready(dev):
                     break
-                if dev.agent.record.state is State.IDLE:
-                    dev.agent._drain("crash")  # in IDLE the real agent's wait swallows crash notes too
                 dev.agent.step()
                 dev.steps += 1
         except Exception:
