@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,23 +101,6 @@ class Reference:
         return flat if flat.size == self.width and len(counts) == len(self.sizes) else None
 
 
-def add_counts(into: list[list[int]] | None, more: Sequence[Sequence[int]]) -> list[list[int]]:
-    """Element-wise sum of two per-feature count lists (shapes come from the same profile)."""
-    if into is None:
-        return [list(map(int, row)) for row in more]
-    return [[int(x) + int(y) for x, y in zip(a, b, strict=False)] for a, b in zip(into, more, strict=False)]
-
-
-def sum_counts(ref: Reference, rows: Iterable[Sequence[Sequence[int]]]) -> npt.NDArray[np.int64] | None:
-    """The sum of many per-feature count lists (each flattened once), skipping any that do not fit."""
-    total: npt.NDArray[np.int64] | None = None
-    for row in rows:
-        flat = ref.flatten(row)
-        if flat is not None:
-            total = flat if total is None else total + flat
-    return total
-
-
 def compare(profile: Mapping[str, Any] | None, counts: Sequence[Sequence[int]] | npt.NDArray[np.int64] | None,
             samples: int, min_samples: int, *, ref: Reference | None = None, detail: bool = True) -> InputDrift:
     """Drift of ``counts`` (per feature per bin, nested or flat) against a profile (``DriftProfile.to_dict()``).
@@ -145,3 +128,17 @@ def compare(profile: Mapping[str, Any] | None, counts: Sequence[Sequence[int]] |
         return InputDrift(None, samples, reason=f"{samples}/{min_samples} samples", features=features)
     worst = int(np.argmax(psis))
     return InputDrift(round(float(psis[worst]), 6), samples, ref.names[worst], round(float(kss.max()), 6), features)
+
+
+def worst_per_row(ref: Reference, rows: npt.NDArray[np.int64], samples: Sequence[int],
+                  min_samples: int) -> list[float | None]:
+    """Worst-feature PSI of each row of a (rows x bins) matrix of flat counts, all at once (a drift time series)."""
+    if not len(rows):
+        return []
+    totals = np.add.reduceat(rows, ref.starts, axis=1).astype(np.float64)
+    share = rows / np.repeat(np.maximum(totals, 1.0), ref.sizes, axis=1)
+    a, e = np.maximum(share, EPS), np.maximum(ref.expected, EPS)
+    psis = np.add.reduceat((a - e) * np.log(a / e), ref.starts, axis=1)
+    psis[totals <= 0] = 0.0
+    worst = psis.max(axis=1)
+    return [round(float(w), 6) if n >= min_samples else None for w, n in zip(worst, samples, strict=True)]

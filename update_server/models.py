@@ -262,6 +262,8 @@ class TelemetryAggregate(Base):
 
 
 LATENCY_COLUMNS = tuple(f"lat_{i}" for i in range(N_LATENCY_BUCKETS))
+HIST_DTYPE = "<i8"
+"""How drift counts are stored (``input_hist``): flat little-endian int64."""
 
 
 class VersionHealth(Base):
@@ -303,8 +305,9 @@ class VersionHealth(Base):
     """Predicted class -> count."""
     input_samples: Mapped[int] = mapped_column(BigInteger, default=0)
     input_profile: Mapped[str | None] = mapped_column(String(32))
-    input_hist: Mapped[list[Any] | None] = mapped_column(JSON)
-    """Per drift feature, counts per reference bin (bundles/drift.py); hour buckets only."""
+    input_hist: Mapped[bytes | None] = mapped_column(LargeBinary)
+    """Counts per reference bin of every drift feature one after the other (bundles/drift.py), as little-endian
+    int64 (``HIST_DTYPE``): a week of hour buckets is read and summed without parsing; hour buckets only."""
 
 
 class DeviceDrift(Base):
@@ -318,7 +321,8 @@ class DeviceDrift(Base):
     bundle_version: Mapped[str] = mapped_column(String(64))
     input_profile: Mapped[str] = mapped_column(String(32))
     input_samples: Mapped[int] = mapped_column(BigInteger, default=0)
-    input_hist: Mapped[list[Any]]
+    input_hist: Mapped[bytes] = mapped_column(LargeBinary)
+    """Like ``VersionHealth.input_hist``."""
     first_at: Mapped[datetime]
     last_at: Mapped[datetime]
 

@@ -14,17 +14,18 @@ an hour reports into the hour it measured, not the one it reconnected in.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from sqlalchemy import delete, select, tuple_
 from sqlalchemy.orm import Session
 
 from update_server.db import dialect_insert, is_postgres
-from update_server.drift import add_counts
-from update_server.models import LATENCY_COLUMNS, DeviceDrift, DriftReference, GateSample, VersionHealth
+from update_server.models import HIST_DTYPE, LATENCY_COLUMNS, DeviceDrift, DriftReference, GateSample, VersionHealth
 
 if TYPE_CHECKING:
     from update_server.context import ServerContext
@@ -55,9 +56,10 @@ def _blank(name: str, version: str, resolution: int, start: datetime) -> dict[st
             "input_hist": None}
 
 
-def parse_hist(stats: Any) -> tuple[str, int, list[list[int]]] | None:
-    """``input_stats.hist`` of a window as (profile digest, samples, counts), or None when absent or malformed
-    (a device bug there costs the drift statistics of that window, never the window)."""
+def parse_hist(stats: Any) -> tuple[str, int, np.ndarray] | None:
+    """``input_stats.hist`` of a window as (profile digest, samples, flat counts), or None when absent or
+    malformed (a device bug there costs the drift statistics of that window, never the window). The counts are
+    flattened feature after feature; the profile (same digest) says where each feature starts."""
     if not isinstance(stats, dict):
         return None
     hist = stats.get("hist")
@@ -70,9 +72,17 @@ def parse_hist(stats: Any) -> tuple[str, int, list[list[int]]] | None:
         return None
     for row in counts:
         if not isinstance(row, list) or not 0 < len(row) <= MAX_DRIFT_BINS or \
-                not all(isinstance(c, int) and c >= 0 for c in row):
+                not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in row):
             return None
-    return profile, samples, counts
+    return profile, samples, np.fromiter(itertools.chain.from_iterable(counts), dtype=np.int64)
+
+
+def _add(stored: bytes | None, more: np.ndarray) -> bytes | None:
+    """Stored counts plus ``more``; None when the layouts differ (counts against another profile)."""
+    if stored is None or not len(stored):
+        return more.astype(HIST_DTYPE).tobytes()
+    have = np.frombuffer(stored, dtype=HIST_DTYPE)
+    return (have + more).astype(HIST_DTYPE).tobytes() if have.size == more.size else None
 
 
 def _classes(window: Any) -> dict[str, int]:
@@ -124,16 +134,17 @@ def record_windows(session: Session, messages: Sequence[Telemetry], now: datetim
             continue
         profile, samples, counts = hist
         hour = rows[-1]
-        if hour["input_profile"] in (None, profile):
+        if hour["input_profile"] in (None, profile) and \
+                (hour["input_hist"] is None or hour["input_hist"].size == counts.size):
             hour["input_profile"] = profile
             hour["input_samples"] += samples
-            hour["input_hist"] = add_counts(hour["input_hist"], counts)
+            hour["input_hist"] = counts if hour["input_hist"] is None else hour["input_hist"] + counts
         dev = devices.setdefault((msg.device_id, ref.name, ref.version), {
             "device_id": msg.device_id, "bundle_name": ref.name, "bundle_version": ref.version,
             "input_profile": profile, "input_samples": 0, "input_hist": None, "first_at": now, "last_at": now})
-        if dev["input_profile"] == profile:
+        if dev["input_profile"] == profile and (dev["input_hist"] is None or dev["input_hist"].size == counts.size):
             dev["input_samples"] += samples
-            dev["input_hist"] = add_counts(dev["input_hist"], counts)
+            dev["input_hist"] = counts if dev["input_hist"] is None else dev["input_hist"] + counts
     if buckets:
         _merge_buckets(session, buckets)
     if devices:
@@ -156,13 +167,16 @@ def _merge_buckets(session: Session, buckets: dict[tuple[str, str, int, datetime
         for col in SUMS:
             setattr(row, col, getattr(row, col) + add[col])
         if add["classes"]:
-            merged = dict(row.classes)
+            classes = dict(row.classes)
             for label, count in add["classes"].items():
-                merged[label] = int(merged.get(label, 0)) + count
-            row.classes = merged
+                classes[label] = int(classes.get(label, 0)) + count
+            row.classes = classes
         if add["input_hist"] is not None and row.input_profile in (None, add["input_profile"]):
-            row.input_profile = add["input_profile"]
-            row.input_hist = add_counts(row.input_hist, add["input_hist"])
+            merged = _add(row.input_hist, add["input_hist"])
+            if merged is not None:
+                row.input_profile, row.input_hist = add["input_profile"], merged
+            else:
+                row.input_samples -= add["input_samples"]  # not added after all
     session.flush()
 
 
@@ -170,7 +184,7 @@ def _merge_devices(session: Session, devices: dict[tuple[str, str, str], dict[st
     keys = sorted(devices)
     session.execute(dialect_insert(session, DeviceDrift.__table__).on_conflict_do_nothing(
         index_elements=["device_id", "bundle_name", "bundle_version"]),
-        [{**devices[k], "input_samples": 0, "input_hist": []} for k in keys])
+        [{**devices[k], "input_samples": 0, "input_hist": b""} for k in keys])
     cols = (DeviceDrift.device_id, DeviceDrift.bundle_name, DeviceDrift.bundle_version)
     stmt = select(DeviceDrift).where(tuple_(*cols).in_(keys)).order_by(*cols)
     if is_postgres(session):
@@ -179,10 +193,12 @@ def _merge_devices(session: Session, devices: dict[tuple[str, str, str], dict[st
         add = devices[(row.device_id, row.bundle_name, row.bundle_version)]
         if add["input_hist"] is None:
             continue
-        if row.input_profile != add["input_profile"]:  # the device reports against another profile now
-            row.input_profile, row.input_samples, row.input_hist = add["input_profile"], 0, []
+        merged = _add(row.input_hist, add["input_hist"]) if row.input_profile == add["input_profile"] else None
+        if merged is None:  # the device reports against another profile now: start over
+            row.input_profile, row.input_samples = add["input_profile"], 0
+            merged = _add(None, add["input_hist"])
         row.input_samples += add["input_samples"]
-        row.input_hist = add_counts(row.input_hist or None, add["input_hist"])
+        row.input_hist = merged or b""
         row.last_at = add["last_at"]
     session.flush()
 

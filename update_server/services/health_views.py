@@ -7,17 +7,20 @@ resolution for ranges up to six hours and the hour resolution beyond (``services
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from update_server.drift import InputDrift, Reference, compare, sum_counts
+from update_server.drift import InputDrift, Reference, compare, worst_per_row
 from update_server.models import (
+    HIST_DTYPE,
     LATENCY_BOUNDS_MS,
     LATENCY_COLUMNS,
     Bundle,
@@ -40,6 +43,29 @@ SCALARS = ("windows", "requests", "errors", "crashes", "feedback_count", "feedba
 
 def _sum(col: Any) -> Any:
     return func.coalesce(func.sum(col), 0)
+
+
+_CACHE: dict[tuple[Any, ...], tuple[float, Any]] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def cached(key: tuple[Any, ...], ttl_s: float, compute: Callable[[], Any]) -> Any:
+    """``compute()``, reused for ``ttl_s`` seconds per key in this process (0: always computed). Drift reads many
+    JSON histograms and moves slowly, so the gate loop, ``/metrics`` and the pages share one result a while.
+    Keys start with the database URL: two servers in one process (tests) never share entries."""
+    if ttl_s <= 0:
+        return compute()
+    now = time.monotonic()
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+    if hit is not None and now - hit[0] < ttl_s:
+        return hit[1]
+    value = compute()
+    with _CACHE_LOCK:
+        if len(_CACHE) > 2000:
+            _CACHE.clear()
+        _CACHE[key] = (now, value)
+    return value
 
 
 @dataclass
@@ -115,27 +141,57 @@ def class_histogram(session: Session, name: str, version: str, since: datetime) 
 
 # ---- drift ---------------------------------------------------------------------------------------------
 def version_drift(session: Session, name: str, version: str, since: datetime | None,
-                  min_samples: int) -> InputDrift:
-    """The version's input drift from hour buckets since ``since`` (None: all time)."""
+                  min_samples: int, *, ttl_s: float = 0.0) -> InputDrift:
+    """The version's input drift from hour buckets since ``since`` (None: all time), cached ``ttl_s``."""
+    start = bucket_start(since, HOUR) if since is not None else None
+    key = ("version_drift", str(session.get_bind().engine.url), name, version, start, min_samples)
+    result: InputDrift = cached(key, ttl_s, lambda: _version_drift(session, name, version, start, min_samples))
+    return result
+
+
+def _version_drift(session: Session, name: str, version: str, since: datetime | None,
+                   min_samples: int) -> InputDrift:
     ref = session.get(DriftReference, (name, version))
     if ref is None:
         return InputDrift(None, 0, reason="reference profile not loaded yet")
     stmt = select(VH.input_profile, VH.input_samples, VH.input_hist).where(
         VH.bundle_name == name, VH.bundle_version == version, VH.resolution == HOUR, VH.input_hist.is_not(None))
     if since is not None:
-        stmt = stmt.where(VH.bucket_start >= bucket_start(since, HOUR))
+        stmt = stmt.where(VH.bucket_start >= since)
     if ref.profile is None:
         return compare(None, None, 0, min_samples)
     arrays = Reference.of(ref.profile)
-    rows = [(int(n), hist) for profile, n, hist in session.execute(stmt) if profile == ref.digest and hist]
-    counts = sum_counts(arrays, (hist for _, hist in rows))
-    return compare(ref.profile, counts, sum(n for n, _ in rows), min_samples, ref=arrays)
+    total: np.ndarray | None = None
+    samples = 0
+    for profile, n, hist in session.execute(stmt):
+        counts = _counts(arrays, hist) if profile == ref.digest else None
+        if counts is not None:
+            total = counts if total is None else total + counts
+            samples += int(n)
+    return compare(ref.profile, total, samples, min_samples, ref=arrays)
 
 
-def drift_over(session: Session, name: str, version: str, since: datetime,
-               min_samples: int) -> tuple[InputDrift, list[tuple[datetime, float | None]]]:
+def _counts(ref: Reference, stored: bytes | None) -> np.ndarray | None:
+    """Stored drift counts as an array, None when empty or not of this profile's layout."""
+    if not stored:
+        return None
+    counts = np.frombuffer(stored, dtype=HIST_DTYPE)
+    return counts if counts.size == ref.width else None
+
+
+def drift_over(session: Session, name: str, version: str, since: datetime, min_samples: int, *,
+               ttl_s: float = 0.0) -> tuple[InputDrift, list[tuple[datetime, float | None]]]:
     """The version's drift over the whole range, and the worst-feature PSI of each hour bucket on its own (how
-    the drift moves over time), from one read of the hour buckets."""
+    the drift moves over time), from one read of the hour buckets; cached ``ttl_s``."""
+    start = bucket_start(since, HOUR)
+    key = ("drift_over", str(session.get_bind().engine.url), name, version, start, min_samples)
+    result: tuple[InputDrift, list[tuple[datetime, float | None]]] = cached(
+        key, ttl_s, lambda: _drift_over(session, name, version, start, min_samples))
+    return result
+
+
+def _drift_over(session: Session, name: str, version: str, since: datetime,
+                min_samples: int) -> tuple[InputDrift, list[tuple[datetime, float | None]]]:
     ref = session.get(DriftReference, (name, version))
     if ref is None or ref.profile is None:
         return compare(None, None, 0, min_samples) if ref is not None else InputDrift(
@@ -144,17 +200,18 @@ def drift_over(session: Session, name: str, version: str, since: datetime,
     rows = session.execute(select(VH.bucket_start, VH.input_profile, VH.input_samples, VH.input_hist).where(
         VH.bundle_name == name, VH.bundle_version == version, VH.resolution == HOUR,
         VH.bucket_start >= bucket_start(since, HOUR), VH.input_hist.is_not(None)).order_by(VH.bucket_start))
-    total: Any = None
-    samples = 0
-    series: list[tuple[datetime, float | None]] = []
+    times, counts, samples = [], [], []
     for at, profile, n, hist in rows:
-        flat = arrays.flatten(hist) if profile == ref.digest and hist else None
-        if flat is None:
-            continue
-        total = flat if total is None else total + flat
-        samples += int(n)
-        series.append((at, compare(ref.profile, flat, int(n), min_samples, ref=arrays, detail=False).value))
-    return compare(ref.profile, total, samples, min_samples, ref=arrays), series
+        flat = _counts(arrays, hist) if profile == ref.digest else None
+        if flat is not None:
+            times.append(at)
+            counts.append(flat)
+            samples.append(int(n))
+    if not counts:
+        return compare(ref.profile, None, 0, min_samples, ref=arrays), []
+    matrix = np.vstack(counts)
+    series = list(zip(times, worst_per_row(arrays, matrix, samples, min_samples), strict=True))
+    return compare(ref.profile, matrix.sum(axis=0), sum(samples), min_samples, ref=arrays), series
 
 
 def device_drift(session: Session, device_id: str, min_samples: int) -> list[tuple[str, str, InputDrift]]:
@@ -162,8 +219,9 @@ def device_drift(session: Session, device_id: str, min_samples: int) -> list[tup
     for row in session.scalars(select(DeviceDrift).where(DeviceDrift.device_id == device_id)
                                .order_by(DeviceDrift.last_at.desc())):
         ref = session.get(DriftReference, (row.bundle_name, row.bundle_version))
-        drift = (compare(ref.profile, row.input_hist, row.input_samples, min_samples)
-                 if ref is not None and ref.digest == row.input_profile
+        counts = _counts(Reference.of(ref.profile), row.input_hist) if ref is not None and ref.profile else None
+        drift = (compare(ref.profile, counts, row.input_samples, min_samples)
+                 if ref is not None and ref.digest == row.input_profile and counts is not None
                  else InputDrift(None, row.input_samples, reason="reference profile not loaded or different"))
         out.append((row.bundle_name, row.bundle_version, drift))
     return out
@@ -180,7 +238,14 @@ def full_versions(session: Session) -> list[tuple[str, str]]:
 
 
 def drift_alerts(ctx: ServerContext, now: datetime) -> list[dict[str, Any]]:
-    """The fleet alert: versions at 100 % whose inputs drifted past ``drift_threshold`` in the recent window."""
+    """The fleet alert: versions at 100 % whose inputs drifted past ``drift_threshold`` in the recent window
+    (cached ``metrics_cache_s``: the overview, the models page and ``/metrics`` share it)."""
+    key = ("drift_alerts", str(ctx.engine.url), bucket_start(now, MINUTE))
+    result: list[dict[str, Any]] = cached(key, ctx.settings.metrics_cache_s, lambda: _drift_alerts(ctx, now))
+    return result
+
+
+def _drift_alerts(ctx: ServerContext, now: datetime) -> list[dict[str, Any]]:
     from update_server.services.health import ensure_reference
 
     settings = ctx.settings

@@ -17,6 +17,8 @@ from update_server.rollout_policy import GroupStats, Progress, RolloutState, Rol
 from update_server.services.health_views import version_drift
 
 TA, RD = TelemetryAggregate, RolloutDevice
+DRIFT_TTL_S = 5.0
+"""The drift gate's value is reused this long (it sums many histograms; drift moves slowly)."""
 
 
 def _count_if(cond: Any) -> Any:
@@ -55,7 +57,7 @@ def gather_stats(session: Session, rollout: Rollout) -> RolloutStats:
     drift = None
     if gates.get("max_input_drift") is not None:  # the input_drift gate is on: the target's drift since the start
         drift = version_drift(session, rollout.model_name, rollout.target_version, rollout.started_at,
-                              int(gates.get("min_drift_samples") or 1))
+                              int(gates.get("min_drift_samples") or 1), ttl_s=DRIFT_TTL_S)
     return RolloutStats(progress=progress, members_by_phase=members, reporting_by_phase=reporting,
                         target=_group(session, rollout, target=True), control=_group(session, rollout, target=False),
                         drift=drift)

@@ -50,11 +50,9 @@ def overview(request: Request) -> Response:
                                           .order_by(Rollout.created_at.desc()).limit(100)))
             recent = list(session.scalars(select(Rollout).where(Rollout.state.not_in(ACTIVE))
                                           .order_by(Rollout.created_at.desc()).limit(10)))
-            total = int(session.scalar(select(func.count()).select_from(Device)) or 0)
-            seen = int(session.scalar(select(func.count()).select_from(Device).where(
-                Device.last_seen_at >= p.now - timedelta(minutes=10))) or 0)
-            errors = int(session.scalar(select(func.count()).select_from(Device).where(
-                Device.last_error.is_not(None))) or 0)
+            lately = Device.last_seen_at >= p.now - timedelta(minutes=10)
+            total, seen, errors = (int(v or 0) for v in session.execute(select(
+                func.count(), func.count(Device.last_seen_at).filter(lately), func.count(Device.last_error))).one())
         alerts = [a for a in drift_alerts(ctx, p.now) if a["alert"]]
         versions: dict[tuple[str, str], list[tuple[str, int, str]]] = {}
         for name, version, state, n in fleet:
@@ -127,7 +125,7 @@ def rollout_page(request: Request, rollout_id: str, members: int = 1) -> Respons
                 .order_by(RolloutDevice.phase_index, RolloutDevice.device_id)
                 .limit(PAGE_SIZE).offset((page_no - 1) * PAGE_SIZE)).all()
             drift = version_drift(session, status["bundle"]["name"], status["bundle"]["version"], started,
-                                  p.ctx.settings.drift_min_samples)
+                                  p.ctx.settings.drift_min_samples, ttl_s=p.ctx.settings.metrics_cache_s)
         return p.render("rollout.html", r=status, audit=audit, gate_charts=_gate_charts(history),
                         actions=allowed_actions(status["state"]), members=member_rows, member_total=member_total,
                         member_page=page_no, member_pages=max(1, -(-member_total // PAGE_SIZE)), drift=drift)
@@ -154,7 +152,8 @@ def version_page(request: Request, name: str, version: str, range: str = "24h") 
         with p.ctx.sessions() as session, session.begin():
             target, control, step = version_series(session, name, version, since, p.now)
             classes = class_histogram(session, name, version, since)
-            drift, drift_points = drift_over(session, name, version, since, s.drift_min_samples)
+            drift, drift_points = drift_over(session, name, version, since, s.drift_min_samples,
+                                             ttl_s=s.metrics_cache_s)
             running = int(session.scalar(select(func.count()).select_from(Device).where(
                 Device.active_name == name, Device.active_version == version)) or 0)
         tgt, ctl = f"{version}", "other versions (control)"

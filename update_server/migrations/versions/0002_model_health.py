@@ -48,7 +48,7 @@ def upgrade() -> None:
         sa.Column('classes', sa.JSON(), nullable=False),
         sa.Column('input_samples', sa.BigInteger(), nullable=False),
         sa.Column('input_profile', sa.String(length=32), nullable=True),
-        sa.Column('input_hist', sa.JSON(), nullable=True),
+        sa.Column('input_hist', sa.LargeBinary(), nullable=True),
         sa.PrimaryKeyConstraint('id'),
         sa.UniqueConstraint('bundle_name', 'bundle_version', 'resolution', 'bucket_start', name='uq_version_health'),
     )
@@ -61,7 +61,7 @@ def upgrade() -> None:
         sa.Column('bundle_version', sa.String(length=64), nullable=False),
         sa.Column('input_profile', sa.String(length=32), nullable=False),
         sa.Column('input_samples', sa.BigInteger(), nullable=False),
-        sa.Column('input_hist', sa.JSON(), nullable=False),
+        sa.Column('input_hist', sa.LargeBinary(), nullable=False),
         sa.Column('first_at', UTCDateTime(), nullable=False),
         sa.Column('last_at', UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint('id'),
