@@ -179,36 +179,42 @@ def _checkin_server(work: Path, keys_dir: Path, bundle: Path, db_url: str, devic
 def bench_metrics_overhead(work: Path, keys_dir: Path, bundle: Path, db: str, devices: int, duration: float,
                            connections: int, workers: int, rounds: int) -> None:
     """Check-ins/s with metrics off (EDGEPACK_METRICS_ENABLED=false) against metrics on with /metrics scraped every
-    second, two servers side by side, measured in alternating rounds so machine noise hits both alike."""
-    dbs = [services.postgres_database() if db == "postgresql" else None for _ in range(2)]
-    urls = [ctx.__enter__() if ctx is not None else f"sqlite:///{work / f'metrics-{uuid.uuid4().hex[:6]}.db'}"
-            for ctx in dbs]
-    off, on = None, None
+    second: one server at a time on the same database (same devices and assignments), alternating off and on in
+    ``rounds`` so the machine's noise hits both alike."""
+    ctx = services.postgres_database() if db == "postgresql" else None
+    db_url = ctx.__enter__() if ctx is not None else f"sqlite:///{work / f'metrics-{uuid.uuid4().hex[:6]}.db'}"
     try:
-        off, off_reqs = _checkin_server(work, keys_dir, bundle, urls[0], devices, workers,
-                                        EDGEPACK_METRICS_ENABLED="false")
-        on, on_reqs = _checkin_server(work, keys_dir, bundle, urls[1], devices, workers)
-        for server, reqs in ((off, off_reqs), (on, on_reqs)):
-            load(server.port, reqs, max(3.0, duration / 3), connections)  # warm-up: signs every assignment once
-        stop = threading.Event()
-        scrapes: list[float] = []
-
-        def scraper() -> None:
-            with httpx.Client(base_url=on.url, headers={"Authorization": f"Bearer {on.token}"}, timeout=30) as c:
-                while not stop.wait(1.0):
-                    t0 = time.perf_counter()
-                    c.get("/metrics").raise_for_status()
-                    scrapes.append(time.perf_counter() - t0)
-
+        server, reqs = _checkin_server(work, keys_dir, bundle, db_url, devices, workers,
+                                       EDGEPACK_METRICS_ENABLED="false")
+        load(server.port, reqs, max(3.0, duration / 3), connections)  # warm-up: signs every assignment once
+        server.stop()
         per_s: dict[str, list[float]] = {"off": [], "on": []}
+        scrapes: list[float] = []
         for _ in range(rounds):
-            per_s["off"].append(load(off.port, off_reqs, duration, connections)["per_s"])
-            stop.clear()
-            thread = threading.Thread(target=scraper, daemon=True)
-            thread.start()
-            per_s["on"].append(load(on.port, on_reqs, duration, connections)["per_s"])
-            stop.set()
-            thread.join(10)
+            for mode in ("off", "on"):
+                server = Server(work, keys_dir, db_url, EDGEPACK_WORKERS=str(workers),
+                                EDGEPACK_METRICS_ENABLED="false" if mode == "off" else "true")
+                port_reqs = [_retarget(r, server.port) for r in reqs]
+                stop = threading.Event()
+                thread = None
+                if mode == "on":
+                    def scraper(url: str = server.url, token: str = server.token, stop: threading.Event = stop) -> None:
+                        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as c:
+                            while not stop.wait(1.0):
+                                t0 = time.perf_counter()
+                                c.get("/metrics").raise_for_status()
+                                scrapes.append(time.perf_counter() - t0)
+
+                    thread = threading.Thread(target=scraper, daemon=True)
+                    thread.start()
+                try:
+                    load(server.port, port_reqs, 2.0, connections)  # this process's connections and caches
+                    per_s[mode].append(load(server.port, port_reqs, duration, connections)["per_s"])
+                finally:
+                    stop.set()
+                    if thread is not None:
+                        thread.join(10)
+                    server.stop()
         m_off, m_on = statistics.median(per_s["off"]), statistics.median(per_s["on"])
         result = {"db": db, "workers": workers, "devices": devices, "rounds": rounds, "duration_s": duration,
                   "off_per_s": per_s["off"], "on_per_s": per_s["on"], "median_off": m_off, "median_on": m_on,
@@ -217,12 +223,16 @@ def bench_metrics_overhead(work: Path, keys_dir: Path, bundle: Path, db: str, de
         RESULTS[f"metrics_overhead_{db}"] = result
         print(f"/metrics overhead {db}: {result}", flush=True)
     finally:
-        for server in (off, on):
-            if server is not None:
-                server.stop()
-        for ctx in dbs:
-            if ctx is not None:
-                ctx.__exit__(None, None, None)
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+
+
+def _retarget(request: bytes, port: int) -> bytes:
+    """A raw check-in request with its Host header pointed at another port."""
+    head, _, body = request.partition(b"\r\n\r\n")
+    lines = [f"Host: 127.0.0.1:{port}".encode() if line.startswith(b"Host: ") else line
+             for line in head.split(b"\r\n")]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
 # ---- telemetry ------------------------------------------------------------------------------------------
@@ -519,9 +529,9 @@ def render(results: dict[str, Any], argv: str) -> str:
     overheads = [(k.split("_", 2)[2], v) for k, v in results.items() if k.startswith("metrics_overhead_")]
     if overheads:
         lines += ["### `/metrics` overhead on check-ins", "",
-                  "Two servers side by side, one with `EDGEPACK_METRICS_ENABLED=false`, one with metrics on (HTTP "
-                  "middleware, multiprocess counters) and `/metrics` scraped every second during its load; "
-                  "alternating rounds, medians compared.", "",
+                  "The same server and database, started alternately with `EDGEPACK_METRICS_ENABLED=false` and with "
+                  "metrics on (HTTP middleware, multiprocess counters) and `/metrics` scraped every second during "
+                  "its load; one server at a time, alternating rounds, medians compared.", "",
                   "| database | workers | rounds x s | metrics off check-ins/s | metrics on check-ins/s | overhead | "
                   "scrapes | scrape median ms |", "|---|---|---|---|---|---|---|---|"]
         for db, r in overheads:
