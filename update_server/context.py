@@ -11,6 +11,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from bundles.keys import OnlineKeys
+from update_server.broker import BrokerAccounts
 from update_server.metrics import Counters, Metrics
 from update_server.settings import Settings
 from update_server.storage import BlobStorage
@@ -35,6 +36,8 @@ class ServerContext:
     repo: ImageRepository
     checkin_pool: Any = None
     """PostgreSQL only: ``pg_fast.CheckinPool``, async connections for the check-in UPDATE."""
+    broker: BrokerAccounts | None = None
+    """Devices' broker accounts (update_server/broker/); None: no broker configured."""
     metrics: Metrics = field(default_factory=Metrics)
     """Prometheus metrics of this process (summed over workers at /metrics); ``counters`` is their seam."""
     notify: Notify = lambda devices: None

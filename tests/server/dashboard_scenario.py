@@ -56,17 +56,18 @@ def publish_window(pub: Publisher, device: SimDevice, x: np.ndarray, *, correct:
                                     "counts": [0, n // 2, n - n // 2, 0, 0, 0, 0, 0, 0, 0, 0]},
                      "feedback": {"count": 40, "correct": correct}, "predicted_classes": {"1": n // 2, "7": n - n // 2},
                      "input_stats": input_stats(x, reference_profile())}
-    pub.publish(f"{pub.prefix}/{device.device_id}/telemetry/window", json.dumps(msg).encode())
+    pub.publish(f"{pub.prefix}/{device.device_id}/telemetry/window", json.dumps(msg).encode(), device)
     return msg
 
 
-def build(keys: KeyStore, bundles: dict[str, Any], work: Path, broker: str, n: int = 8) -> Scenario:
+def build(keys: KeyStore, bundles: dict[str, Any], work: Path, broker: Any, n: int = 8) -> Scenario:
+    """``broker``: a ``services.Mosquitto`` (TLS, accounts); devices publish on the accounts they enroll with."""
     from update_server.security import Role
     from update_server.services.tokens import create_api_token
 
     prefix = f"edgepack-ui-{uuid.uuid4().hex[:8]}/v1/devices"
     live = start_server(keys=keys, data_dir=work / "data", db_url=f"sqlite:///{work / 'server.db'}",
-                        mqtt_url=broker, prefix=prefix, gate_history_interval_s=0.5)
+                        broker=broker, prefix=prefix, gate_history_interval_s=0.5)
     for version in ("1.0.0", "1.1.0", "1.2.0"):
         assert push(live, bundles[version]).status_code == 201
     devices = []
@@ -81,7 +82,7 @@ def build(keys: KeyStore, bundles: dict[str, Any], work: Path, broker: str, n: i
     director_root = (keys.directory / "online" / "director-root.json").read_bytes()
     images, _ = digits_data()
     x = images.reshape(-1, 64) / 16.0
-    pub = Publisher(broker, prefix)
+    pub = Publisher(broker, prefix, devices)
     try:
         rng = np.random.default_rng(7)
         for d in devices:

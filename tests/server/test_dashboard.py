@@ -33,9 +33,9 @@ def chromium_path() -> str:
 
 
 @pytest.fixture(scope="module")
-def scenario(session_keys: KeyStore, digits_bundles: dict[str, Any],
+def scenario(session_keys: KeyStore, digits_bundles: dict[str, Any], session_broker: Any,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
-    s = build(session_keys, digits_bundles, tmp_path_factory.mktemp("dashboard"), services.system_broker_url())
+    s = build(session_keys, digits_bundles, tmp_path_factory.mktemp("dashboard"), session_broker)
     try:
         yield s
     finally:

@@ -32,12 +32,12 @@ def _device_psi(live: LiveServer, device_id: str) -> list[float]:
 
 
 @pytest.mark.mqtt
-def test_shifted_inputs_raise_drift_alert_and_halt_a_rollout(make_server: Any, system_broker: str, tmp_path: Any,
+def test_shifted_inputs_raise_drift_alert_and_halt_a_rollout(make_server: Any, session_broker: Any, tmp_path: Any,
                                                              digits_bundles: dict[str, Any],
                                                              session_keys: KeyStore) -> None:
     import uuid
 
-    live: LiveServer = make_server(f"sqlite:///{tmp_path / 's.db'}", mqtt_url=system_broker,
+    live: LiveServer = make_server(f"sqlite:///{tmp_path / 's.db'}", broker=session_broker,
                                    prefix=f"edgepack-drift-{uuid.uuid4().hex[:8]}/v1/devices", metrics_cache_s=0)
     for v in ("1.0.0", "1.1.0"):
         assert push(live, digits_bundles[v]).status_code == 201
@@ -50,7 +50,7 @@ def test_shifted_inputs_raise_drift_alert_and_halt_a_rollout(make_server: Any, s
     faint = np.round(images.reshape(-1, 64) * 0.6) / 16.0   # the same digits through a smudged lens
     rng = np.random.default_rng(3)
     director_root = session_keys.director_root_path.read_bytes()
-    pub = Publisher(system_broker, live.prefix)
+    pub = Publisher(session_broker, live.prefix, [steady, shifted])
     admin = live.admin
     try:
         # 1.0.0 at 100 % (a completed rollout; gates off: this part is about drift only)

@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -43,11 +42,13 @@ def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: s
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def test_counters_seam_drop_reasons_and_auth(server_with_broker: LiveServer, system_broker: str) -> None:
+def test_counters_seam_drop_reasons_and_auth(mqtt_server: LiveServer) -> None:
     """A counter added anywhere with ctx.counters.add shows in /metrics and /api/v1/admin/stats alike."""
-    live = server_with_broker
+    live = mqtt_server
     assert httpx.get(f"{live.url}/metrics").status_code == 401  # same tokens as the API
-    pub = Publisher(system_broker, live.prefix)
+    device = SimDevice(live.url, "dev-x")
+    device.enroll(enrollment_token(live, uses=1))
+    pub = Publisher(live.broker, live.prefix, [device])
     try:
         pub.publish(f"{live.prefix}/dev-x/telemetry/window", b"{not json")
         pub.publish(f"{live.prefix}/dev-x/telemetry/window", b"x" * (live.ctx.settings.max_message_bytes + 1))
@@ -66,18 +67,14 @@ def test_counters_seam_drop_reasons_and_auth(server_with_broker: LiveServer, sys
     assert value(samples, "edgepack_http_requests_total", method="GET", route="/metrics", status="401") == 1
 
 
-@pytest.fixture
-def server_with_broker(make_server: Callable[..., LiveServer], system_broker: str, tmp_path: Path) -> LiveServer:
-    return make_server(f"sqlite:///{tmp_path / 's.db'}", mqtt_url=system_broker,
-                       prefix=f"edgepack-test-{uuid.uuid4().hex[:8]}/v1/devices")
-
-
-def _serve(tmp_path: Path, keys: KeyStore, db_url: str, broker: str, prefix: str, mp_dir: Path) -> tuple[Any, str,
+def _serve(tmp_path: Path, keys: KeyStore, db_url: str, broker: Any, prefix: str, mp_dir: Path) -> tuple[Any, str,
                                                                                                           str]:
     port = services.free_port()
+    broker_env = {f"EDGEPACK_{k.upper()}": str(v) for k, v in
+                  broker.server_settings(account_prefix=f"mp{uuid.uuid4().hex[:6]}-").items() if v is not None}
     env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGEPACK_DATA_DIR": str(tmp_path / "data"),
            "EDGEPACK_KEYS_DIR": str(keys.directory / "online"), "EDGEPACK_DATABASE_URL": db_url,
-           "EDGEPACK_PORT": str(port), "EDGEPACK_WORKERS": "2", "EDGEPACK_MQTT_URL": broker,
+           "EDGEPACK_PORT": str(port), "EDGEPACK_WORKERS": "2", **broker_env,
            "EDGEPACK_MQTT_TOPIC_PREFIX": prefix, "EDGEPACK_MQTT_SHARE_GROUP": f"g-{uuid.uuid4().hex[:8]}",
            "EDGEPACK_MQTT_CLIENT_ID": f"srv-{uuid.uuid4().hex[:8]}", "PROMETHEUS_MULTIPROC_DIR": str(mp_dir)}
     out = subprocess.run([sys.executable, "-m", "update_server.cli", "create-token", "--name", "t"], env=env,
@@ -99,11 +96,11 @@ def _serve(tmp_path: Path, keys: KeyStore, db_url: str, broker: str, prefix: str
 
 
 @pytest.mark.slow
-def test_metrics_add_up_across_two_workers(pg_url: str, session_keys: KeyStore, system_broker: str,
+def test_metrics_add_up_across_two_workers(pg_url: str, session_keys: KeyStore, session_broker: Any,
                                            digits_bundles: dict[str, Any], tmp_path: Path) -> None:
     prefix = f"edgepack-mp-{uuid.uuid4().hex[:8]}/v1/devices"
     mp_dir = tmp_path / "prom"
-    proc, url, token = _serve(tmp_path, session_keys, pg_url, system_broker, prefix, mp_dir)
+    proc, url, token = _serve(tmp_path, session_keys, pg_url, session_broker, prefix, mp_dir)
     try:
         admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
         live = LiveServer(None, None, None, url, token, prefix)  # type: ignore[arg-type]
@@ -120,7 +117,7 @@ def test_metrics_add_up_across_two_workers(pg_url: str, session_keys: KeyStore, 
 
         with ThreadPoolExecutor(8) as pool:
             assert set(pool.map(healthz, range(200))) == {200}
-        pub = Publisher(system_broker, prefix)
+        pub = Publisher(session_broker, prefix, devices)
         try:
             for d in devices:
                 for _ in range(20):

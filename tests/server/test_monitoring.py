@@ -76,9 +76,9 @@ def test_prometheus_config_and_rules_pass_promtool(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def scenario(session_keys: KeyStore, digits_bundles: dict[str, Any],
+def scenario(session_keys: KeyStore, digits_bundles: dict[str, Any], session_broker: Any,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
-    s = build(session_keys, digits_bundles, tmp_path_factory.mktemp("monitoring"), services.system_broker_url())
+    s = build(session_keys, digits_bundles, tmp_path_factory.mktemp("monitoring"), session_broker)
     try:
         yield s
     finally:
