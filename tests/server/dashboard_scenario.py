@@ -8,6 +8,8 @@ with an hour-long soak: it stays running, for pausing from the browser.
 
 from __future__ import annotations
 
+import json
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,11 +103,19 @@ def build(keys: KeyStore, bundles: dict[str, Any], work: Path, broker: Any, n: i
             running = r.json()["id"]
         for d in devices:
             d.sync(director_root)
+        # The ingester re-reads rollout membership at most every 0.5 s: a real device takes longer than that to
+        # install; here, wait so its first telemetry on the new version counts for the rollout.
+        time.sleep(1.0)
+        for d in devices:
             publish_window(pub, d, x[rng.choice(len(x), 100)])
         crashed = next(d for d in devices if d.device_id.startswith("kiosk-a") and d.active["version"] == "1.2.0")
         pub.event(crashed, "crash", target=crashed.active, detail={"exitcode": -11, "phase": "serving"})
-        wait_for(lambda: live.admin.get(f"/api/v1/rollouts/{halted}").json()["state"] == "halted", timeout=30,
-                 what="the crash gate to halt 1.2.0")
+        try:
+            wait_for(lambda: live.admin.get(f"/api/v1/rollouts/{halted}").json()["state"] == "halted", timeout=30,
+                     what="the crash gate to halt 1.2.0")
+        except AssertionError as exc:
+            status = live.admin.get(f"/api/v1/rollouts/{halted}").json()
+            raise AssertionError(f"{exc}: {json.dumps(status)[:3000]} {live.ctx.counters.snapshot()}") from None
     finally:
         pub.close()
     from datetime import datetime, timezone

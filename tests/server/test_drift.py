@@ -6,6 +6,7 @@ rollout gate that halts."""
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 import httpx
@@ -60,6 +61,7 @@ def test_shifted_inputs_raise_drift_alert_and_halt_a_rollout(make_server: Any, s
         for d in (steady, shifted):
             d.sync(director_root)
             assert d.active == OLD
+        time.sleep(1.0)  # the ingester re-reads rollout membership at most every 0.5 s
         for _ in range(3):
             publish_window(pub, steady, clean[rng.choice(len(clean), 400)])
         wait_for(lambda: admin.get(f"/api/v1/rollouts/{rid}").json()["state"] == "completed", what="1.0.0 at 100 %")
@@ -86,6 +88,7 @@ def test_shifted_inputs_raise_drift_alert_and_halt_a_rollout(make_server: Any, s
         for d in (steady, shifted):
             d.sync(director_root)
             assert d.active["version"] == "1.1.0"
+        time.sleep(1.0)  # the ingester re-reads rollout membership at most every 0.5 s
         for _ in range(3):
             publish_window(pub, steady, clean[rng.choice(len(clean), 400)])
 

@@ -1,7 +1,7 @@
 """model health: per-version time buckets, per-device drift, gate history, device index by active version
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: 0003
+Revises: 0002
 Create Date: 2026-12-01 11:00:00
 """
 
@@ -14,8 +14,8 @@ from alembic import op
 
 from update_server.models import UTCDateTime
 
-revision: str = '0002'
-down_revision: str | None = '0001'
+revision: str = '0003'
+down_revision: str | None = '0002'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
