@@ -16,6 +16,7 @@ results are drawn with the dashboard's own SVG charts. The image says so in its 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -33,9 +34,13 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
 OUT = ROOT / "docs" / "img"
+LIVE_S = 420
+"""Live traffic before the screenshots: more than the board's 5-minute rate windows."""
+SHOWN_S = 150
+"""The board shows the last this many seconds (every rate window full by then)."""
 
 
-def backfill(live: Any, devices: list[Any], broker: str, hours: int = 6) -> None:
+def backfill(live: Any, devices: list[Any], broker: Any, hours: int = 6) -> None:
     """Windows every 10 minutes over the last hours, sent now with their original sent_at."""
     from tests.server.dashboard_scenario import input_stats
     from tests.server.sim import Publisher
@@ -44,7 +49,7 @@ def backfill(live: Any, devices: list[Any], broker: str, hours: int = 6) -> None
     images, _ = digits_data()
     x = images.reshape(-1, 64) / 16.0
     rng = np.random.default_rng(11)
-    pub = Publisher(broker, live.prefix)
+    pub = Publisher(broker, live.prefix, devices)
     now = datetime.now(timezone.utc)
     try:
         for k in range(hours * 6, 0, -1):
@@ -67,12 +72,12 @@ def backfill(live: Any, devices: list[Any], broker: str, hours: int = 6) -> None
                                  "predicted_classes": {str(c): int(v) for c, v in
                                                        enumerate(np.bincount(rng.integers(0, 10, n), minlength=10))},
                                  "input_stats": input_stats(rows, reference_profile())}
-                pub.publish(f"{pub.prefix}/{d.device_id}/telemetry/window", json.dumps(msg).encode())
+                pub.publish(f"{pub.prefix}/{d.device_id}/telemetry/window", json.dumps(msg).encode(), d)
     finally:
         pub.close()
 
 
-def drift_story(live: Any, keys: Any, bundles: dict[str, Any], broker: str) -> None:
+def drift_story(live: Any, keys: Any, bundles: dict[str, Any], broker: Any) -> None:
     """digits 1.0.0 at 100 % on a third group, whose cameras then get smudged: the fleet drift alert."""
     from tests.server.conftest import enrollment_token
     from tests.server.dashboard_scenario import publish_window
@@ -93,10 +98,13 @@ def drift_story(live: Any, keys: Any, bundles: dict[str, Any], broker: str) -> N
     root = (keys.directory / "online" / "director-root.json").read_bytes()
     images, _ = digits_data()
     faint = np.round(images.reshape(-1, 64) * 0.6) / 16.0
-    pub = Publisher(broker, live.prefix)
+    pub = Publisher(broker, live.prefix, fleet)
     try:
         for d in fleet:
             d.sync(root)
+            d.checkin()
+        time.sleep(1.0)  # the ingester re-reads rollout membership at most every 0.5 s
+        for d in fleet:
             publish_window(pub, d, faint[:300], correct=31)
         deadline = time.monotonic() + 30
         while live.admin.get(f"/api/v1/rollouts/{rid}").json()["state"] != "completed":
@@ -155,6 +163,7 @@ def grafana_panels(prom: str, url: str, token: str, minutes: float) -> str:
                 legend = t.get("legendFormat") or ""
                 for k, v in res["metric"].items():
                     legend = legend.replace("{{" + k + "}}", v)
+                legend = re.sub(r"\{\{\w+\}\}", "–", legend)  # a label Prometheus dropped (empty)
                 points = [(datetime.fromtimestamp(float(ts), timezone.utc),
                            None if v in ("NaN", "+Inf", "-Inf") else float(v)) for ts, v in res["values"]]
                 series.append(Series(legend or expr[:40], points, PALETTE[len(series) % len(PALETTE)]))
@@ -168,8 +177,8 @@ def grafana_panels(prom: str, url: str, token: str, minutes: float) -> str:
             f"</style></head><body><h1>edgepack model health — panels of deploy/monitoring/grafana-dashboard.json</h1>"
             "<p class='muted'>Not a Grafana screenshot: Grafana is not installed on this machine. Each panel's "
             "queries were evaluated by a real Prometheus (Debian's 2.42) scraping a live edgepack server fed by "
-            f"simulated devices for {minutes:.0f} minutes, and drawn with the dashboard's own SVG charts, laid out "
-            "by the panels' gridPos.</p>"
+            f"simulated devices for {LIVE_S / 60:.0f} minutes (the last {minutes * 60:.0f} s shown), and drawn "
+            "with the dashboard's own SVG charts, laid out by the panels' gridPos.</p>"
             f"<div class='board'>{''.join(cells)}</div></body></html>")
 
 
@@ -185,7 +194,8 @@ def main() -> None:
     bundles = {v: make_digits_bundle(keys, work / f"digits-{v}.edgepack", version=v, release_counter=rc,
                                      quality="bad" if v == "1.2.0" else "good")
                for v, rc in (("1.0.0", 1), ("1.1.0", 2), ("1.2.0", 3))}
-    broker = services.system_broker_url()
+    broker_ctx = services.mosquitto()
+    broker = broker_ctx.__enter__()
     scenario = build(keys, bundles, work, broker)
     live = scenario.live
     prom_proc = None
@@ -212,9 +222,9 @@ def main() -> None:
         images, _ = digits_data()
         x = images.reshape(-1, 64) / 16.0
         rng = np.random.default_rng(5)
-        pub = Publisher(broker, live.prefix)
+        pub = Publisher(broker, live.prefix, scenario.devices)
         try:  # a few minutes of live traffic, so rates in Prometheus have something to show
-            while time.monotonic() - t0 < 240:
+            while time.monotonic() - t0 < LIVE_S:
                 for d in scenario.devices:
                     publish_window(pub, d, x[rng.choice(len(x), 40)])
                 for _ in range(5):
@@ -223,7 +233,7 @@ def main() -> None:
         finally:
             pub.close()
         shoot_pages(live.url, scenario.operator, scenario)
-        html = grafana_panels(f"http://127.0.0.1:{port}", live.url, scenario.viewer, (time.monotonic() - t0) / 60)
+        html = grafana_panels(f"http://127.0.0.1:{port}", live.url, scenario.viewer, SHOWN_S / 60)
         (work / "board.html").write_text(html)
         from playwright.sync_api import sync_playwright
 
@@ -243,6 +253,7 @@ def main() -> None:
         for d in scenario.devices:
             d.close()
         live.stop()
+        broker_ctx.__exit__(None, None, None)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -103,6 +103,7 @@ def build(keys: KeyStore, bundles: dict[str, Any], work: Path, broker: Any, n: i
             running = r.json()["id"]
         for d in devices:
             d.sync(director_root)
+            d.checkin()  # report the new version in the inventory
         # The ingester re-reads rollout membership at most every 0.5 s: a real device takes longer than that to
         # install; here, wait so its first telemetry on the new version counts for the rollout.
         time.sleep(1.0)

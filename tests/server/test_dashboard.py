@@ -158,6 +158,7 @@ def test_every_page_loads_only_from_this_server(tab: Tab, scenario: Scenario) ->
     for name, path in pages.items():
         response = tab.page.goto(tab.base + path)
         assert response is not None and response.status == 200, (path, response and response.status)
+        assert response.headers["content-security-policy"].startswith("default-src 'none'; script-src 'self'")
         assert tab.page.locator("main h1").count() == 1
         tab.shot(name)
     tab.page.goto(tab.base + "/ui/models/digits/1.0.0?range=6h")
@@ -199,3 +200,18 @@ def test_forms_need_csrf_and_the_operator_role(scenario: Scenario) -> None:
         assert r.status_code == 303 and r.headers["location"] == "/ui/"
         cookie = r.headers["set-cookie"].lower()
         assert "httponly" in cookie and "samesite=strict" in cookie and "path=/ui" in cookie
+        assert "max-age=43200" in cookie
+
+
+def test_revoking_a_token_ends_its_dashboard_sessions(scenario: Scenario) -> None:
+    from update_server.ui.auth import COOKIE
+
+    live = scenario.live
+    with live.admin as admin:
+        created = admin.post("/api/v1/admin/tokens", json={"name": "temp", "role": "viewer"}).json()
+    with httpx.Client(base_url=live.url, cookies={COOKIE: created["token"]}, timeout=30) as c:
+        assert c.get("/ui/rollouts").status_code == 200
+        with live.admin as admin:
+            assert admin.delete(f"/api/v1/admin/tokens/{created['id']}").status_code == 204
+        r = c.get("/ui/rollouts")
+        assert r.status_code == 303 and r.headers["location"] == "/ui/login?next=/ui/rollouts"

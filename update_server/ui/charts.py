@@ -57,6 +57,11 @@ def line_chart(series: Sequence[Series], *, title: str, unit: str = "", threshol
                height: int = 170) -> Markup:
     """Lines over time, with an optional dashed threshold and a shaded interval band."""
     pad_l, pad_r, pad_t, pad_b = 48, 10, 22, 24
+    title_w = 7 * len(title) + 16
+    legend_w = sum(8 + 7 * len(s.name) for s in series)
+    two_lines = pad_l + title_w + legend_w > width - pad_r  # a long legend goes on a line of its own
+    if two_lines:
+        pad_t += 14
     times = [t for s in series for t, _ in s.points] + [t for t, _, _ in band]
     values = [v for s in series for _, v in s.points if v is not None] + [x for _, lo, hi in band for x in (lo, hi)]
     if threshold is not None:
@@ -98,18 +103,21 @@ def line_chart(series: Sequence[Series], *, title: str, unit: str = "", threshol
         out.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{y(threshold):.1f}" y2="{y(threshold):.1f}" '
                    f'stroke="{PALETTE[2]}" stroke-dasharray="5 4" stroke-width="1.5"><title>threshold '
                    f'{_fmt(threshold)}{unit}</title></line>')
-    legend_x = width - pad_r
+    legend_x, legend_y, shown = width - pad_r, 28 if two_lines else 14, 0
     for s in reversed(series):
-        out.append(f'<text x="{legend_x}" y="14" text-anchor="end" fill="{s.colour}" class="legend">'
+        if legend_x - 7 * len(s.name) < (pad_l if two_lines else pad_l + title_w):
+            break
+        out.append(f'<text x="{legend_x}" y="{legend_y}" text-anchor="end" fill="{s.colour}" class="legend">'
                    f'{escape(s.name)}</text>')
         legend_x -= 8 + 7 * len(s.name)
+        shown += 1
+    if shown < len(series):
+        out.append(f'<text x="{legend_x}" y="{legend_y}" text-anchor="end" class="legend">'
+                   f'+{len(series) - shown} more</text>')
     for s in series:
-        runs: list[list[tuple[float, float, datetime, float]]] = [[]]
-        for t, value in s.points:
-            if value is None:
-                runs.append([])
-            else:
-                runs[-1].append((x(t), y(value), t, value))
+        # a missing value (no data in that step) is skipped: the line joins its neighbours
+        runs: list[list[tuple[float, float, datetime, float]]] = [
+            [(x(t), y(value), t, value) for t, value in s.points if value is not None]]
         dash = ' stroke-dasharray="4 3"' if s.dashed else ""
         dense = sum(len(run) for run in runs) > DOTS_UP_TO
         for run in runs:
