@@ -54,21 +54,21 @@ def backfill(live: Any, devices: list[Any], broker: Any, hours: int = 6) -> None
     try:
         for k in range(hours * 6, 0, -1):
             at = (now - timedelta(minutes=10 * k)).isoformat()
-            for i, d in enumerate(devices):
+            for d in devices:
                 if d.active is None:
                     continue
                 rows = x[rng.choice(len(x), 60)]
                 msg = pub.envelope(d, "window", d.active)
                 msg["sent_at"] = at
                 n = int(rng.integers(80, 140))
-                slow = 1 if d.active["version"] == "1.1.0" else 0
+                slow = 0
                 msg["window"] = {"start": at, "end": at, "requests": n, "errors": int(rng.random() < 0.2),
                                  "crashes": 0, "latency_ms": {"bounds": [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000],
                                                               "counts": [0, n // 3, n // 2 - slow * 5,
                                                                          n // 6 + slow * 5,
                                                                          n - n // 3 - n // 2 - n // 6,
                                                                          0, 0, 0, 0, 0, 0]},
-                                 "feedback": {"count": 20, "correct": 19 - int(rng.random() < 0.3) - i % 2},
+                                 "feedback": {"count": 20, "correct": 19 - int(rng.random() < 0.3)},
                                  "predicted_classes": {str(c): int(v) for c, v in
                                                        enumerate(np.bincount(rng.integers(0, 10, n), minlength=10))},
                                  "input_stats": input_stats(rows, reference_profile())}
@@ -98,14 +98,16 @@ def drift_story(live: Any, keys: Any, bundles: dict[str, Any], broker: Any) -> N
     root = (keys.directory / "online" / "director-root.json").read_bytes()
     images, _ = digits_data()
     faint = np.round(images.reshape(-1, 64) * 0.6) / 16.0
+    rng = np.random.default_rng(2)
     pub = Publisher(broker, live.prefix, fleet)
     try:
         for d in fleet:
             d.sync(root)
             d.checkin()
         time.sleep(1.0)  # the ingester re-reads rollout membership at most every 0.5 s
-        for d in fleet:
-            publish_window(pub, d, faint[:300], correct=31)
+        for _ in range(12):  # most of 1.0.0's recent inputs now come through smudged lenses
+            for d in fleet:
+                publish_window(pub, d, faint[rng.choice(len(faint), 1000)], correct=31)
         deadline = time.monotonic() + 30
         while live.admin.get(f"/api/v1/rollouts/{rid}").json()["state"] != "completed":
             assert time.monotonic() < deadline

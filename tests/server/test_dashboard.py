@@ -14,8 +14,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from bundles.keys import KeyStore
-from tests.server.dashboard_scenario import Scenario, build
+from tests.server.dashboard_scenario import Scenario
 from tests.support import services
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,16 +31,9 @@ def chromium_path() -> str:
     return path
 
 
-@pytest.fixture(scope="module")
-def scenario(session_keys: KeyStore, digits_bundles: dict[str, Any], session_broker: Any,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
-    s = build(session_keys, digits_bundles, tmp_path_factory.mktemp("dashboard"), session_broker)
-    try:
-        yield s
-    finally:
-        for d in s.devices:
-            d.close()
-        s.live.stop()
+@pytest.fixture
+def scenario(dashboard_scenario: Scenario) -> Scenario:
+    return dashboard_scenario
 
 
 @pytest.fixture(scope="module")

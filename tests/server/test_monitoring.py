@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from bundles.keys import KeyStore
-from tests.server.dashboard_scenario import Scenario, build
+from tests.server.dashboard_scenario import Scenario
 from tests.support import services
 
 MONITORING = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
@@ -75,16 +73,9 @@ def test_prometheus_config_and_rules_pass_promtool(tmp_path: Path) -> None:
         assert r.returncode == 0, r.stdout + r.stderr
 
 
-@pytest.fixture(scope="module")
-def scenario(session_keys: KeyStore, digits_bundles: dict[str, Any], session_broker: Any,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
-    s = build(session_keys, digits_bundles, tmp_path_factory.mktemp("monitoring"), session_broker)
-    try:
-        yield s
-    finally:
-        for d in s.devices:
-            d.close()
-        s.live.stop()
+@pytest.fixture
+def scenario(dashboard_scenario: Scenario) -> Scenario:
+    return dashboard_scenario
 
 
 @pytest.mark.mqtt
