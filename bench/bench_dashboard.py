@@ -249,7 +249,7 @@ def render(results: dict[str, Any], argv: str) -> str:
              "what the server reports in `Server-Timing` (sign-in check, queries, rendering), over "
              f"{results['repeats']} requests per page after one warm-up, first with `metrics_cache_s=0` (every "
              "request computes everything: the figures that count), then with the default 10 s (drift results, "
-             "which sum many JSON histograms, are reused between the pages, `/metrics` and the gate loop); "
+             "which sum many stored histograms, are reused between the pages, `/metrics` and the gate loop); "
              f"host: {m['cpus']} cores shared with other work (load average {m['load_avg_1m']} at the end).", "",
              "| page | path | median ms | p95 ms | max ms | client wall median ms | HTML bytes | with the 10 s drift "
              "cache: median / max ms | p95 ≤ 300 ms |", "|---|---|---|---|---|---|---|---|---|"]

@@ -207,3 +207,24 @@ def test_revoking_a_token_ends_its_dashboard_sessions(scenario: Scenario) -> Non
             assert admin.delete(f"/api/v1/admin/tokens/{created['id']}").status_code == 204
         r = c.get("/ui/rollouts")
         assert r.status_code == 303 and r.headers["location"] == "/ui/login?next=/ui/rollouts"
+
+
+@pytest.mark.mqtt
+def test_live_pages_reload_unless_someone_types(tab: Tab, scenario: Scenario) -> None:
+    """'live' reloads every 10 s (the browser's clock is fast-forwarded), never while a form field has focus."""
+    page = tab.page
+    page.clock.install()
+    tab.sign_in(scenario.viewer, "/ui/devices")
+    assert page.is_checked("#live")
+    page.evaluate("window.__marker = 1")
+    with page.expect_navigation():
+        page.clock.fast_forward("00:11")
+    assert page.evaluate("window.__marker") is None  # a fresh page
+    page.focus("input[name=q]")
+    page.evaluate("window.__marker = 2")
+    page.clock.fast_forward("00:31")
+    assert page.evaluate("window.__marker") == 2  # still the same page: someone is typing
+    page.uncheck("#live")
+    page.evaluate("document.activeElement.blur()")
+    page.clock.fast_forward("00:31")
+    assert page.evaluate("window.__marker") == 2  # live off: no reload
