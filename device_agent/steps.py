@@ -330,6 +330,8 @@ class UpdateSteps:
         if refusal is not None:
             return refusal
         deadline = Deadline(self.clock, lim.download_deadline_s, "bundle download")
+        if self.next_checkin < self.clock.monotonic():  # after a restart: the next check-in is one interval away
+            self.next_checkin = self.clock.monotonic() + self.poll_interval_s
         t0 = time.perf_counter()
         fetched = 0
         delay = self.config.debug.step_delay_s
