@@ -253,21 +253,24 @@ class RestartAlways:
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
     """``small_disk(size_bytes)``: a real tmpfs of that size mounted as the agent's state directory
-    (``tmp_path / "state"``), unmounted at teardown. Needs root (``mount -t tmpfs``); skipped otherwise."""
+    (``tmp_path / "state"``), unmounted at teardown. Needs root (``mount -t tmpfs``): skipped without it,
+    a failure in CI (.ci/run runs as root)."""
     import os
     import subprocess
+
+    from tests.support.services import service_missing
 
     mounted: list[Path] = []
 
     def mount(size: int) -> Path:
         if os.geteuid() != 0:
-            pytest.skip("mounting a tmpfs needs root")
+            service_missing("root (to mount a small tmpfs as a full disk)")
         path = tmp_path / "state"
         path.mkdir(exist_ok=True)
         r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
                            capture_output=True, text=True)
         if r.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+            service_missing(f"mount -t tmpfs ({r.stderr.strip()})")
         mounted.append(path)
         return path
 
