@@ -80,11 +80,14 @@ def open_updater(metadata_dir: Path, metadata_url: str, fetcher: FetcherInterfac
 
 
 def target_url(base_url: str, target: TargetFile, *, hash_prefix: bool) -> str:
-    """URL of a target; with consistent snapshots the basename is prefixed with its hash (TUF 5.7.3)."""
+    """URL of a target; with consistent snapshots the basename is prefixed with a hash (TUF 5.7.3).
+
+    The hash is the first one the metadata lists, as python-tuf's ``Updater.download_target`` picks it (a
+    repository with consistent snapshots stores each target under every listed hash)."""
     path = target.path
     if hash_prefix:
         dirname, sep, basename = path.rpartition("/")
-        digest = target.hashes.get("sha256") or next(iter(target.hashes.values()))
+        digest = next(iter(target.hashes.values()))
         path = f"{dirname}{sep}{digest}.{basename}"
     return base_url.rstrip("/") + "/" + path
 
