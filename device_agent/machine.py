@@ -223,7 +223,8 @@ class Agent:
         state = rec.state
         hold = self._hold_until - self.clock.monotonic()
         if hold > 0:  # the state file could not be written: wait, then run the (idempotent) step again
-            self.clock.wait(self.stop_flag, hold)
+            self.updates.heartbeat = self.clock.monotonic()
+            self.clock.wait(self.stop_flag, min(hold, 1.0))
             return state
         verdict = None
         if rec.pending is not None:

@@ -35,7 +35,7 @@ from device_agent.errors import (
 )
 from device_agent.fetcher import cached, download_target, target_url
 from device_agent.guards import LoopVerdict, Space, clock_verdict, raise_floor, retry_delay, space_verdict
-from device_agent.inbox import Inbox
+from device_agent.inbox import Inbox, Note
 from device_agent.server import CheckinAnswer, ServerClient
 from device_agent.states import Event, State
 from device_agent.store import KEEP, Attempts, BundleRef, Change, Pending, StateRecord, Store, slot_name
@@ -143,13 +143,26 @@ class UpdateSteps:
         if self.config.debug.step_delay_s:
             self.clock.wait(self.stop_flag, self.config.debug.step_delay_s)
 
+    def wait(self, seconds: float) -> Note | None:
+        """The next note within ``seconds``, beating the heartbeat at least every second meanwhile (systemd's
+        watchdog must see a waiting agent as alive, and a stuck one as stuck)."""
+        deadline = self.clock.monotonic() + seconds
+        while True:
+            self.heartbeat = self.clock.monotonic()
+            left = deadline - self.heartbeat
+            if left <= 0:
+                return None
+            note = self.inbox.wait(min(left, 1.0))
+            if note is not None:
+                self.heartbeat = self.clock.monotonic()
+                return note
+
     # ---- IDLE: check in ----------------------------------------------------------------------------------
     def _idle(self, rec: StateRecord) -> Outcome | None:
         self.inbox.drain("crash")  # the supervisor restarts a crashed worker; in IDLE a crash decides nothing
         wait = self.next_checkin - self.clock.monotonic()
         while wait > 0:
-            note = self.inbox.wait(wait)
-            self.heartbeat = self.clock.monotonic()
+            note = self.wait(wait)
             if note is None:
                 break
             if note[0] == "stop":
@@ -169,11 +182,21 @@ class UpdateSteps:
                 "state": rec.state.value, "active": active.ident() if active else None,
                 "last_error": self.storage_error or rec.last_error}
 
+    def _send_checkin(self, rec: StateRecord) -> CheckinAnswer:
+        """One check-in; a disk error on the way (the client may persist a sequence number) is a StorageError."""
+        assert self.credential is not None
+        try:
+            return self.server.checkin(self.config.device_id, self.credential, self.checkin_body(rec))
+        except OSError as exc:
+            if not StorageError.matches(exc):
+                raise
+            raise StorageError.from_os(exc, "check-in") from exc
+
     def _check_in(self, rec: StateRecord) -> Outcome:
         assert self.credential is not None
         try:
-            answer = self.server.checkin(self.config.device_id, self.credential, self.checkin_body(rec))
-        except (TransportError, ServerError) as exc:
+            answer = self._send_checkin(rec)
+        except (TransportError, ServerError, StorageError) as exc:
             self.failures += 1
             log.warning("check-in failed (%s); retrying in a while", exc)
             return Outcome(Event.RETRY, retry_in=self.backoff())
@@ -428,8 +451,8 @@ class UpdateSteps:
         assert p is not None and self.credential is not None
         self.next_checkin = self.clock.monotonic() + self.poll_interval_s
         try:
-            answer = self.server.checkin(self.config.device_id, self.credential, self.checkin_body(rec))
-        except (TransportError, ServerError) as exc:
+            answer = self._send_checkin(rec)
+        except (TransportError, ServerError, StorageError) as exc:
             log.warning("check-in during the download failed (%s)", exc)
             return
         if answer.poll_interval_s:
@@ -560,7 +583,7 @@ class UpdateSteps:
             left = (end - self.clock.now()).total_seconds()
             if left <= 0:
                 return Outcome(Event.TRIAL_PASSED)
-            note = self.inbox.wait(min(left, max(0.05, next_health - self.clock.monotonic())))
+            note = self.wait(min(left, max(0.05, next_health - self.clock.monotonic())))
             if note is not None and note[0] == "stop":
                 return None
             if note is not None and note[0] == "crash":

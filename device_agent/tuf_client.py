@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError("download needs --target-name, --target-base-url and --target-dir")
             updater, fetcher = _updater(args, with_targets=True)
             updater.refresh()
-            hash_prefix = _trusted_root(args.metadata_dir).consistent_snapshot
+            hash_prefix = bool(_trusted_root(args.metadata_dir).consistent_snapshot)
             args.target_dir.mkdir(parents=True, exist_ok=True)
             for name in args.target_name:
                 info = updater.get_targetinfo(name)

@@ -44,6 +44,7 @@ class FakeUpdateServer:
         self.requests: list[tuple[str, str]] = []
         self.fail_targets = 0
         self.poll_interval_s = 3600.0
+        self.last_checkin: dict[str, Any] = {}
         self.lock = threading.Lock()
         self._sign_repo()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
