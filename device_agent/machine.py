@@ -62,7 +62,7 @@ class Agent:
         self.image = ImageRepository(self.store.tuf, self.store.trust, image_url, config.path(config.trust.image_root),
                                      self.transport, self.clock, socket_timeout_s=config.limits.socket_timeout_s,
                                      deadline_s=config.limits.download_deadline_s,
-                                     max_metadata_bytes=config.limits.max_metadata_bytes)
+                                     max_metadata_bytes=config.limits.max_metadata_bytes, progress=self._beat)
         with translated("director root"):
             director_root = Metadata[Root].from_bytes(config.path(config.trust.director_root).read_bytes()).signed
         self.stop_flag = threading.Event()
@@ -110,6 +110,9 @@ class Agent:
     @property
     def window(self) -> WindowStats:
         return self.serving.window
+
+    def _beat(self) -> None:
+        self.updates.heartbeat = self.clock.monotonic()
 
     @property
     def heartbeat(self) -> float:
