@@ -266,13 +266,15 @@ class Agent:
         backoff. Otherwise the agent keeps serving, reports the error at check-in and tries again later."""
         if rec.pending is not None and rec.state in (State.DOWNLOADING, State.VERIFYING, State.SELFTEST):
             freed = self.updates.disk_full(rec, exc, "persist")
+            gave_way = freed.change.apply(rec, next_state(rec.state, freed.event))
             try:
-                self._persist(freed.change.apply(rec, next_state(rec.state, freed.event)))
+                self._persist(gave_way)
             except StorageError as again:
                 exc = again
+                self.record = gave_way  # its files are gone: go on from IDLE in memory (a restart re-checks them)
             else:
                 return self._after_freeing(rec, freed)
-        self._cannot_save(exc, rec.state)
+        self._cannot_save(exc, self.record.state)
         target = next((t for _, t, _ in outcome.events if t), None) or (rec.pending.target() if rec.pending else None)
         if target is not None and not self._storage_reported:  # an install is failing: the rollout gate must know
             self._storage_reported = True

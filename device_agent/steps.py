@@ -477,6 +477,15 @@ class UpdateSteps:
         except WorkerError as exc:
             log.warning("could not pre-start a worker: %s", exc)
 
+    def _files_gone(self, rec: StateRecord, phase: str) -> Outcome:
+        """The update's downloaded files are not there (deleted to free a full disk before the record said so):
+        not the bundle's fault, so it is downloaded again after a backoff instead of being refused."""
+        p = rec.pending
+        assert p is not None
+        detail = {"error": "files_missing", "phase": phase,
+                  "message": f"the downloaded files of {p.name} {p.version} are gone; downloading them again"}
+        return self._retry(rec, p.target(), detail, report=None, event=Event.FAILED)
+
     def _fail_update(self, rec: StateRecord, exc: AgentError, event: str, phase: str) -> Outcome:
         """Refuse the pending update: delete its files, remember the assignment, report ``event``."""
         p = rec.pending
@@ -494,6 +503,8 @@ class UpdateSteps:
         t0 = self._activation_t0 = time.perf_counter()
         staging, slot_dir = self.store.staging_dir(p.slot), self.store.slot_dir(p.slot)
         src = staging if staging.exists() else slot_dir
+        if not src.exists():
+            return self._files_gone(rec, "verify")
         for leftover in src.rglob("*.part"):
             leftover.unlink()
         try:
@@ -531,6 +542,8 @@ class UpdateSteps:
     def _selftest(self, rec: StateRecord) -> Outcome:
         p = rec.pending
         assert p is not None
+        if not self.store.slot_dir(p.slot).exists():
+            return self._files_gone(rec, "selftest")
         try:
             self._standby = self._load_and_test(p.to_ref())
         except WorkerError as exc:
