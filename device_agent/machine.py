@@ -25,6 +25,7 @@ from tuf.api.metadata import Metadata, Root
 from device_agent import AGENT_VERSION
 from device_agent.clock import Clock, SystemClock
 from device_agent.config import AgentConfig
+from device_agent.connection import http_transport, mqtt_publisher
 from device_agent.errors import ConfigError, StorageError
 from device_agent.guards import loop_verdict, retry_delay
 from device_agent.inbox import Inbox
@@ -36,8 +37,8 @@ from device_agent.states import UPDATE_STATES, Event, State, next_state
 from device_agent.steps import Outcome, UpdateSteps
 from device_agent.store import Pending, StateRecord, Store
 from device_agent.supervisor import Supervisor, WorkerSupervisor
-from device_agent.telemetry import MqttPublisher, Publisher, Telemetry, WindowStats
-from device_agent.transport import Transport, Urllib3Transport
+from device_agent.telemetry import Publisher, Telemetry, WindowStats
+from device_agent.transport import Transport
 from device_agent.update import ImageRepository, installed_runtimes, translated
 
 log = logging.getLogger("edgepack-agent")
@@ -51,7 +52,7 @@ class Agent:
                  runtimes: dict[str, str] | None = None) -> None:
         self._config = config
         self.clock = clock or SystemClock()
-        self.transport: Transport = transport or Urllib3Transport(f"edgepack-agent/{AGENT_VERSION}")
+        self.transport: Transport = transport or http_transport(config, f"edgepack-agent/{AGENT_VERSION}")
         self.store = Store(config.state_dir)
         self.record = self.store.load()
         self.runtimes = runtimes if runtimes is not None else installed_runtimes()
@@ -68,10 +69,7 @@ class Agent:
         self.stop_flag = threading.Event()
         self.inbox = Inbox(self.clock, self.stop_flag)
         if publisher == "mqtt":
-            url = config.mqtt.url or self.enrollment.get("mqtt", {}).get("url")
-            publisher = None if not url else MqttPublisher(
-                url, config.device_id, username=config.mqtt.username, password=config.mqtt.password,
-                keepalive_s=config.mqtt.keepalive_s, protocol=config.mqtt.protocol)
+            publisher = mqtt_publisher(config, self.enrollment)
         self.telemetry = Telemetry(config.device_id, Outbox(self.store.outbox,
                                                             max_messages=config.limits.outbox_max_messages,
                                                             max_bytes=config.limits.outbox_max_bytes),
