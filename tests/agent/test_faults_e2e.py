@@ -1,5 +1,6 @@
-"""What the operator sees when a device's disk is full, end to end: the real update server (uvicorn, SQLite),
-a real Mosquitto, ``edgepack-agent run`` on a real 4 MB tmpfs, and a rollout of a bundle that cannot fit.
+"""What the operator sees when a device's disk is full, end to end: the real update server (uvicorn, SQLite,
+HTTPS), a real Mosquitto (TLS, broker accounts), ``edgepack-agent run`` on a real 4 MB tmpfs, and a rollout of
+a bundle that cannot fit.
 
 The device refuses the bundle before downloading it; the server shows the reason in the device's
 ``last_error`` (``GET /api/v1/devices/{id}``, which ``edgepack devices show`` prints), and the rollout's
@@ -38,7 +39,7 @@ def test_disk_full_reaches_the_device_view_and_the_install_failure_gate(
     huge = rebuild_bundle(keys, base, tmp_path / "digits-2.0.0.edgepack", version="2.0.0", release_counter=2,
                           replace_files={"data/padding.bin": os.urandom(5 * MB)})
     live = start_server(keys=keys, data_dir=tmp_path / "server", db_url=f"sqlite:///{tmp_path / 'server.db'}",
-                        mqtt_url=private_broker.url)
+                        broker=private_broker, tls_files=private_broker.tls_files)
     agent: AgentProcess | None = None
     try:
         assert push(live, huge).status_code == 201
@@ -47,7 +48,7 @@ def test_disk_full_reaches_the_device_view_and_the_install_failure_gate(
         config = tmp_path / "agent.toml"
         config.write_text(toml_dumps({
             "device_id": device, "hardware_id": HARDWARE, "state_dir": str(state),
-            "server": {"url": live.url, "poll_interval_s": 1},
+            "server": {"url": live.url, "poll_interval_s": 1, "ca_file": str(live.ca_file)},
             "trust": {"image_root": str(keys.root_path), "director_root": str(keys.director_root_path)},
             "api": {"listen": api}, "limits": {"disk_reserve_bytes": 256 * 1024}}))
         enroll = subprocess.run([sys.executable, "-m", "device_agent.cli", "enroll", "--config", str(config),
