@@ -25,6 +25,8 @@ from tests.server.sim import Publisher, SimDevice
 from tests.support import services
 
 ROOT = Path(__file__).resolve().parents[2]
+DEVICES, WINDOWS, REQUESTS = 5, 20, 100
+TOTAL = DEVICES * WINDOWS
 
 
 def scrape(url: str, token: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -105,8 +107,8 @@ def test_metrics_add_up_across_two_workers(pg_url: str, session_keys: KeyStore, 
         admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
         live = LiveServer(None, None, None, url, token, prefix)  # type: ignore[arg-type]
         assert push(live, digits_bundles["1.0.0"]).status_code == 201
-        enroll = enrollment_token(live, uses=10)
-        devices = [SimDevice(url, f"mp-{i}") for i in range(10)]
+        enroll = enrollment_token(live, uses=DEVICES)
+        devices = [SimDevice(url, f"mp-{i}") for i in range(DEVICES)]
         for d in devices:
             d.enroll(enroll)
             d.active = {"name": "digits", "version": "1.0.0", "release_counter": 1, "variant": "onnx-fp32"}
@@ -116,16 +118,16 @@ def test_metrics_add_up_across_two_workers(pg_url: str, session_keys: KeyStore, 
                 return c.get(f"{url}/healthz", headers={"Connection": "close"}).status_code
 
         with ThreadPoolExecutor(8) as pool:
-            assert set(pool.map(healthz, range(200))) == {200}
+            assert set(pool.map(healthz, range(REQUESTS))) == {200}
         pub = Publisher(session_broker, prefix, devices)
         try:
             for d in devices:
-                for _ in range(20):
+                for _ in range(WINDOWS):
                     pub.window(d)
         finally:
             pub.close()
-        wait_for(lambda: admin.get("/api/v1/admin/stats").json()["counters"].get("telemetry_ingested", 0) >= 200,
-                 timeout=60, what="200 windows ingested (summed over both workers)")
+        wait_for(lambda: admin.get("/api/v1/admin/stats").json()["counters"].get("telemetry_ingested", 0) >= TOTAL,
+                 timeout=60, what=f"{TOTAL} windows ingested (summed over both workers)")
 
         files = {p.name for p in mp_dir.glob("counter_*.db")}
         assert len(files) >= 2, f"expected both workers to have served; metric files: {sorted(files)}"
@@ -134,12 +136,12 @@ def test_metrics_add_up_across_two_workers(pg_url: str, session_keys: KeyStore, 
         for _ in range(3):  # whichever worker answers, every scrape sums both
             samples = scrape(url, token)
             assert value(samples, "edgepack_http_requests_total", method="GET", route="/healthz",
-                         status="200") == 200
-            assert value(samples, "edgepack_server_events_total", event="telemetry_ingested") == 200
-            assert value(samples, "edgepack_telemetry_received_total") == 200
-            assert value(samples, "edgepack_telemetry_lag_seconds_count") == 200
-            assert value(samples, "edgepack_model_requests_total", model="digits", version="1.0.0") == 200 * 100
-        assert admin.get("/api/v1/admin/stats").json()["counters"]["telemetry_ingested"] == 200
+                         status="200") == REQUESTS
+            assert value(samples, "edgepack_server_events_total", event="telemetry_ingested") == TOTAL
+            assert value(samples, "edgepack_telemetry_received_total") == TOTAL
+            assert value(samples, "edgepack_telemetry_lag_seconds_count") == TOTAL
+            assert value(samples, "edgepack_model_requests_total", model="digits", version="1.0.0") == TOTAL * 100
+        assert admin.get("/api/v1/admin/stats").json()["counters"]["telemetry_ingested"] == TOTAL
         admin.close()
     finally:
         proc.terminate()
