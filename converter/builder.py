@@ -56,6 +56,13 @@ class _Steps:
             self.progress.update(task, completed=total)
 
 
+def _dataset_name(spec: BuildSpec) -> str:
+    """How the report names the evaluation set: its declared name, else where it comes from."""
+    ds = spec.evaluation
+    where = f"factory {ds.factory}" if ds.factory else f"file {ds.path.name if ds.path else '?'}"
+    return f"{spec.evaluation_name} ({where})" if spec.evaluation_name else where
+
+
 def _batch(raw: np.ndarray) -> Any:
     return [str(t) for t in raw] if raw.dtype.kind == "U" else raw
 
@@ -160,7 +167,9 @@ def _run(spec: BuildSpec, report: dict[str, Any], work: Path, steps: _Steps, dry
         ref_value = metrics.evaluate(spec.metric, ref_outs[out_idx], ref_outs[out_idx], labels,
                                      top_k=spec.top_k, names=spec.labels)
     report["metric"] = {"name": spec.metric, "reference": r6(ref_value), "budget": spec.budget,
-                        "samples": len(ev_raw), "output": out_names[out_idx]}
+                        "samples": len(ev_raw), "output": out_names[out_idx],
+                        "dataset": _dataset_name(spec), "checks": {
+                            k: v for k, v in vars(spec.checks).items() if v is not None}}
 
     base: bytes | None = None
     base_error: ConverterError | None = None
@@ -187,7 +196,12 @@ def _run(spec: BuildSpec, report: dict[str, Any], work: Path, steps: _Steps, dry
                 value = metrics.evaluate(spec.metric, res.outputs[out_idx], ref_outs[out_idx], labels,
                                          top_k=spec.top_k, names=spec.labels)
                 g = metrics.gate(spec.metric, value, ref_value, spec.budget)
-                res.value, res.delta, res.drop, res.passed = g.value, g.delta, g.drop, g.passed
+                found = metrics.checks(spec.checks, spec.task, res.outputs[out_idx], ref_outs[out_idx], labels,
+                                       spec.labels)
+                res.checks = [c.to_dict() for c in found]
+                failed = [c for c in found if not c.passed]
+                res.value, res.delta, res.drop = g.value, g.delta, g.drop
+                res.passed = g.passed and not failed
                 if not g.passed:
                     raise AccuracyBudgetError(
                         f"{vid} loses {fmt_delta(spec.metric, g.drop).lstrip('+')} of {spec.metric} against the "
@@ -195,6 +209,13 @@ def _run(spec: BuildSpec, report: dict[str, Any], work: Path, steps: _Steps, dry
                         f"{fmt_delta(spec.metric, g.over_by).lstrip('+')} over", variant=vid,
                         fix="try other quantization settings (per_channel, calibration_method, more calibration "
                         "data, nodes_to_exclude) or raise [evaluation] budget if the loss is acceptable")
+                if failed:
+                    raise AccuracyBudgetError(
+                        f"{vid} passes the {spec.metric} budget but fails " + "; ".join(
+                            f"{c.name} {c.value:.4g} (limit {c.limit:.4g}{', ' + c.detail if c.detail else ''})"
+                            for c in failed), variant=vid,
+                        fix="try other quantization settings (keep sensitive nodes in higher precision, "
+                        "per_channel, more calibration data) or relax the check under [evaluation]")
             except ConverterError as exc:
                 if exc.variant is None:
                     exc.variant = vid

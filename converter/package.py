@@ -38,6 +38,7 @@ class VariantResult:
     delta: float | None = None
     drop: float | None = None
     passed: bool = False
+    checks: list[dict[str, Any]] = field(default_factory=list)
     latency: dict[str, Any] | None = None
     build_seconds: float = 0.0
     error: dict[str, Any] | None = None
@@ -124,7 +125,7 @@ def build_manifest(spec: BuildSpec, shipped: list[VariantResult], profiles: dict
             {"id": v.id, "file": v.file, "format": v.format, "runtime": v.runtime, "precision": v.precision,
              "quantization": v.quantization,
              "metric": {"name": spec.metric, "value": r6(v.value or 0.0), "delta": r6(v.delta or 0.0),
-                        "budget": spec.budget},
+                        "budget": spec.budget, "checks": {c["name"]: c["value"] for c in v.checks}},
              "size_bytes": len(v.data or b"")}
             for v in shipped
         ],

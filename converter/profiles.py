@@ -51,6 +51,8 @@ class Candidate:
     passed: bool
     size_bytes: int
     latency_p50_ms: float | None
+    measured: str | None = None
+    """What this build measured about the variant (e.g. its speed against fp32), quoted in notes."""
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,9 @@ def decide(profile: Profile, candidates: list[Candidate]) -> ProfileDecision:
         elif c.id not in profile.preference:
             excluded[c.id] = f"not in {profile.name}'s preference list"
         elif c.precision == "fp16" and not profile.fp16_compute:
-            excluded[c.id] = f"fp16 is slower than fp32 on {profile.name}'s CPU; no fp16 compute"
+            excluded[c.id] = (f"{profile.name} declares no fp16 compute (fp16_compute = false): its runtimes "
+                              "upcast fp16 on the CPU" + (f"; measured on the build host: {c.measured}"
+                                                          if c.measured else ""))
         elif profile.max_model_bytes is not None and c.size_bytes > profile.max_model_bytes:
             excluded[c.id] = f"{c.size_bytes} bytes exceed {profile.name}'s max_model_bytes"
         else:

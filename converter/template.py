@@ -79,5 +79,6 @@ expires_days = 365
 
 [output]
 dir = "out"                  # bundle, build-report.json, build-report.md
-latency_runs = 50
+latency_runs = 200             # timed calls per variant in all ...
+latency_rounds = 10            # ... in interleaved rounds: every variant runs in every round
 '''
