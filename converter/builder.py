@@ -103,9 +103,10 @@ def build(spec: BuildSpec, *, console: Any = None, dry_run: bool = False, spec_s
     return report
 
 
-def _build_variant(vid: str, loaded: LoadedModel, base: bytes | None, base_error: ConverterError | None,
-                   work: Path, cal: dict[str, np.ndarray], cal_ref: list[np.ndarray], out_idx: int,
-                   options: dict[str, Any], out_names: list[str]) -> tuple[bytes, dict[str, Any]]:
+def _build_variant(spec: BuildSpec, vid: str, loaded: LoadedModel, base: bytes | None,
+                   base_error: ConverterError | None, work: Path, cal: dict[str, np.ndarray],
+                   cal_ref: list[np.ndarray], out_idx: int, options: dict[str, Any], out_names: list[str]
+                   ) -> tuple[bytes, dict[str, Any]]:
     from converter import onnx_variants as ov
 
     fmt, precision = vid.split("-", 1)
@@ -119,7 +120,10 @@ def _build_variant(vid: str, loaded: LoadedModel, base: bytes | None, base_error
             return ov.to_fp16(base, options)
         if precision == "int8":
             return ov.to_int8_static(base, work, cal, cal_ref[out_idx], options, out_idx)
-        return ov.to_int8_dynamic(base, work, options)
+        from converter.mixed_precision import gate_on
+
+        return ov.to_int8_dynamic(base, work, options, cal=cal, cal_ref=cal_ref[out_idx], output_index=out_idx,
+                                  gate=gate_on(spec.checks, spec.task, spec.metric, spec.budget))
     from converter import tflite_variants
 
     return tflite_variants.convert(loaded, precision, cal, options, (list(cal), out_names))
@@ -189,7 +193,7 @@ def _run(spec: BuildSpec, report: dict[str, Any], work: Path, steps: _Steps, dry
             res = VariantResult(vid, fmt, "int8" if precision.startswith("int8") else precision)
             t = time.perf_counter()
             try:
-                res.data, res.quantization = _build_variant(vid, loaded, base, base_error, work, cal,
+                res.data, res.quantization = _build_variant(spec, vid, loaded, base, base_error, work, cal,
                                                             cal_ref, out_idx, spec.variant_options.get(vid, {}),
                                                             out_names)
                 res.outputs = run_variant(fmt, res.data, ev)
