@@ -114,7 +114,7 @@ def build_manifest(spec: BuildSpec, shipped: list[VariantResult], profiles: dict
         "version": spec.version,
         "release_counter": spec.release_counter,
         "hardware_ids": hw,
-        "compatibility": {"platforms": platforms, "runtimes": {r: MIN_RUNTIME[r] for r in runtimes},
+        "compatibility": {"platforms": platforms, "runtimes": {r: _min_runtime(r, shipped) for r in runtimes},
                           "min_agent_version": "0.1.0"},
         "io": {"inputs": [_tensor(t) for t in inputs], "outputs": [_tensor(t) for t in outputs],
                "labels": list(spec.labels) if spec.labels else None, "task": spec.task},
@@ -133,6 +133,13 @@ def build_manifest(spec: BuildSpec, shipped: list[VariantResult], profiles: dict
         "provenance": {"edgepack_version": edgepack_version(), "packages": package_versions(),
                        "input_model_sha256": input_sha, "build_spec_sha256": spec_sha},
     }
+
+
+def _min_runtime(runtime: str, shipped: list[VariantResult]) -> str:
+    """8-bit ``MatMulNBits`` (weight-only nodes) has CPU kernels since onnxruntime 1.22 (PR #24491)."""
+    if runtime == "onnxruntime" and any(v.quantization.get("weight_only_nodes") for v in shipped):
+        return ">=1.22"
+    return MIN_RUNTIME[runtime]
 
 
 def golden_tolerances(shipped: list[VariantResult], golden_outputs: dict[str, list[np.ndarray]]
