@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +48,22 @@ def _variant_row(r: VariantResult, status: str, results: dict[str, VariantResult
                            "checks": r.checks, "size_bytes": len(r.data) if r.data is not None else None,
                            "latency": r.latency, "quantization": r.quantization, "build_seconds": r.build_seconds,
                            "error": r.error}
+    if r.data is not None:
+        row["compressed_bytes"] = len(zlib.compress(r.data, 9))  # what a zip/deflate transfer would carry
     if fp32 is not None and fp32.data is not None and r.data is not None:
         row["smaller_x"] = round(len(fp32.data) / len(r.data), 3)
         ratio = paired_ratio(fp32.latency, r.latency)
         if ratio is not None:
             row["speedup_x"], row["speedup_range"] = ratio["x"], [ratio["min"], ratio["max"]]
+    if r.prefix:
+        row["stage"] = r.prefix
+        row["main_gate"] = r.main_gate
+        base = results.get(r.id[len(r.prefix) + 1:])  # the input model's variant of the same kind
+        if base is not None and base.data is not None and r.data is not None:
+            row["vs_base"] = {"variant": base.id, "smaller_x": round(len(base.data) / len(r.data), 3)}
+            ratio = paired_ratio(base.latency, r.latency)
+            if ratio is not None:
+                row["vs_base"].update(speedup_x=ratio["x"], speedup_range=[ratio["min"], ratio["max"]])
     return row
 
 
@@ -74,7 +86,7 @@ def finish(spec: BuildSpec, report: dict[str, Any], results: list[VariantResult]
 
     _measure_all(spec, results, ev, work, steps)
     by_id = {r.id: r for r in results}
-    candidates = [Candidate(r.id, r.runtime, r.precision, r.passed and r.data is not None, len(r.data or b""),
+    candidates = [Candidate(r.id, r.runtime, r.precision, r.main_gate and r.data is not None, len(r.data or b""),
                             (r.latency or {}).get("p50_ms"), _measured_note(r, by_id)) for r in results]
     decisions = {p.name: decide(p, candidates) for p in spec.profiles}
     report["profiles"] = {n: {"ship": list(d.ship), "excluded": d.excluded} for n, d in decisions.items()}

@@ -32,6 +32,10 @@ class VariantResult:
     id: str
     format: str
     precision: str
+    prefix: str = ""
+    """``""`` for the input model's variants, ``pruned`` / ``student`` for a stage's."""
+    main_gate: bool = False
+    """Passed the build's own gate ([evaluation]), not only a stage's looser one: may ship automatically."""
     data: bytes | None = None
     quantization: dict[str, Any] = field(default_factory=dict)
     value: float | None = None

@@ -35,6 +35,7 @@ class LoadedModel:
     keras_model: Any = None
     saved_model_dir: Path | None = None
     onnx_error: ModelInputError | None = None
+    torch_module: Any = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -138,6 +139,18 @@ def load_model(spec: BuildSpec, features: dict[str, np.ndarray]) -> LoadedModel:
     raise ModelInputError(f"unknown model format {kind!r}")
 
 
+def from_object(spec: BuildSpec, obj: Any, features: dict[str, np.ndarray]) -> LoadedModel:
+    """Load a model object made during the build (a pruned model, a student) like ``[model]`` would be."""
+    m = spec.model
+    kind = _detect(obj, None)
+    if kind == "keras":
+        return _from_keras(obj, None, list(features), list(m.output_names or ["output"]), m.opset, features)
+    if kind == "torch":
+        return _from_torch(obj, list(features), list(m.output_names or ["output"]), m.opset, m.dynamic_axes,
+                           features)
+    raise ModelInputError(f"a build stage returned a {kind} model; stages make Keras or PyTorch models")
+
+
 def _from_keras(obj: Any, path: Path | None, names: list[str], outs: list[str], opset: int,
                 features: dict[str, np.ndarray]) -> LoadedModel:
     from converter.keras_export import keras_to_onnx
@@ -193,7 +206,7 @@ def _from_torch(module: Any, names: list[str], outs: list[str], opset: int,
     for key, tensor in sorted(module.state_dict().items()):
         h.update(key.encode())
         h.update(tensor.detach().cpu().numpy().tobytes())
-    return LoadedModel("torch", data, h.hexdigest())
+    return LoadedModel("torch", data, h.hexdigest(), torch_module=module)
 
 
 def _from_sklearn(est: Any, names: list[str], outs: list[str], opset: int,

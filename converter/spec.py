@@ -89,6 +89,8 @@ class BuildSpec:
     latency_rounds: int = 10
     checks: CheckSpec = field(default_factory=CheckSpec)
     evaluation_name: str | None = None
+    stages: dict[str, Any] = field(default_factory=dict)
+    """``prune`` / ``distill`` -> :class:`converter.stage_spec.StageSpec` (only the configured ones)."""
     strict: bool = False
     create_keys: bool = False
 
@@ -227,9 +229,19 @@ def parse_spec(raw: dict[str, Any], *, root: Path) -> BuildSpec:
 
     var_t = _table(raw, "variants")
     variants = tuple(var_t.get("build", ["onnx-fp32", "onnx-int8"]))
-    unknown = [v for v in variants if v not in VARIANT_IDS]
+    from converter.stage_spec import PREFIXES, parse_stage, split_variant
+
+    unknown = [v for v in variants if split_variant(v)[1] not in VARIANT_IDS]
     if unknown:
-        raise SpecError(f"[variants] build lists unknown variants {unknown}; known: {list(VARIANT_IDS)}")
+        raise SpecError(f"[variants] build lists unknown variants {unknown}; known: {list(VARIANT_IDS)}, "
+                        f"each optionally prefixed with {sorted(p + '-' for p in PREFIXES)}")
+    stages = {sec: parse_stage(sec, raw[sec], root, checks, task, metric, float(budget))
+              for sec in ("prune", "distill") if sec in raw}
+    for v in variants:
+        prefix = split_variant(v)[0]
+        if prefix and PREFIXES[prefix] not in stages:
+            raise SpecError(f"[variants] build lists {v!r} but there is no [{PREFIXES[prefix]}] section to make "
+                            f"the {prefix} model", fix=f"add [{PREFIXES[prefix]}] or drop {v!r}")
     if not variants:
         raise SpecError("[variants] build is empty", fix='list at least "onnx-fp32"')
     options = {k: dict(v) for k, v in var_t.items() if k != "build" and isinstance(v, dict)}
@@ -279,6 +291,7 @@ def parse_spec(raw: dict[str, Any], *, root: Path) -> BuildSpec:
         strict=bool(out.get("strict", False)),
         create_keys=bool(signing.get("create", False)),
         checks=checks,
+        stages=stages,
         evaluation_name=str(ev["name"]) if ev.get("name") else None,
     )
 
