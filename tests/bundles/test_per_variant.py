@@ -22,7 +22,6 @@ from bundles.verify import variant_files, verify_archive, verify_directory
 
 def _matmul_classifier() -> bytes:
     """Logistic regression on digits as plain ONNX ops (MatMul, Add, Softmax, ArgMax): quantizable."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
     from sklearn.linear_model import LogisticRegression
 
