@@ -74,15 +74,26 @@ def rows(report: dict[str, Any]) -> list[list[str]]:
         out.append([
             v["id"], v["status"], fmt_metric(metric, v.get("value")), fmt_delta(metric, v.get("delta")),
             "; ".join(fmt_check(c) for c in v.get("checks") or []) or "-",
-            _size(v.get("size_bytes")), _ratio(v.get("smaller_x")),
+            _size(v.get("size_bytes")), _size(v.get("compressed_bytes")), _ratio(v.get("smaller_x")),
             "-" if not lat else _latency(lat), _speedup(v),
-            _size(lat.get("model_rss_bytes")) if lat else "-",
+            _size(lat.get("model_rss_bytes")) if lat else "-", _vs_base(v),
         ])
     return out
 
 
-HEADERS = ["variant", "status", "metric", "delta", "checks", "size", "smaller", "p50/p95 ms [round spread]",
-           "speed-up [range]", "peak mem"]
+def _vs_base(v: dict[str, Any]) -> str:
+    base = v.get("vs_base")
+    if not base:
+        return "-"
+    text = f"{base['smaller_x']:.2f}x smaller"
+    if base.get("speedup_x") is not None:
+        lo, hi = base["speedup_range"]
+        text += f", {base['speedup_x']:.2f}x [{lo:.2f}-{hi:.2f}] speed"
+    return f"{text} vs {base['variant']}"
+
+
+HEADERS = ["variant", "status", "metric", "delta", "checks", "size", "deflated", "smaller",
+           "p50/p95 ms [round spread]", "speed-up [range]", "peak mem", "stage variant vs original"]
 
 
 def print_table(report: dict[str, Any], console: Any) -> None:
@@ -138,6 +149,12 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"- **{pname}**: ships {', '.join(prof['ship']) or 'nothing'} (first = preferred)")
         for vid, why in sorted(prof.get("excluded", {}).items()):
             lines.append(f"  - not {vid}: {why}")
+    stages = report.get("stages") or {}
+    if stages:
+        lines += ["", "## Stages", ""]
+        for kind, info in stages.items():
+            details = ", ".join(f"{k} {v}" for k, v in sorted(info.items()) if k not in ("status", "error"))
+            lines.append(f"- **{kind}**: {info.get('status')}; {details}")
     problems = [v for v in report.get("variants", []) if v.get("error")] + [
         {"id": "build", "error": e} for e in report.get("errors", [])]
     if problems:
