@@ -71,8 +71,8 @@ def table(name: str, report: dict[str, Any], wall: float) -> list[str]:
     lines = [f"### {name}: `{report['name']}` (metric {m['name']}, fp32 original {_metric(m['name'], m['reference'])}"
              f" on {m['samples']} samples of {m.get('dataset', 'the evaluation set')}; build wall time "
              f"**{wall:.1f} s**)", "",
-             "| variant | status | metric | delta | checks | size | deflated | smaller than fp32 | p50 ms [round range] "
-             "| speed-up vs fp32 [range] | stage variant vs original | peak MB |",
+             "| variant | status | metric | delta | checks | size | deflated | smaller than fp32 "
+             "| p50 ms [round range] | speed-up vs fp32 [range] | stage variant vs original | peak MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for v in report["variants"]:
         lat = v.get("latency") or {}
