@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -34,12 +35,19 @@ def run_example(spec: Path, tmp: Path) -> tuple[dict[str, Any], float]:
     cmd = [sys.executable, "-m", "converter.cli", "build", "-c", str(spec), "--out", str(tmp / "out"),
            "--keys", str(tmp / "keys"), "--json"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"build of {spec} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout), wall
+    report = json.loads(proc.stdout)
+    # CPU seconds of the build and its children (measurement processes included): unlike wall time, this
+    # does not grow when other work shares the host's two cores.
+    report["bench_cpu_seconds"] = round((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 1)
+    report["bench_load_average"] = os.getloadavg()[0]
+    return report, wall
 
 
 def _metric(name: str, v: float | None) -> str:
@@ -70,7 +78,8 @@ def table(name: str, report: dict[str, Any], wall: float) -> list[str]:
     m = report["metric"]
     lines = [f"### {name}: `{report['name']}` (metric {m['name']}, fp32 original {_metric(m['name'], m['reference'])}"
              f" on {m['samples']} samples of {m.get('dataset', 'the evaluation set')}; build wall time "
-             f"**{wall:.1f} s**)", "",
+             f"**{wall:.1f} s**, CPU time {report.get('bench_cpu_seconds')} s, 1-min load average at the end "
+             f"{report.get('bench_load_average', 0):.1f})", "",
              "| variant | status | metric | delta | checks | size | deflated | smaller than fp32 "
              "| p50 ms [round range] | speed-up vs fp32 [range] | stage variant vs original | peak MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -145,8 +154,10 @@ def goals(reports: dict[str, tuple[dict[str, Any], float]]) -> list[str]:
     if st:
         out.append(f"| MiniLM student quality (reported) | mean cosine {st.get('value')}, worst "
                    f"{_check(st, 'worst_cosine')}, NN agreement {_check(st, 'nn_agreement')} | - |")
-    out.append(f"| digits whole build <= 300 s | {dwall:.1f} s | {dwall <= 300} |")
-    out.append(f"| MiniLM whole build <= 300 s | {mwall:.1f} s | {mwall <= 300} |")
+    for label, (r, wall) in (("digits", (d, dwall)), ("MiniLM", (mm, mwall))):
+        cpu = r.get("bench_cpu_seconds")
+        out.append(f"| {label} whole build <= 300 s | wall {wall:.1f} s (CPU {cpu} s, load average "
+                   f"{r.get('bench_load_average', 0):.1f}) | {wall <= 300} |")
     return out
 
 
