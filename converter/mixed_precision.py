@@ -125,7 +125,8 @@ def search(base: bytes, work: Path, quantize: Any, cal: dict[str, np.ndarray], c
 
     ranked = rank_sensitivity(base, cal)
     tries: list[dict[str, Any]] = []
-    steps = [0, *range(2, max_nodes + 1, 2)]
+    top = min(max_nodes, len(ranked))
+    steps = sorted({0, *range(2, top + 1, 2), top})
     best: tuple[bytes, list[str]] | None = None
     for k in steps:
         nodes = [name for name, _ in ranked[:k]]
