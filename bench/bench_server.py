@@ -278,7 +278,7 @@ def _seen(db_url: str) -> int:
 
 
 def bench_telemetry(work: Path, keys_dir: Path, messages: int, publishers: int, ingesters: int) -> None:
-    broker = services.Mosquitto().start()
+    broker = services.Mosquitto(auth="none", tls=False).start()  # plain: the baseline setup
     db_ctx = services.postgres_database()
     db_url = db_ctx.__enter__()
     try:
@@ -326,7 +326,7 @@ def bench_halt(work: Path, keys_dir: Path, bundles: list[Path], repeats: int) ->
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    broker = services.Mosquitto().start()
+    broker = services.Mosquitto(auth="none", tls=False).start()  # plain: the baseline setup
     db_ctx = services.postgres_database()
     db_url = db_ctx.__enter__()
     server = Server(work, keys_dir, db_url, EDGEPACK_MQTT_URL=broker.url, EDGEPACK_GATE_INTERVAL_S="1.0")

@@ -98,23 +98,20 @@ def cmd_run(config: AgentConfig) -> int:
 
 
 def cmd_enroll(config: AgentConfig, token: str, tags: list[str]) -> int:
-    from bundles._util import atomic_write
-    from device_agent.machine import _platform
+    from device_agent.connection import http_transport, save_enrollment
     from device_agent.server import ServerClient
-    from device_agent.transport import Urllib3Transport
+    from device_agent.steps import platform_name
     from device_agent.update import installed_runtimes
 
     tag_map = dict(t.split("=", 1) for t in tags)
-    client = ServerClient(config.server.url, Urllib3Transport(), timeout_s=config.server.request_timeout_s)
+    client = ServerClient(config.server.url, http_transport(config), timeout_s=config.server.request_timeout_s)
     answer = client.enroll(token, {"device_id": config.device_id, "hardware_id": config.hardware_id,
-                                   "platform": _platform(), "agent_version": AGENT_VERSION,
+                                   "platform": platform_name(), "agent_version": AGENT_VERSION,
                                    "runtimes": {k: v.split(" ")[-1] for k, v in installed_runtimes().items()},
                                    "tags": tag_map})
-    config.state_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(config.path(config.server.credential_file), answer["credential"].encode() + b"\n", mode=0o600)
-    info = {k: v for k, v in answer.items() if k != "credential"}
-    atomic_write(config.state_dir / "enrollment.json", json.dumps(info, indent=1).encode(), mode=0o600)
-    print(f"enrolled {config.device_id}; credential stored in {config.path(config.server.credential_file)}")
+    save_enrollment(config, answer)
+    broker = " and broker password" if (answer.get("mqtt") or {}).get("password") else ""
+    print(f"enrolled {config.device_id}; credential{broker} stored in {config.state_dir}")
     return 0
 
 

@@ -21,11 +21,13 @@ See docs/agent.md for every key and its default.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from device_agent.errors import ConfigError
 
@@ -45,6 +47,11 @@ class ServerConfig:
     credential_file: str = "credential"
     poll_interval_s: float = 60.0
     request_timeout_s: float = 15.0
+    ca_file: str | None = None
+    """PEM CA certificate(s) pinned for HTTPS (the server, the TUF repository, downloads): only certificates
+    it signed are accepted. Unset: the system's CAs."""
+    allow_plain: bool = False
+    """Allow ``http://`` to a host that is not loopback (testing only: the credential travels in clear)."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,17 @@ class MqttConfig:
     url: str | None = None
     """Broker URL; by default the one the server gave at enrollment."""
     username: str | None = None
+    """Broker account; by default the one the server gave at enrollment."""
     password: str | None = None
+    """Inline password; normally left out and read from ``password_file`` (written at enrollment)."""
+    password_file: str = "mqtt-password"
+    client_id: str | None = None
+    """MQTT client id; by default the enrollment's (the broker binds the account to it), else
+    ``edgepack-dev-<device_id>``."""
+    ca_file: str | None = None
+    """PEM CA pinned for ``mqtts://``; unset: [server] ca_file, else the system's CAs."""
+    allow_plain: bool = False
+    """Allow ``mqtt://`` to a broker that is not on loopback (testing only)."""
     keepalive_s: int = 30
     protocol: str = "5"
     """MQTT protocol version: "5" (default), or "3.1.1" for brokers without MQTT 5 (e.g. amqtt)."""
@@ -151,6 +168,30 @@ class AgentConfig:
         return replace(self, **changes)
 
 
+def is_loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_plain(url: str, *, allow: bool, where: str) -> bool:
+    """Refuse ``http://``/``mqtt://`` to a host that is not loopback unless allowed; returns whether ``url``
+    is plain (the caller warns)."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "mqtt"):
+        return False
+    host = parsed.hostname or ""
+    if not is_loopback(host) and not allow:
+        secure = "https" if parsed.scheme == "http" else "mqtts"
+        raise ConfigError(f"{where}: refusing plain {parsed.scheme}:// to {host} (not loopback): use {secure}:// "
+                          "with a pinned ca_file, or set allow_plain = true in that section (testing only)",
+                          detail={"found": url})
+    return True
+
+
 def _section(cls: type, raw: Any, where: str) -> Any:
     if raw is None:
         raw = {}
@@ -168,6 +209,8 @@ def _section(cls: type, raw: Any, where: str) -> Any:
             raise ConfigError(f"[{where}] {name} must be a string", detail={"found": value})
         if expected in (int, float) and isinstance(value, bool):
             raise ConfigError(f"[{where}] {name} must be a number", detail={"found": value})
+        if expected is bool and not isinstance(value, bool):
+            raise ConfigError(f"[{where}] {name} must be true or false", detail={"found": repr(value)[:80]})
         if expected is float and isinstance(value, int):
             value = float(value)
         if expected in (int, float, str) and not isinstance(value, expected):
@@ -200,6 +243,7 @@ def config_from_dict(doc: Mapping[str, Any], *, source: str = "<dict>") -> Agent
     server = _section(ServerConfig, doc["server"], "server")
     if not server.url.startswith(("http://", "https://")):
         raise ConfigError("[server] url must start with http:// or https://", detail={"found": server.url})
+    check_plain(server.url, allow=server.allow_plain, where="[server] url")
     api = _section(ApiConfig, doc.get("api"), "api")
     if not api.listen.startswith("unix:"):
         host, _, port = api.listen.rpartition(":")
@@ -208,6 +252,8 @@ def config_from_dict(doc: Mapping[str, Any], *, source: str = "<dict>") -> Agent
     mqtt = _section(MqttConfig, doc.get("mqtt"), "mqtt")
     if mqtt.url is not None and not mqtt.url.startswith(("mqtt://", "mqtts://")):
         raise ConfigError("[mqtt] url must start with mqtt:// or mqtts://", detail={"found": mqtt.url})
+    if mqtt.url is not None:
+        check_plain(mqtt.url, allow=mqtt.allow_plain, where="[mqtt] url")
     if mqtt.protocol not in ("5", "3.1.1"):
         raise ConfigError('[mqtt] protocol must be "5" or "3.1.1"', detail={"found": mqtt.protocol})
     return AgentConfig(

@@ -5,6 +5,7 @@
     AgentError                       .transient says whether a retry may succeed
     ├── ConfigError                  the TOML file or enrollment is wrong (fatal: fix the file)
     ├── StateError                   the persisted state file is unreadable (fatal: inspect the state dir)
+    ├── StorageError                 the disk refused a write: full, over quota, I/O error (transient)
     ├── TransportError               network, timeout, 5xx (transient)
     │   └── DeadlineError            a download exceeded its overall deadline (slow retrieval)
     ├── ServerError                  the server refused a request: 4xx (fatal for this request)
@@ -14,12 +15,19 @@
     └── PredictionError              a prediction request is wrong (the caller's fault, HTTP 400)
 
 Foreign errors (urllib3, python-tuf, bundles) are translated once, at the seam where they are caught:
-``transport.py`` for HTTP, ``fetcher.py`` for TUF, ``update.py`` for bundle verification.
+``transport.py`` for HTTP, ``fetcher.py`` for TUF, ``update.py`` for bundle verification; an ``OSError``
+from a write to the state directory becomes a :class:`StorageError` (``StorageError.from_os``) where it
+is written (``store.py``, ``update.py``).
 """
 
 from __future__ import annotations
 
+import errno
 from typing import Any
+
+STORAGE_ERRNOS = {errno.ENOSPC: "disk_full", errno.EDQUOT: "disk_full", errno.EIO: "io_error",
+                  errno.EROFS: "read_only"}
+"""errno values that mean "the disk refused the write" (not a bug, not the network), and their code."""
 
 
 class AgentError(Exception):
@@ -44,6 +52,24 @@ class ConfigError(AgentError):
 
 class StateError(AgentError):
     """The persisted state is unreadable or inconsistent."""
+
+
+class StorageError(AgentError):
+    """The state directory refused a write (no space, quota, I/O error, read-only). Retry once space returns.
+
+    ``code`` is ``disk_full``, ``io_error`` or ``read_only``."""
+
+    transient = True
+
+    @classmethod
+    def from_os(cls, exc: OSError, what: str) -> StorageError:
+        code = STORAGE_ERRNOS.get(exc.errno or 0, "io_error")
+        return cls(f"{what}: {exc.strerror or exc}", code=code, detail={"errno": exc.errno})
+
+    @staticmethod
+    def matches(exc: BaseException) -> bool:
+        """True for an ``OSError`` that means the disk refused a write."""
+        return isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS
 
 
 class TransportError(AgentError):

@@ -14,20 +14,27 @@ Layout of the state directory::
     staging/<slot>/     files being downloaded (``*.part`` until complete and hash-checked)
     bundles/<slot>/     verified bundles: the active one and, during a trial, the previous one
     outbox/             telemetry waiting for the broker's acknowledgement
+
+Compatibility: fields added since the first release (``Pending.boots``, ``StateRecord.attempts``,
+``StateRecord.clock_floor``) are optional on load, so an agent upgraded in place resumes from the file an
+older one wrote; ``trial_boots`` is still written, so a downgraded agent keeps counting trial restarts.
+A disk that refuses a write (full, over quota, I/O error) raises
+:class:`~device_agent.errors.StorageError`, never a bare ``OSError``.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import shutil
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from bundles._util import atomic_write
-from device_agent.errors import StateError
+from device_agent.errors import StateError, StorageError
 from device_agent.states import State
 
 SCHEMA = 1
@@ -89,7 +96,16 @@ class Pending:
     variant: str | None = None
     runtime: str | None = None
     trial_started_at: str | None = None
-    trial_boots: int = 0
+    boots: dict[str, int] = field(default_factory=dict)
+    """Boots of the agent in each state of this update (``{"verifying": 2}``): the loop guard's count."""
+
+    @property
+    def trial_boots(self) -> int:
+        return self.boots.get(State.TRIAL.value, 0)
+
+    def booted(self, state: State) -> Pending:
+        """This update with one more boot counted in ``state``."""
+        return replace(self, boots={**self.boots, state.value: self.boots.get(state.value, 0) + 1})
 
     def target(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "release_counter": self.release_counter}
@@ -101,15 +117,41 @@ class Pending:
                          self.files)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "trial_boots": self.trial_boots}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Pending:
         files = {str(k): FileInfo(int(v["length"]), str(v["sha256"])) for k, v in d["files"].items()}
+        boots = {str(k): int(v) for k, v in (d.get("boots") or {}).items()}
+        if int(d.get("trial_boots", 0)) > boots.get(State.TRIAL.value, 0):  # written by an older agent
+            boots[State.TRIAL.value] = int(d["trial_boots"])
         return cls(str(d["name"]), str(d["version"]), int(d["release_counter"]), int(d["assignment_version"]),
                    str(d["assignment_digest"]), d.get("rollout_id"), str(d["slot"]), files, d.get("variant"),
-                   d.get("runtime"),
-                   d.get("trial_started_at"), int(d.get("trial_boots", 0)))
+                   d.get("runtime"), d.get("trial_started_at"), boots)
+
+
+@dataclass(frozen=True)
+class Attempts:
+    """Failed download attempts of one bundle, across restarts and re-signed assignments: what paces retries."""
+
+    bundle: str
+    """``name/version`` of the bundle (a re-signed assignment of the same bundle continues the count)."""
+    count: int = 0
+    reported: tuple[str, ...] = ()
+    """Failure reasons already reported for this bundle (``disk_full``, ``download_stalled``): once each."""
+
+    def failed(self) -> Attempts:
+        return replace(self, count=self.count + 1)
+
+    def report(self, reason: str) -> Attempts:
+        return replace(self, reported=(*self.reported, reason))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bundle": self.bundle, "count": self.count, "reported": list(self.reported)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Attempts:
+        return cls(str(d["bundle"]), int(d.get("count", 0)), tuple(str(r) for r in d.get("reported", ())))
 
 
 @dataclass(frozen=True)
@@ -128,6 +170,10 @@ class StateRecord:
     last_error: dict[str, Any] | None = None
     rollout_id: str | None = None
     """Rollout of the update that produced the active bundle (copied into telemetry)."""
+    attempts: Attempts | None = None
+    """Failed download attempts of the assignment being retried (None once it installed or was refused)."""
+    clock_floor: str | None = None
+    """The newest signed time this agent accepted (ISO 8601): a device clock far below it was rewound."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def evolve(self, **changes: Any) -> StateRecord:
@@ -146,7 +192,9 @@ class StateRecord:
             "previous": self.previous.to_dict() if self.previous else None,
             "pending": self.pending.to_dict() if self.pending else None,
             "assignment_version": self.assignment_version, "refused": self.refused,
-            "last_error": self.last_error, "rollout_id": self.rollout_id, "extra": self.extra,
+            "last_error": self.last_error, "rollout_id": self.rollout_id,
+            "attempts": self.attempts.to_dict() if self.attempts else None, "clock_floor": self.clock_floor,
+            "extra": self.extra,
         }
 
     @classmethod
@@ -161,8 +209,43 @@ class StateRecord:
             pending=Pending.from_dict(d["pending"]) if d.get("pending") else None,
             assignment_version=int(d.get("assignment_version", 0)),
             refused=d.get("refused"),
-            last_error=d.get("last_error"), rollout_id=d.get("rollout_id"), extra=dict(d.get("extra", {})),
+            last_error=d.get("last_error"), rollout_id=d.get("rollout_id"),
+            attempts=Attempts.from_dict(d["attempts"]) if d.get("attempts") else None,
+            clock_floor=d.get("clock_floor"), extra=dict(d.get("extra", {})),
         )
+
+
+class _Keep(enum.Enum):
+    KEEP = "keep"
+
+
+KEEP = _Keep.KEEP
+"""A :class:`Change` field left at ``KEEP`` leaves that field of the record as it is."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """What one step changes in the persisted record (typed; every field defaults to ``KEEP``)."""
+
+    active: BundleRef | _Keep | None = KEEP
+    previous: BundleRef | _Keep | None = KEEP
+    pending: Pending | _Keep | None = KEEP
+    assignment_version: int | _Keep = KEEP
+    refused: dict[str, Any] | _Keep | None = KEEP
+    last_error: dict[str, Any] | _Keep | None = KEEP
+    rollout_id: str | _Keep | None = KEEP
+    attempts: Attempts | _Keep | None = KEEP
+    clock_floor: str | _Keep | None = KEEP
+
+    def apply(self, record: StateRecord, state: State) -> StateRecord:
+        """``record`` in ``state`` with these changes."""
+        changed = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not KEEP}
+        return replace(record, state=state, **changed)
+
+    def get(self, name: str, record: StateRecord) -> Any:
+        """The value this change gives ``name``: its own, or the record's when it keeps it."""
+        value = getattr(self, name)
+        return getattr(record, name) if value is KEEP else value
 
 
 class Store:
@@ -189,8 +272,24 @@ class Store:
                              "this means outside interference: move it away to start from scratch") from exc
 
     def save(self, record: StateRecord) -> None:
+        """Write ``record`` atomically. Raises StorageError when the disk refuses (the old file stays)."""
         data = json.dumps(record.to_dict(), sort_keys=True, indent=1).encode() + b"\n"
-        atomic_write(self.file, data, mode=0o600)
+        try:
+            atomic_write(self.file, data, mode=0o600)
+        except OSError as exc:
+            raise StorageError.from_os(exc, f"saving {self.file}") from exc
+
+    def disk(self) -> tuple[int, int]:
+        """``(free, total)`` bytes of the file system holding the state directory (free: for this user)."""
+        usage = shutil.disk_usage(self.dir)
+        return usage.free, usage.total
+
+    def bytes_in(self, directory: Path) -> int:
+        """Bytes in the regular files under ``directory`` (0 when it does not exist)."""
+        try:
+            return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+        except OSError:
+            return 0
 
     def slot_dir(self, slot: str) -> Path:
         return self.bundles / slot

@@ -1,9 +1,14 @@
 """Supervising inference workers: start, load, self-test, serve, restart after a crash, stop.
 
-Each worker is a child process (:mod:`device_agent.worker`) with two pipes. A monitor thread waits for
-each process; when a serving worker dies unexpectedly the supervisor reports the crash (exit code or
-signal) through ``on_crash`` and restarts it with capped exponential backoff and jitter, so the agent
-keeps serving; the agent decides what the crash means (during a trial: roll back).
+* :class:`WorkerSupervisor` is what the agent needs (a Protocol); :class:`WorkerHandle` is one worker.
+* :class:`SupervisorBase` is the logic every implementation shares: the standby, loading and self-test,
+  promotion, and the restart of a crashed serving worker with capped exponential backoff and jitter. Only
+  how a worker is started differs (:meth:`SupervisorBase._spawn`).
+* :class:`Supervisor` runs each worker as a child process (:mod:`device_agent.worker`) with two pipes.
+  A monitor thread waits for each process; when a serving worker dies unexpectedly the supervisor reports
+  the crash (exit code or signal) through ``on_crash`` and restarts it, so the agent keeps serving; the
+  agent decides what the crash means (during a trial: roll back). The fleet simulator's
+  ``edgepack.fleet.supervisor.InProcessSupervisor`` runs the same worker code in-process.
 
 A *standby* worker is started ahead of a self-test (interpreter and runtime already imported), loads the
 new bundle, runs its golden vectors and, if the bundle is activated, becomes the serving worker: the
@@ -23,7 +28,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from device_agent._frames import read_frame, write_frame
 from device_agent.errors import WorkerError
@@ -135,24 +140,79 @@ class WorkerProcess:
                 self._r = -1
 
 
-class Supervisor:
-    """Owns the serving worker and the standby; restarts a crashed serving worker by itself."""
+class WorkerHandle(Protocol):
+    """One inference worker, loaded with ``ref`` once :meth:`WorkerSupervisor.prepare` returned it."""
 
-    def __init__(self, bundles_dir: Path, *, threads: int = 1, memory_limit_mb: int = 0,
-                 start_timeout_s: float = 60.0, restart_backoff_max_s: float = 30.0, max_input_dims: int = 128,
+    ref: BundleRef | None
+
+    @property
+    def pid(self) -> int: ...
+
+    def alive(self) -> bool: ...
+
+    def call(self, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """One request, answered as :meth:`device_agent.worker.Worker.handle` answers; raises WorkerError."""
+        ...
+
+    def stop(self, timeout: float = 5.0) -> None: ...
+
+
+class WorkerSupervisor(Protocol):
+    """What the agent needs from whoever runs its inference workers.
+
+    Implemented by :class:`Supervisor` (one child process per worker) and by the fleet simulator's
+    ``InProcessSupervisor`` (the same worker code in this process). The agent sets ``on_crash``; the
+    supervisor calls it from its own thread when the serving worker died and restarts that worker itself.
+    """
+
+    on_crash: Callable[[BundleRef | None, WorkerError], None] | None
+
+    @property
+    def serving(self) -> WorkerHandle | None: ...
+
+    def warm(self, runtime_hint: str | None = None) -> None:
+        """Start a standby worker now (a later self-test then does not wait for a start)."""
+        ...
+
+    def prepare(self, ref: BundleRef, *, rehash: bool = True) -> tuple[WorkerHandle, dict[str, Any]]:
+        """Load ``ref`` in a standby worker; returns it and the load timings (``hash_ms``, ``session_ms``)."""
+        ...
+
+    def selftest(self, proc: WorkerHandle) -> dict[str, Any]: ...
+
+    def promote(self, proc: WorkerHandle) -> None: ...
+
+    def serve(self, ref: BundleRef | None) -> None: ...
+
+    def call(self, msg: dict[str, Any], timeout: float) -> dict[str, Any]: ...
+
+    def ping(self, timeout: float = 5.0) -> bool: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+class SupervisorBase:
+    """Owns the serving worker and the standby; restarts a crashed serving worker by itself.
+
+    Subclasses say how a worker starts (:meth:`_spawn`) and call :meth:`_exited` when one died.
+    """
+
+    def __init__(self, bundles_dir: Path, *, threads: int = 1, start_timeout_s: float = 60.0,
+                 restart_backoff_max_s: float = 30.0, max_input_dims: int = 128,
                  on_crash: Callable[[BundleRef | None, WorkerError], None] | None = None) -> None:
         self.bundles_dir = bundles_dir
         self.threads = threads
-        self.memory_limit_mb = memory_limit_mb
         self.start_timeout_s = start_timeout_s
         self.restart_backoff_max_s = restart_backoff_max_s
         self.max_input_dims = max_input_dims
         self.on_crash = on_crash
         self._lock = threading.RLock()
         self._warm_lock = threading.Lock()
-        self.serving: WorkerProcess | None = None
-        self.standby: WorkerProcess | None = None
-        self.loading: WorkerProcess | None = None
+        self.serving: WorkerHandle | None = None
+        self.standby: WorkerHandle | None = None
+        self.loading: WorkerHandle | None = None
         """The worker loading or self-testing a new bundle right now."""
         self.crashes = 0
         self.restarts = 0
@@ -160,12 +220,8 @@ class Supervisor:
         self._closed = False
 
     # ---- processes -------------------------------------------------------------------------------------
-    def _spawn(self, runtime_hint: str | None = None) -> WorkerProcess:
-        proc = WorkerProcess(memory_limit_mb=self.memory_limit_mb, on_exit=self._exited)
-        proc.wait_ready(self.start_timeout_s)
-        if runtime_hint:
-            proc.call({"op": "preload", "runtimes": [runtime_hint]}, self.start_timeout_s)
-        return proc
+    def _spawn(self, runtime_hint: str | None = None) -> WorkerHandle:
+        raise NotImplementedError
 
     def warm(self, runtime_hint: str | None = None) -> None:
         """Start a standby worker now, so a later self-test does not wait for interpreter and imports."""
@@ -175,7 +231,7 @@ class Supervisor:
                 with self._lock:
                     self.standby = proc
 
-    def _load(self, proc: WorkerProcess, ref: BundleRef, rehash: bool = True) -> dict[str, Any]:
+    def _load(self, proc: WorkerHandle, ref: BundleRef, rehash: bool = True) -> dict[str, Any]:
         msg = {"op": "load", "dir": str(self.bundles_dir / ref.slot), "variant": ref.variant, "rehash": rehash,
                "files": {rel: (f.length, f.sha256) for rel, f in ref.files.items()}, "threads": self.threads,
                "ident": ref.ident(), "max_input_dims": self.max_input_dims}
@@ -186,7 +242,7 @@ class Supervisor:
         proc.ref = ref
         return answer
 
-    def prepare(self, ref: BundleRef, *, rehash: bool = True) -> tuple[WorkerProcess, dict[str, Any]]:
+    def prepare(self, ref: BundleRef, *, rehash: bool = True) -> tuple[WorkerHandle, dict[str, Any]]:
         """Load ``ref`` in the standby worker (started now if needed); returns it and the load timings.
 
         ``rehash=False`` only right after this process verified the files itself (activation); every other
@@ -203,7 +259,7 @@ class Supervisor:
             proc.stop()
             raise
 
-    def selftest(self, proc: WorkerProcess) -> dict[str, Any]:
+    def selftest(self, proc: WorkerHandle) -> dict[str, Any]:
         try:
             answer = proc.call({"op": "selftest"}, self.start_timeout_s)
         except WorkerError:
@@ -216,7 +272,7 @@ class Supervisor:
             raise WorkerError(f"golden vectors failed: {answer.get('message')}", code=str(answer.get("error")))
         return answer
 
-    def promote(self, proc: WorkerProcess) -> None:
+    def promote(self, proc: WorkerHandle) -> None:
         """Make a loaded worker the serving one; the old one is stopped."""
         with self._lock:
             old, self.serving = self.serving, proc
@@ -237,7 +293,9 @@ class Supervisor:
         proc, _ = self.prepare(ref)
         self.promote(proc)
 
-    def _exited(self, proc: WorkerProcess, code: int) -> None:
+    # ---- crashes -----------------------------------------------------------------------------------------
+    def _exited(self, proc: WorkerHandle, code: int) -> None:
+        """``proc`` died (exit ``code``, negative for a signal): report it if it was serving, restart it."""
         with self._lock:
             if proc is self.standby:
                 self.standby = None
@@ -250,11 +308,12 @@ class Supervisor:
         log.warning("worker %s serving %s died: %s", proc.pid, proc.ref and proc.ref.version, err.detail)
         if self.on_crash is not None:
             self.on_crash(proc.ref, err)
-        threading.Thread(target=self._restart, args=(proc, attempt), daemon=True).start()
-
-    def _restart(self, dead: WorkerProcess, attempt: int) -> None:
         delay = min(self.restart_backoff_max_s, 0.2 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-        time.sleep(delay)
+        timer = threading.Timer(delay, self._restart, args=(proc, code))
+        timer.daemon = True
+        timer.start()
+
+    def _restart(self, dead: WorkerHandle, code: int) -> None:
         with self._lock:
             if self.serving is not dead or self._closed or dead.ref is None:
                 return  # replaced meanwhile (rollback, new activation) or shutting down
@@ -264,7 +323,7 @@ class Supervisor:
             log.error("restarting the worker failed: %s", exc)
             with self._lock:
                 if self.serving is dead:
-                    self._exited(dead, dead.proc.returncode or -1)
+                    self._exited(dead, code)
             return
         with self._lock:
             if self.serving is not dead:
@@ -301,3 +360,22 @@ class Supervisor:
             self.serving = self.standby = self.loading = None
         for p in procs:
             p.stop()
+
+
+class Supervisor(SupervisorBase):
+    """Workers as child processes (:class:`WorkerProcess`)."""
+
+    def __init__(self, bundles_dir: Path, *, threads: int = 1, memory_limit_mb: int = 0,
+                 start_timeout_s: float = 60.0, restart_backoff_max_s: float = 30.0, max_input_dims: int = 128,
+                 on_crash: Callable[[BundleRef | None, WorkerError], None] | None = None) -> None:
+        super().__init__(bundles_dir, threads=threads, start_timeout_s=start_timeout_s,
+                         restart_backoff_max_s=restart_backoff_max_s, max_input_dims=max_input_dims,
+                         on_crash=on_crash)
+        self.memory_limit_mb = memory_limit_mb
+
+    def _spawn(self, runtime_hint: str | None = None) -> WorkerProcess:
+        proc = WorkerProcess(memory_limit_mb=self.memory_limit_mb, on_exit=self._exited)
+        proc.wait_ready(self.start_timeout_s)
+        if runtime_hint:
+            proc.call({"op": "preload", "runtimes": [runtime_hint]}, self.start_timeout_s)
+        return proc

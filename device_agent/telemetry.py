@@ -5,7 +5,8 @@
 * :class:`Telemetry` builds the protocol envelope, puts every message in the :class:`~device_agent.outbox.Outbox`
   first, and one sender thread publishes from it and deletes a message only when the broker acknowledged it.
 * :class:`MqttPublisher` is the real :class:`Publisher` (paho-mqtt, MQTT 5, clean start false, session
-  expiry one day). Its callbacks only enqueue; the sender thread acts.
+  expiry one day; TLS pinned to a CA and the device's broker account, see ``connection.py``). Its callbacks
+  only enqueue; the sender thread acts.
 
 A message unacknowledged for ``publish_timeout_s`` is published again with the same ``message_id``.
 """
@@ -55,7 +56,8 @@ class MqttPublisher:
     """paho-mqtt client: MQTT 5, QoS 1, clean start false, session expiry 1 day, automatic reconnect."""
 
     def __init__(self, url: str, device_id: str, *, username: str | None = None, password: str | None = None,
-                 keepalive_s: int = 30, protocol: str = "5") -> None:
+                 keepalive_s: int = 30, protocol: str = "5", ca_file: str | None = None,
+                 client_id: str | None = None) -> None:
         import paho.mqtt.client as mqtt
 
         u = urlparse(url)
@@ -72,11 +74,11 @@ class MqttPublisher:
         self.v5 = protocol == "5"
         # A stable client id: the broker keeps this device's session (and QoS 1 queue) across reconnects.
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,  # type: ignore[attr-defined]  # paho re-export
-                                  client_id=f"edgepack-dev-{device_id}",
+                                  client_id=client_id or f"edgepack-dev-{device_id}",
                                   protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311,
                                   clean_session=None if self.v5 else False)
-        if u.scheme == "mqtts":
-            self.client.tls_set()
+        if u.scheme == "mqtts":  # the broker's certificate must verify against the pinned CA, host name included
+            self.client.tls_set(ca_certs=ca_file)
         if username:
             self.client.username_pw_set(username, password)
         self.client.max_inflight_messages_set(50)

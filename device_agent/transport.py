@@ -62,13 +62,29 @@ class Deadline:
 
 
 class Urllib3Transport:
-    """The real transport: one urllib3 pool, no automatic retries (the agent's loop retries with backoff)."""
+    """The real transport: one urllib3 pool, no automatic retries (the agent's loop retries with backoff).
 
-    def __init__(self, user_agent: str = "edgepack-agent") -> None:
+    ``ca_file`` pins HTTPS to the certificates that CA signed (host names checked); without it the system's
+    CAs are used. A certificate that does not verify is a :class:`TransportError` with code ``tls``."""
+
+    def __init__(self, user_agent: str = "edgepack-agent", *, ca_file: str | None = None,
+                 maxsize: int = 1) -> None:
         import urllib3
 
         self._urllib3 = urllib3
-        self.pool = urllib3.PoolManager(retries=False, headers={"User-Agent": user_agent})
+        self.ca_file = ca_file
+        if ca_file:
+            self.pool = urllib3.PoolManager(retries=False, headers={"User-Agent": user_agent}, maxsize=maxsize,
+                                            cert_reqs="CERT_REQUIRED", ca_certs=ca_file)
+        else:
+            self.pool = urllib3.PoolManager(retries=False, headers={"User-Agent": user_agent}, maxsize=maxsize)
+
+    def _error(self, what: str, exc: Exception) -> TransportError:
+        if isinstance(exc, self._urllib3.exceptions.SSLError) or "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            pinned = f"the CA pinned in {self.ca_file}" if self.ca_file else "the system's CAs"
+            return TransportError(f"{what}: the server's TLS certificate does not verify against {pinned}: {exc}",
+                                  code="tls")
+        return TransportError(f"{what} failed: {exc}", code="network")
 
     def request(self, method: str, url: str, *, headers: Mapping[str, str] | None = None,
                 body: bytes | None = None, timeout: float = 15.0) -> HttpResponse:
@@ -76,7 +92,7 @@ class Urllib3Transport:
             r = self.pool.request(method, url, headers=dict(headers or {}), body=body,
                                   timeout=self._urllib3.Timeout(connect=timeout, read=timeout))
         except self._urllib3.exceptions.HTTPError as exc:
-            raise TransportError(f"{method} {url} failed: {exc}", code="network") from exc
+            raise self._error(f"{method} {url}", exc) from exc
         return HttpResponse(r.status, {k.lower(): v for k, v in r.headers.items()}, r.data)
 
     @contextmanager
@@ -87,7 +103,7 @@ class Urllib3Transport:
             r = self.pool.request("GET", url, headers=dict(headers or {}), preload_content=False,
                                   timeout=urllib3.Timeout(connect=timeout, read=timeout))
         except urllib3.exceptions.HTTPError as exc:
-            raise TransportError(f"GET {url} failed: {exc}", code="network") from exc
+            raise self._error(f"GET {url}", exc) from exc
 
         done = False
 

@@ -7,7 +7,7 @@
   assignment for this
   device must agree with the image repository on every file, and clear the floor.
 * :func:`choose_variant`: the bundle's preferred variant for this device's profile among installed runtimes.
-* :func:`translate`: bundle-library and python-tuf errors -> agent errors (refusal vs. retry).
+* :func:`translate`: bundle-library, python-tuf and disk errors -> agent errors (refusal vs. retry).
 """
 
 from __future__ import annotations
@@ -27,7 +27,14 @@ from bundles.errors import BundleError, UnsupportedError, VerificationError
 from bundles.manifest import Manifest, Variant
 from bundles.trust import TrustStore
 from device_agent.clock import Clock
-from device_agent.errors import AgentError, DeadlineError, InstallFailed, TransportError, UpdateRefused
+from device_agent.errors import (
+    AgentError,
+    DeadlineError,
+    InstallFailed,
+    StorageError,
+    TransportError,
+    UpdateRefused,
+)
 from device_agent.fetcher import DeadlineFetcher, open_updater
 from device_agent.store import FileInfo
 from device_agent.transport import Deadline, Transport
@@ -39,6 +46,8 @@ def translate(exc: BaseException, what: str) -> AgentError:
         return exc
     if isinstance(exc, tuf_exc.SlowRetrievalError):
         return DeadlineError(f"{what}: {exc}", code="slow_retrieval")
+    if isinstance(exc, OSError) and StorageError.matches(exc):  # a write to the state directory, not the network
+        return StorageError.from_os(exc, what)
     if isinstance(exc, tuf_exc.DownloadHTTPError):
         return TransportError(f"{what}: HTTP {exc.status_code}", code=f"http_{exc.status_code}")
     if isinstance(exc, (tuf_exc.DownloadError, OSError)):

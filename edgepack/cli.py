@@ -23,6 +23,7 @@ app = typer.Typer(
 # (module, attribute): each exposes register(app). Missing optional parts (not installed) are skipped.
 _PLUGINS = (
     ("edgepack.cli_bundles", "register"),
+    ("edgepack.cli_tls", "register"),
     ("converter.cli", "register"),
     ("update_server.admin_cli", "register"),
     ("edgepack.demo", "register"),

@@ -158,7 +158,7 @@ def demo(
     from bundles.keys import KeyStore
     from bundles.trust import TrustStore
     from bundles.verify import verify_archive
-    from edgepack import _local
+    from edgepack import _local, tls
     from edgepack.demo_bundles import add_memory_bomb, build_digits, confuse_classes, derive_bundle
 
     logging.basicConfig(level=logging.WARNING)
@@ -172,13 +172,18 @@ def demo(
     outcomes: list[Outcome] = []
     t_start = time.monotonic()
     try:
-        console.rule("[bold]1. keys, broker, update server")
+        console.rule("[bold]1. keys, local CA, broker, update server")
         keys = KeyStore.init(work / "keys")
-        broker = _local.start_broker(work, broker_kind)
-        console.print(f"broker: {broker.kind} at {broker.url} (MQTT {broker.protocol})")
+        tls_files = tls.init(work / "tls", hosts=["127.0.0.1", "localhost"])
+        console.print(f"local CA: {tls_files.ca_cert} (the server's HTTPS and the broker's TLS; devices pin it)")
+        broker = _local.start_broker(work, broker_kind, tls_files=tls_files)
+        if broker.auth == "none":
+            console.print("[bold yellow]warning:[/] amqtt runs plain MQTT on loopback WITHOUT accounts: any local "
+                          "process can publish telemetry and notices (use mosquitto for the authenticated setup)")
+        console.print(f"broker: {broker.kind} at {broker.url} (MQTT {broker.protocol}, accounts: {broker.auth})")
         server = _local.start_server(data_dir=work / "server", keys_dir=keys.directory, broker=broker,
-                                     poll_interval_s=2, gate_interval_s=0.5, default_min_soak_s=soak,
-                                     default_min_devices=1)
+                                     tls_files=tls_files, poll_interval_s=2, gate_interval_s=0.5,
+                                     default_min_soak_s=soak, default_min_devices=1)
         console.print(f"update server: {server.url} (SQLite in {work / 'server'}); API docs {server.url}/docs")
 
         console.rule("[bold]2. edgepack build: the digits CNN (Keras -> ONNX fp32 / int8), signed")
@@ -276,10 +281,11 @@ def _summary(console: Console, outcomes: list[Outcome], fleet: list[Any], server
     console.print(f"fleet now serves {dict(versions)}; bad versions rolled back: {rolled_back}; "
                   f"demo took {seconds:.0f} s")
     console.print("\nWhere to look (while it runs, e.g. with --keep):")
-    console.print(f"  API and docs:   {server.url}/docs     (admin token: {server.token})")
-    console.print(f"  devices:        edgepack devices list --server {server.url} --token {server.token}")
+    console.print(f"  API and docs:   {server.url}/docs     (admin token: {server.token}; CA {server.ca_file})")
+    ca = f"EDGEPACK_CA_FILE={server.ca_file} " if server.ca_file else ""
+    console.print(f"  devices:        {ca}edgepack devices list --server {server.url} --token {server.token}")
     for o in outcomes:
-        console.print(f"  rollout {o.version}: edgepack rollout status {o.rollout_id} --server {server.url} "
+        console.print(f"  rollout {o.version}: {ca}edgepack rollout status {o.rollout_id} --server {server.url} "
                       f"--token {server.token}")
 
 

@@ -259,6 +259,8 @@ class AgentProcess:
             "trial": {"period_s": 2.0, "health_interval_s": 0.5},
             "limits": {"backoff_initial_s": 0.5, "backoff_max_s": 5.0},
         }
+        if self.server_url.startswith("http://"):  # a lab server: the agent refuses plain HTTP off loopback
+            doc["server"]["allow_plain"] = True       # unless told (docs/agent.md)
         for name, values in self.sections.items():
             doc[name] = {**doc.get(name, {}), **values}
         (self.home / "agent.toml").write_text(toml_dumps(doc))

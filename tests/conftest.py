@@ -29,9 +29,17 @@ def system_broker() -> str:
     return services.system_broker_url()
 
 
+@pytest.fixture(scope="session")
+def session_broker() -> Iterator[services.Mosquitto]:
+    """This worker's mosquitto: dynamic security + TLS (local CA), shared by its tests. Servers on it get an
+    account prefix and a topic prefix of their own; never stop it (use ``private_broker``)."""
+    with services.mosquitto() as broker:
+        yield broker
+
+
 @pytest.fixture
 def private_broker() -> Iterator[services.Mosquitto]:
-    """A mosquitto of this test's own, on a free port, that the test may stop and restart."""
+    """A mosquitto of this test's own (dynamic security + TLS), on free ports, that it may stop and restart."""
     with services.mosquitto() as broker:
         yield broker
 

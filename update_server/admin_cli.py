@@ -1,6 +1,7 @@
 """``edgepack bundles|devices|rollout|enroll-token|tokens``: the operator's CLI over the server's HTTP API.
 
-Server and token come from ``--server``/``--token`` or ``EDGEPACK_SERVER``/``EDGEPACK_TOKEN``. Every command
+Server and token come from ``--server``/``--token`` or ``EDGEPACK_SERVER``/``EDGEPACK_TOKEN``; a server with
+a certificate from a private CA (``edgepack tls init``) needs ``EDGEPACK_CA_FILE=ca.pem``. Every command
 is a thin call of one endpoint; errors print the server's message (what is wrong and what to do) and exit
 non-zero. ``rollout status`` shows each phase's progress and every gate's value against its threshold.
 """
@@ -8,6 +9,7 @@ non-zero. ``rollout status`` shows each phase's progress and every gate's value 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +31,9 @@ def _call(server: str, token: str, method: str, path: str, **kwargs: Any) -> Any
     import httpx
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    verify: str | bool = os.environ.get("EDGEPACK_CA_FILE") or True  # a private CA (edgepack tls init)
     try:
-        with httpx.Client(base_url=server.rstrip("/"), headers=headers, timeout=600) as client:
+        with httpx.Client(base_url=server.rstrip("/"), headers=headers, timeout=600, verify=verify) as client:
             r = client.request(method, path, **kwargs)
     except httpx.HTTPError as exc:
         typer.echo(f"error: cannot reach the update server at {server}: {exc}", err=True)
@@ -122,6 +125,15 @@ def devices_list(group: str | None = typer.Option(None), tag: list[str] = typer.
              d["agent_version"], d["state"], (d["last_seen_at"] or "")[:19]] for d in body["devices"]],
            ["device", "hardware", "group", "tags", "active", "assigned", "agent", "state", "last seen"])
     typer.echo(f"{body['total']} device(s)")
+
+
+@devices_app.command("revoke")
+def devices_revoke(device_id: str, reason: str = ReasonOpt, server: str = ServerOpt, token: str = TokenOpt) -> None:
+    """Revoke a device: its credential and broker account stop working at once (it is disconnected).
+
+    Idempotent: if the broker could not be reached, the server says so; run the same command again."""
+    d = _call(server, token, "POST", f"/api/v1/devices/{device_id}/revoke", json={"reason": reason})
+    typer.echo(f"revoked {d['device_id']} at {d['revoked_at']}")
 
 
 # ---- rollouts -------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from sqlalchemy import delete, text
 
 from bundles.keys import OnlineKeys
 from update_server.api import admin_api, device_api, errors, tuf_api
+from update_server.broker import make_accounts
 from update_server.context import ServerContext
 from update_server.db import is_unavailable, make_engine, make_sessionmaker, migrate
 from update_server.models import TelemetrySeen
@@ -67,7 +68,8 @@ class Loop:
                 delay = min(max(delay * 2, 0.5), 10.0)
 
 
-def build_context(settings: Settings) -> ServerContext:
+def build_context(settings: Settings, *, accounts: bool = True) -> ServerContext:
+    """Everything the server needs; ``accounts=False`` leaves out broker account management (ingest-only)."""
     if settings.keys_dir is None:
         raise ValueError("EDGEPACK_KEYS_DIR is not set: point it at the online/ folder of your key directory "
                          "(created by `edgepack keys init`)")
@@ -77,7 +79,7 @@ def build_context(settings: Settings) -> ServerContext:
                            snapshot_expiry=timedelta(seconds=settings.snapshot_expiry_s))
     return ServerContext(settings=settings, engine=engine, sessions=make_sessionmaker(engine),
                          storage=make_storage(settings.storage, settings.data_dir), keys=keys, repo=repo,
-                         checkin_pool=_checkin_pool(engine))
+                         checkin_pool=_checkin_pool(engine), broker=make_accounts(settings) if accounts else None)
 
 
 def _checkin_pool(engine: Any) -> Any:
@@ -117,12 +119,17 @@ def maintain_repository(ctx: ServerContext) -> None:
 def create_app(settings: Settings | None = None, *, background: bool = True) -> FastAPI:
     """The FastAPI app. ``background=False`` leaves out loops and MQTT (for tools and some tests)."""
     settings = settings or Settings.load()
+    for warning in settings.transport_warnings():  # raises ValueError for plain transport off loopback
+        log.warning("%s", warning)
     ctx = build_context(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         prepare_database(ctx)
         started: list[Any] = []
+        if ctx.broker is not None and settings.mqtt_url:  # enrollment needs it, with or without background
+            ctx.broker.start()
+            started.append(ctx.broker)
         if background:
             if settings.mqtt_url:
                 from update_server.ingest import Ingester, Notifier

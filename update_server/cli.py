@@ -50,7 +50,7 @@ def serve(config: Path | None = ConfigOpt,
           port: int | None = typer.Option(None, help="Port (EDGEPACK_PORT)."),
           workers: int | None = typer.Option(None, help="Worker processes (EDGEPACK_WORKERS)."),
           log_level: str = typer.Option("info")) -> None:
-    """Serve the HTTP API, the TUF repository, the gate loop and the MQTT ingester."""
+    """Serve the HTTP API (HTTPS with tls_cert/tls_key), the TUF repository, the gate loop and the MQTT ingester."""
     import uvicorn
 
     settings = _settings(config, host=host, port=port, workers=workers)
@@ -61,14 +61,25 @@ def serve(config: Path | None = ConfigOpt,
         typer.echo("error: EDGEPACK_KEYS_DIR is not set; point it at the online/ folder of a key directory",
                    err=True)
         raise typer.Exit(2)
+    try:
+        settings.transport_warnings()  # refuses plain HTTP/MQTT off loopback before anything starts
+        problems = settings.broker_admin_problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    cert = str(settings.tls_cert) if settings.tls_cert else None
+    tls_key = str(settings.tls_key) if settings.tls_key else None
     if settings.workers > 1:
         uvicorn.run("update_server.cli:_factory", factory=True, host=settings.host, port=settings.port,
-                    workers=settings.workers, log_level=log_level, access_log=False)
+                    workers=settings.workers, log_level=log_level, access_log=False, ssl_certfile=cert,
+                    ssl_keyfile=tls_key)
     else:
         from update_server.app import create_app
 
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
-                    access_log=False)
+                    access_log=False, ssl_certfile=cert, ssl_keyfile=tls_key)
 
 
 @app.command()
@@ -88,7 +99,13 @@ def ingest(config: Path | None = ConfigOpt, log_level: str = typer.Option("info"
     if not settings.mqtt_url:
         typer.echo("error: EDGEPACK_MQTT_URL is not set; there is nothing to ingest", err=True)
         raise typer.Exit(2)
-    ctx = build_context(settings)
+    try:
+        for warning in settings.transport_warnings(http=False):
+            logging.getLogger("edgepack-server").warning("%s", warning)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    ctx = build_context(settings, accounts=False)
     prepare_database(ctx)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -157,6 +174,111 @@ def enroll_token(uses: int = typer.Option(1, help="How many devices may enroll w
         _, secret = create_enrollment_token(session, uses=uses, ttl=timedelta(hours=ttl_hours), group=group,
                                             tags=tags, actor="edgepack-server enroll-token", now=utcnow())
     typer.echo(secret)
+
+
+broker_app = typer.Typer(help="The broker's accounts: set one up, regenerate files, rotate the admin password.",
+                         no_args_is_help=True)
+app.add_typer(broker_app, name="broker")
+
+
+@broker_app.command("init")
+def broker_init(out: Path = typer.Option(..., "--out", help="Directory for mosquitto.conf, the account store and "
+                                                            "the env files."),
+                tls_dir: Path = typer.Option(..., "--tls-dir", help="What `edgepack tls init` wrote (ca.pem, "
+                                                                    "broker.pem, broker.key)."),
+                broker_host: str = typer.Option(..., "--broker-host", help="Name the server and devices use to "
+                                                                          "reach the broker (in its certificate)."),
+                port: int = typer.Option(8883, help="TLS listener port."),
+                bind: str = typer.Option("0.0.0.0", help="TLS listener address."),
+                plain_port: int | None = typer.Option(None, help="Also a plain listener on 127.0.0.1 (local tools)."),
+                auth: str = typer.Option("dynsec", help="dynsec (Mosquitto dynamic security) or files."),
+                topic_prefix: str = typer.Option("edgepack/v1/devices"),
+                share_group: str = typer.Option("edgepack-server"),
+                run_as: str | None = typer.Option(None, help="`user` of mosquitto.conf (default: mosquitto)."),
+                force: bool = typer.Option(False, help="Overwrite an existing account store.")) -> None:
+    """Write a broker configuration: TLS listener, accounts (dynamic security or files), server.env."""
+    from update_server.broker.setup import init_broker
+
+    try:
+        made = init_broker(out, tls_dir=tls_dir, broker_host=broker_host, port=port, bind=bind, auth=auth,
+                           plain_port=plain_port, topic_prefix=topic_prefix, share_group=share_group,
+                           run_as=run_as, force=force)
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"mosquitto:   mosquitto -c {made.conf}")
+    typer.echo(f"server:      edgepack-server serve --config {made.server_env}   (0600: holds the passwords)")
+    typer.echo(f"ingest-only: edgepack-server ingest --config {made.ingest_env}")
+
+
+@broker_app.command("write-files")
+def broker_write_files(config: Path | None = ConfigOpt) -> None:
+    """files backend: regenerate passwd and acl from the database (every device not revoked), then reload."""
+    from sqlalchemy import select
+
+    from update_server.broker import BrokerAdminError
+    from update_server.broker.acl import BrokerPolicy
+    from update_server.broker.files import FileAccounts
+    from update_server.db import make_engine, make_sessionmaker
+    from update_server.models import Device
+
+    settings = _settings(config)
+    if settings.broker_auth != "files" or settings.broker_files_dir is None:
+        typer.echo("error: this needs broker_auth=files and broker_files_dir", err=True)
+        raise typer.Exit(2)
+    engine = make_engine(settings.effective_database_url)
+    with make_sessionmaker(engine)() as session:
+        rows = session.execute(select(Device.id, Device.mqtt_password_hash).where(
+            Device.revoked_at.is_(None), Device.mqtt_password_hash.is_not(None))).all()
+    try:
+        FileAccounts(settings, BrokerPolicy.from_settings(settings)).write_all({r.id: r.mqtt_password_hash
+                                                                                 for r in rows})
+    except BrokerAdminError as exc:
+        typer.echo(f"error: files written, but {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"wrote {len(rows)} device account(s) to {settings.broker_files_dir}")
+
+
+@broker_app.command("rotate-admin-password")
+def broker_rotate_admin(config: Path | None = ConfigOpt) -> None:
+    """dynsec: give the admin account a new random password (printed once). Then put it in every replica's
+    EDGEPACK_BROKER_ADMIN_PASSWORD and restart them (docs/runbook.md)."""
+    import secrets
+
+    from update_server.broker import BrokerAdminError
+    from update_server.broker.dynsec import DynsecClient
+    from update_server.broker.endpoint import Endpoint
+
+    settings = _settings(config)
+    if settings.broker_auth != "dynsec" or not settings.broker_admin_password:
+        typer.echo("error: this needs broker_auth=dynsec and the current broker_admin_password", err=True)
+        raise typer.Exit(2)
+    new = secrets.token_urlsafe(24)
+    client = DynsecClient(Endpoint.for_server(settings, account="admin"), f"rotate-{secrets.token_hex(4)}",
+                          timeout_s=settings.broker_admin_timeout_s)
+    client.start()
+    answer: dict[str, object] = {}
+    try:  # the broker disconnects the account whose password changed, us included: its answer may be lost,
+        (answer,) = client.call([{"command": "setClientPassword", "username": settings.broker_admin_username,
+                                  "password": new}])
+    except BrokerAdminError:
+        pass
+    finally:
+        client.stop()
+    if answer.get("error"):
+        typer.echo(f"error: the broker refused: {answer['error']}", err=True)
+        raise typer.Exit(1)
+    check = DynsecClient(Endpoint.for_server(settings.model_copy(update={"broker_admin_password": new}),
+                                             account="admin"), f"rotate-check-{secrets.token_hex(4)}")
+    check.start()  # ... so the new password is proven by logging in with it
+    try:
+        if not check.wait_ready(settings.broker_admin_timeout_s):
+            typer.echo("error: the broker did not accept the new password; the old one still applies", err=True)
+            raise typer.Exit(1)
+    finally:
+        check.stop()
+    typer.echo("new broker admin password (shown once; the old one no longer works):")
+    typer.echo(new)
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from bundles.keys import OnlineKeys
+from update_server.broker import BrokerAccounts
 from update_server.settings import Settings
 from update_server.storage import BlobStorage
 from update_server.tuf_repo import ImageRepository
@@ -52,6 +53,8 @@ class ServerContext:
     repo: ImageRepository
     checkin_pool: Any = None
     """PostgreSQL only: ``pg_fast.CheckinPool``, async connections for the check-in UPDATE."""
+    broker: BrokerAccounts | None = None
+    """Devices' broker accounts (update_server/broker/); None: no broker configured."""
     counters: Counters = field(default_factory=Counters)
     notify: Notify = lambda devices: None
     clock: Callable[[], datetime] = utcnow

@@ -17,8 +17,8 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable
-from urllib.parse import urlparse
 
+from update_server.broker.endpoint import Endpoint
 from update_server.context import ServerContext
 from update_server.db import is_unavailable
 from update_server.mqtt_wire import Message, MqttError, WireClient
@@ -27,26 +27,14 @@ from update_server.services.telemetry import MembershipCache, Telemetry, parse_o
 log = logging.getLogger(__name__)
 
 
-def _broker(url: str) -> tuple[str, int]:
-    parsed = urlparse(url if "://" in url else f"mqtt://{url}")
-    return parsed.hostname or "127.0.0.1", parsed.port or 1883
-
-
-def _client(client_id: str, *, clean_start: bool, v5: bool = True) -> object:
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    return mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                       protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
-
-
 class Ingester:
     """Consumes telemetry from the broker into the database. ``start()``/``stop()`` from the lifespan."""
 
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
         s = ctx.settings
-        self.host, self.port = _broker(s.mqtt_url)
+        self.broker = Endpoint.for_server(s, account="ingest")
+        self.host, self.port = self.broker.host, self.broker.port
         self.v5 = s.mqtt_protocol != "3.1.1"
         plain = f"{s.mqtt_topic_prefix}/+/telemetry/#"
         self.topic = f"$share/{s.mqtt_share_group}/{plain}" if self.v5 else plain
@@ -60,8 +48,10 @@ class Ingester:
 
     # ---- network side --------------------------------------------------------------------------------
     def start(self) -> None:
-        self._client = WireClient(self.host, self.port, self.ctx.settings.effective_mqtt_client_id,
-                                  clean_start=False, session_expiry=24 * 3600, protocol=5 if self.v5 else 4)
+        b = self.broker
+        self._client = WireClient(b.host, b.port, self.ctx.settings.effective_mqtt_client_id,
+                                  clean_start=False, session_expiry=24 * 3600, protocol=5 if self.v5 else 4,
+                                  username=b.username, password=b.password, ssl_context=b.ssl_context())
         self._reader.start()
         self._writer.start()
 
@@ -162,17 +152,17 @@ class Notifier:
 
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
-        self.host, self.port = _broker(ctx.settings.mqtt_url)
+        self.broker = Endpoint.for_server(ctx.settings, account="notify")
         self._client: object | None = None
 
     def start(self) -> None:
-        client = _client(f"{self.ctx.settings.effective_mqtt_client_id}-notify-{uuid.uuid4().hex[:6]}",
-                         clean_start=True, v5=self.ctx.settings.mqtt_protocol != "3.1.1")
-        client.max_queued_messages_set(0)  # type: ignore[attr-defined]
-        client.max_inflight_messages_set(1000)  # type: ignore[attr-defined]
-        client.reconnect_delay_set(0.2, 10)  # type: ignore[attr-defined]
-        client.connect_async(self.host, self.port, keepalive=30)  # type: ignore[attr-defined]
-        client.loop_start()  # type: ignore[attr-defined]
+        client = self.broker.paho_client(f"{self.ctx.settings.effective_mqtt_client_id}-notify-{uuid.uuid4().hex[:6]}",
+                                         v5=self.ctx.settings.mqtt_protocol != "3.1.1")
+        client.max_queued_messages_set(0)
+        client.max_inflight_messages_set(1000)
+        client.reconnect_delay_set(0.2, 10)
+        client.connect_async(self.broker.host, self.broker.port, keepalive=30)
+        client.loop_start()
         self._client = client
 
     def stop(self) -> None:

@@ -122,6 +122,11 @@ class Device(Base):
     active_variant: Mapped[str | None] = mapped_column(String(64))
     enrolled_at: Mapped[datetime]
     last_seen_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+    """Set by ``edgepack devices revoke``: the credential no longer works, the broker account is gone."""
+    mqtt_password_hash: Mapped[str | None] = mapped_column(String(200))
+    """The broker password's PBKDF2 hash in mosquitto's ``$7$`` form (update_server/broker/passwords.py),
+    so the files backend can regenerate the password file; None without broker accounts."""
     # director state
     desired_bundle_id: Mapped[int | None] = mapped_column(ForeignKey("bundles.id"), index=True)
     desired_reason: Mapped[str] = mapped_column(String(16), default="none")

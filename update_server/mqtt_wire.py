@@ -15,7 +15,9 @@ reconnects. Notices to devices (low volume) still go through paho.
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -24,6 +26,8 @@ from dataclasses import dataclass
 
 CONNACK, PUBLISH, PUBACK, SUBACK, PINGRESP, DISCONNECT = 2, 3, 4, 9, 13, 14
 _PROP_SESSION_EXPIRY, _PROP_RECEIVE_MAX = 0x11, 0x21
+_AUTH_REFUSED = {0x04, 0x05, 0x86, 0x87}
+"""CONNACK codes for a bad user name or password / not authorized (MQTT 3.1.1 and 5)."""
 
 
 class MqttError(Exception):
@@ -61,10 +65,12 @@ class Message:
 class WireClient:
     def __init__(self, host: str, port: int, client_id: str, *, clean_start: bool = False,
                  session_expiry: int = 24 * 3600, receive_maximum: int = 65535, keepalive: int = 30,
-                 protocol: int = 5) -> None:
+                 protocol: int = 5, username: str | None = None, password: str | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         if protocol not in (4, 5):
             raise ValueError("protocol level must be 5 (MQTT 5) or 4 (MQTT 3.1.1)")
         self.host, self.port, self.client_id = host, port, client_id
+        self.username, self.password, self.ssl_context = username, password, ssl_context
         self.v5 = protocol == 5
         self.clean_start, self.session_expiry = clean_start, session_expiry
         self.receive_maximum, self.keepalive = receive_maximum, keepalive
@@ -72,6 +78,15 @@ class WireClient:
         self.generation = 0
         self._buf = bytearray()
         self._send_lock = threading.Lock()
+        # TLS: one OpenSSL connection must not be read and written by two threads at once, so writes from
+        # other threads (the ingest writer's acknowledgements) are queued and sent by the reading thread,
+        # woken through a socket pair.
+        self._io_thread: int | None = None
+        self._outq: list[tuple[int, bytes]] = []
+        if ssl_context is not None:
+            self._wake_r, self._wake_w = socket.socketpair()
+            self._wake_r.setblocking(False)
+            self._wake_w.setblocking(False)
         self._last_send = 0.0
         self._next_id = 0
         self.inflight: set[int] = set()
@@ -84,22 +99,39 @@ class WireClient:
         sock = socket.create_connection((self.host, self.port), timeout=timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        if self.ssl_context is not None:
+            try:
+                sock = self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+            except (ssl.SSLError, OSError) as exc:
+                sock.close()
+                raise MqttError(f"TLS with the broker at {self.host}:{self.port} failed: {exc}") from exc
         flags = 0x02 if self.clean_start else 0x00
+        credentials = b""
+        if self.username:
+            flags |= 0x80
+            credentials += _str(self.username)
+            if self.password is not None:
+                flags |= 0x40
+                credentials += _str(self.password)
         if self.v5:
             props = bytes([_PROP_SESSION_EXPIRY]) + struct.pack("!I", self.session_expiry) + \
                 bytes([_PROP_RECEIVE_MAX]) + struct.pack("!H", self.receive_maximum)
             body = _str("MQTT") + bytes([5, flags]) + struct.pack("!H", self.keepalive) + _varint(len(props)) \
-                + props + _str(self.client_id)
+                + props + _str(self.client_id) + credentials
         else:  # 3.1.1: clean session flag, no properties
-            body = _str("MQTT") + bytes([4, flags]) + struct.pack("!H", self.keepalive) + _str(self.client_id)
+            body = _str("MQTT") + bytes([4, flags]) + struct.pack("!H", self.keepalive) + _str(self.client_id) \
+                + credentials
         self.sock, self._buf = sock, bytearray()
         self._send(_packet(0x10, body))
         ptype, _flags, payload = self._read_packet(timeout)
         if ptype != CONNACK or len(payload) < 2:
             raise MqttError(f"expected CONNACK, got packet type {ptype}")
         if payload[1] != 0:
-            raise MqttError(f"broker refused the connection (reason code 0x{payload[1]:02x})")
+            hint = (f"; check the account ({self.username!r}) and its password" if payload[1] in _AUTH_REFUSED
+                    else "")
+            raise MqttError(f"broker refused the connection (reason code 0x{payload[1]:02x}){hint}")
         sock.settimeout(1.0)
+        self._io_thread = threading.get_ident()
         self.generation += 1
         self.inflight.clear()
         return bool(payload[0] & 1)
@@ -110,6 +142,7 @@ class WireClient:
                 self.sock.sendall(_packet(0xE0, b""))
             self.sock.close()
             self.sock = None
+        self._io_thread = None
 
     def subscribe(self, topic: str, qos: int = 1) -> None:
         """Send SUBSCRIBE; the SUBACK is handled by :meth:`read` (``subscribed`` is set, or MqttError).
@@ -125,6 +158,8 @@ class WireClient:
         """Read what the socket has (waits up to 1 s), dispatch every complete packet; returns how many."""
         assert self.sock is not None
         self._ping_if_due()
+        if self.ssl_context is not None and not self._tls_readable():
+            return 0
         try:
             chunk = self.sock.recv(1 << 18)
         except TimeoutError:
@@ -228,10 +263,11 @@ class WireClient:
     # ---- writing -------------------------------------------------------------------------------------
     def ack(self, messages: Iterable[Message]) -> None:
         """PUBACK every QoS 1 message of the current connection, in one write."""
+        generation = self.generation
         data = b"".join(b"\x40\x02" + struct.pack("!H", m.packet_id) for m in messages
-                        if m.qos == 1 and m.generation == self.generation)
+                        if m.qos == 1 and m.generation == generation)
         if data:
-            self._send(data)
+            self._send(data, generation)
 
     def publish(self, topic: str, payload: bytes) -> int:
         """Queue a QoS 1 PUBLISH (no properties); returns its packet id (see ``inflight``)."""
@@ -245,9 +281,37 @@ class WireClient:
         self._next_id = self._next_id % 65535 + 1
         return self._next_id
 
-    def _send(self, data: bytes) -> None:
+    def _tls_readable(self) -> bool:
+        """TLS: send what other threads queued, then wait up to 1 s for data or a wake-up."""
+        sock = self.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        self._flush_queued()
+        if sock.pending():
+            return True
+        readable, _, _ = select.select([sock, self._wake_r], [], [], 1.0)
+        if self._wake_r in readable:
+            with contextlib.suppress(BlockingIOError):
+                while self._wake_r.recv(4096):
+                    pass
+            self._flush_queued()
+        return sock in readable
+
+    def _flush_queued(self) -> None:
+        with self._send_lock:
+            queued, self._outq = self._outq, []
+        data = b"".join(d for gen, d in queued if gen == self.generation)
+        if data:
+            self._send(data)
+
+    def _send(self, data: bytes, generation: int | None = None) -> None:
         if self.sock is None:
             raise MqttError("not connected")
+        if self.ssl_context is not None and self._io_thread not in (None, threading.get_ident()):
+            with self._send_lock:
+                self._outq.append((self.generation if generation is None else generation, data))
+            with contextlib.suppress(BlockingIOError):
+                self._wake_w.send(b"\0")
+            return
         with self._send_lock:
             try:
                 self.sock.sendall(data)
@@ -261,12 +325,13 @@ class WireClient:
 
 
 def publish_all(host: str, port: int, items: Iterable[tuple[str, bytes]], *, window: int = 1000,
-                client_id: str = "") -> int:
+                client_id: str = "", username: str | None = None, password: str | None = None,
+                ssl_context: ssl.SSLContext | None = None) -> int:
     """Publish at QoS 1 keeping at most ``window`` unacknowledged; returns when every PUBACK arrived."""
     import uuid
 
     client = WireClient(host, port, client_id or f"pub-{uuid.uuid4().hex[:8]}", clean_start=True,
-                        session_expiry=0)
+                        session_expiry=0, username=username, password=password, ssl_context=ssl_context)
     client.connect()
     sent = 0
     try:

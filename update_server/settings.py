@@ -11,9 +11,9 @@ import itertools
 import os
 import socket
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 DEFAULT_PHASES = (1.0, 10.0, 50.0, 100.0)
@@ -34,7 +34,11 @@ class Settings(BaseSettings):
     # --- HTTP
     host: str = "127.0.0.1"
     port: int = 8080
-    public_url: str = Field("", description="URL devices use to reach this server; empty = http://host:port")
+    public_url: str = Field("", description="URL devices use to reach this server; empty = http(s)://host:port")
+    tls_cert: Path | None = Field(None, description="PEM certificate (chain) to serve HTTPS with; with tls_key")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    allow_plain_http: bool = Field(False, description="serve plain HTTP on a non-loopback address (behind a "
+                                                      "TLS-terminating proxy only)")
     max_upload_bytes: int = 1024 * 1024 * 1024
     workers: int = 1
 
@@ -55,6 +59,26 @@ class Settings(BaseSettings):
     mqtt_protocol: str = Field("5", description='"5", or "3.1.1" for brokers without MQTT 5 (amqtt): '
                                                  "then one ingesting replica, no shared subscription")
     mqtt_share_group: str = "edgepack-server"
+    mqtt_ca_file: Path | None = Field(None, description="CA that signed the broker's certificate (mqtts://); "
+                                                        "empty = the system's CAs")
+    mqtt_username: str = Field("edgepack-ingest", description="the ingester's broker account")
+    mqtt_password: str = Field("", description="its password; empty = connect without credentials")
+    allow_plain_mqtt: bool = Field(False, description="mqtt:// or broker_auth=none with a non-loopback broker")
+
+    # --- broker accounts (update_server/broker/)
+    broker_auth: Literal["dynsec", "files", "none"] = Field(
+        "none", description="how devices get broker accounts: dynsec (Mosquitto dynamic security), files "
+                            "(password + ACL file), none (development on loopback)")
+    broker_admin_username: str = Field("edgepack-server", description="the server's own broker account: "
+                                       "dynamic-security administrator, publishes check-in notices")
+    broker_admin_password: str = ""
+    broker_account_prefix: str = Field("", description="prefix of every broker account and role this server "
+                                                       "manages (several servers on one broker)")
+    broker_admin_timeout_s: float = Field(10.0, description="how long enrollment and revocation wait for the "
+                                                            "broker (to reconnect and to answer)")
+    broker_files_dir: Path | None = Field(None, description="files backend: where passwd and acl are written")
+    broker_reload_command: str = Field("", description="files backend: run after rewriting the files, e.g. "
+                                                       "`systemctl reload mosquitto` (mosquitto rereads on SIGHUP)")
     mqtt_topic_prefix: str = "edgepack/v1/devices"
     max_message_bytes: int = 64 * 1024
     ingest_batch: int = 2000
@@ -73,6 +97,23 @@ class Settings(BaseSettings):
         if value not in ("5", "3.1.1"):
             raise ValueError('mqtt_protocol must be "5" or "3.1.1"')
         return value
+
+    @model_validator(mode="after")
+    def _accounts(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together (edgepack tls init writes both)")
+        return self
+
+    def broker_admin_problems(self) -> list[str]:
+        """What ``serve`` lacks to manage broker accounts (an ingest-only replica needs none of it)."""
+        if not self.mqtt_url or self.broker_auth == "none":
+            return []
+        missing = [name for name, value in (("broker_admin_password", self.broker_admin_password),
+                                            ("mqtt_password", self.mqtt_password)) if not value]
+        if self.broker_auth == "files" and self.broker_files_dir is None:
+            missing.append("broker_files_dir")
+        return [f"broker_auth={self.broker_auth} needs {', '.join(missing)} (edgepack-server broker init writes "
+                "them; see docs/server.md)"] if missing else []
 
     @field_validator("default_phases", mode="before")
     @classmethod
@@ -124,7 +165,32 @@ class Settings(BaseSettings):
 
     @property
     def effective_public_url(self) -> str:
-        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+        scheme = "https" if self.tls_cert else "http"
+        return (self.public_url or f"{scheme}://{self.host}:{self.port}").rstrip("/")
+
+    def transport_warnings(self, *, http: bool = True) -> list[str]:
+        """Plain HTTP/MQTT or an open broker: refused (ValueError) off loopback unless allowed, else warnings."""
+        from update_server.broker.endpoint import Endpoint, is_loopback
+
+        warnings: list[str] = []
+        if http and self.tls_cert is None:
+            if not is_loopback(self.host) and not self.allow_plain_http:
+                raise ValueError(f"refusing to serve plain HTTP on {self.host}: give tls_cert/tls_key (edgepack "
+                                 "tls init), or set allow_plain_http=true behind a TLS-terminating proxy")
+            warnings.append(f"serving plain HTTP on {self.host}:{self.port} (development only; give tls_cert/tls_key)")
+        if self.mqtt_url:
+            broker = Endpoint.from_url(self.mqtt_url)
+            if not broker.tls:
+                if not broker.loopback and not self.allow_plain_mqtt:
+                    raise ValueError(f"refusing plain MQTT to {broker}: use mqtts:// with mqtt_ca_file, or set "
+                                     "allow_plain_mqtt=true")
+                warnings.append(f"plain MQTT to {broker} (development only; use mqtts://)")
+            if self.broker_auth == "none":
+                if not broker.loopback and not self.allow_plain_mqtt:
+                    raise ValueError(f"refusing broker_auth=none with the broker at {broker}: anyone reaching it "
+                                     "could forge telemetry; use broker_auth=dynsec (docs/server.md)")
+                warnings.append("broker_auth=none: devices get no broker credentials (development only)")
+        return warnings
 
     @property
     def effective_mqtt_client_id(self) -> str:

@@ -28,7 +28,6 @@ import traceback
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +82,7 @@ def _requests(batch: int, seed: int, n: int = 64) -> list[tuple[bytes, list[str]
 
 class Fleet:
     def __init__(self, scn: Scenario, *, server_url: str, keys: Any, state_root: Path,
-                 indices: Sequence[int] | None = None) -> None:
+                 indices: Sequence[int] | None = None, ca_file: str | None = None) -> None:
         import urllib3
 
         from device_agent import AGENT_VERSION
@@ -92,6 +91,8 @@ class Fleet:
 
         self.scn = scn
         self.server_url = server_url
+        self.ca_file = ca_file
+        """The local CA the agents pin for HTTPS and MQTT (None: plain, loopback only)."""
         self.keys = keys
         self.state_root = state_root
         self.indices = list(indices) if indices is not None else list(range(scn.fleet.devices))
@@ -101,8 +102,10 @@ class Fleet:
         self.runtimes = installed_runtimes()
         f = scn.fleet
         self.http = Urllib3Transport(f"edgepack-agent/{AGENT_VERSION} (fleet-sim)")
+        tls: dict[str, Any] = {"cert_reqs": "CERT_REQUIRED", "ca_certs": ca_file} if ca_file else {}
         self.http.pool = urllib3.PoolManager(retries=False, maxsize=f.step_threads + f.enroll_threads + 4,
-                                             headers={"User-Agent": f"edgepack-agent/{AGENT_VERSION} (fleet-sim)"})
+                                             headers={"User-Agent": f"edgepack-agent/{AGENT_VERSION} (fleet-sim)"},
+                                             **tls)
         self.devices = [self._device(i) for i in self.indices]
         self.load = LoadStats()
         self.crash_rates: dict[str, float] = {v: b.crash_per_device_minute / 60.0 for v, b in scn.bundles.items()
@@ -130,7 +133,8 @@ class Fleet:
         f = self.scn.fleet
         return config_from_dict({
             "device_id": dev.device_id, "hardware_id": dev.hardware_id, "state_dir": str(dev.state_dir),
-            "server": {"url": self.server_url, "poll_interval_s": float(f.poll_interval_s)},
+            "server": {"url": self.server_url, "poll_interval_s": float(f.poll_interval_s),
+                       **({"ca_file": self.ca_file} if self.ca_file else {})},
             "trust": {"image_root": str(self.keys.root_path), "director_root": str(self.keys.director_root_path)},
             "trial": {"period_s": f.trial_s, "max_crashes": f.trial_max_crashes,
                       "health_interval_s": max(1.0, f.trial_s)},
@@ -140,35 +144,35 @@ class Fleet:
         }, source=f"fleet-sim:{dev.device_id}")
 
     def _enroll(self, dev: SimDevice, token: str) -> None:
-        """What ``edgepack-agent enroll`` does: the real enrollment call, credential stored 0600."""
-        from bundles._util import atomic_write
+        """What ``edgepack-agent enroll`` does: the real enrollment call, credential and broker password 0600."""
         from device_agent import AGENT_VERSION
-        from device_agent.machine import _platform
+        from device_agent.connection import save_enrollment
         from device_agent.server import ServerClient
+        from device_agent.steps import platform_name
 
         client = ServerClient(self.server_url, self.http, timeout_s=60)
         answer = client.enroll(token, {"device_id": dev.device_id, "hardware_id": dev.hardware_id,
-                                       "platform": _platform(), "agent_version": AGENT_VERSION,
+                                       "platform": platform_name(), "agent_version": AGENT_VERSION,
                                        "runtimes": {k: v.split(" ")[-1] for k, v in self.runtimes.items()},
                                        "tags": {"fleet": self.scn.name}})
-        dev.state_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(dev.state_dir / "credential", answer["credential"].encode() + b"\n", mode=0o600)
-        info = {k: v for k, v in answer.items() if k != "credential"}
-        atomic_write(dev.state_dir / "enrollment.json", json.dumps(info, indent=1).encode(), mode=0o600)
+        save_enrollment(self._config(dev), answer)
 
     def _boot(self, dev: SimDevice) -> None:
+        from device_agent.connection import mqtt_settings
         from device_agent.machine import Agent
 
         config = self._config(dev)
         enrollment = json.loads((dev.state_dir / "enrollment.json").read_bytes())
-        publisher = LoopedMqttPublisher(enrollment["mqtt"]["url"], dev.device_id, self.mqtt_loop, keepalive_s=60)
+        m = mqtt_settings(config, enrollment)  # the device's broker account, TLS pinned to the CA
+        assert m is not None, "the server gave no broker"
+        publisher = LoopedMqttPublisher(m.url, dev.device_id, self.mqtt_loop, keepalive_s=60, username=m.username,
+                                        password=m.password, client_id=m.client_id, ca_file=m.ca_file)
         dev.publisher = FaultyPublisher(publisher, dev.link)
         dev.supervisor = InProcessSupervisor(dev.state_dir / "bundles", self.cache,
                                              max_input_dims=config.telemetry.max_input_dims,
                                              restart_backoff_max_s=5.0)
         dev.agent = Agent(config, transport=FaultyTransport(self.http, dev.link), publisher=dev.publisher,
-                          # Agent annotates the concrete Supervisor; ours implements the same interface
-                          supervisor=dev.supervisor, runtimes=self.runtimes)  # type: ignore[arg-type]
+                          supervisor=dev.supervisor, runtimes=self.runtimes)
         dev.agent.boot()
 
     def enroll_and_boot(self, token: str) -> float:
@@ -200,22 +204,9 @@ class Fleet:
             if self.rng.random() < fa.offline_fraction:
                 dev.offline_at = now + self.rng.uniform(*fa.offline_start_s)
 
-    def _ready(self, dev: SimDevice) -> bool:
-        from device_agent.states import State
-
-        agent = dev.agent
-        state = agent.record.state
-        if state is State.IDLE:
-            if agent._next_checkin <= agent.clock.monotonic():
-                return True
-            return any(e[0] == "notify" for e in list(agent.events.queue))
-        if state is State.TRIAL:
-            p = agent.record.pending
-            if p is None or p.trial_started_at is None:
-                return True
-            end = datetime.fromisoformat(p.trial_started_at) + timedelta(seconds=agent.config.trial.period_s)
-            return agent.clock.now() >= end or any(e[0] == "crash" for e in list(agent.events.queue))
-        return True
+    @staticmethod
+    def _ready(dev: SimDevice) -> bool:
+        return bool(dev.agent.ready())
 
     def _schedule(self) -> None:
         assert self._pool is not None
@@ -226,14 +217,10 @@ class Fleet:
                     self._pool.submit(self._step, dev)
 
     def _step(self, dev: SimDevice) -> None:
-        from device_agent.states import State
-
         try:
             for _ in range(20):  # an update's steps back to back, while they do not block
                 if self._stop.is_set() or not self._ready(dev):
                     break
-                if dev.agent.record.state is State.IDLE:
-                    dev.agent._drain("crash")  # in IDLE the real agent's wait swallows crash notes too
                 dev.agent.step()
                 dev.steps += 1
         except Exception:

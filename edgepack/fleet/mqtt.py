@@ -53,6 +53,7 @@ class SharedLoop:
             now = time.monotonic()
             poller = select.poll()
             by_fd: dict[int, Any] = {}
+            pending: list[Any] = []  # TLS: bytes already decrypted in the SSL object, invisible to poll
             for client, retry in entries:
                 sock = client.socket()
                 if sock is None:
@@ -64,10 +65,14 @@ class SharedLoop:
                     continue
                 by_fd[fd] = client
                 poller.register(fd, select.POLLIN | (select.POLLOUT if client.want_write() else 0))
+                if getattr(sock, "pending", None) is not None and sock.pending():
+                    pending.append(client)
             if not by_fd:
                 self._stop.wait(0.1)
                 continue
-            for fd, mask in poller.poll(100):
+            for client in pending:
+                client.loop_read()
+            for fd, mask in poller.poll(0 if pending else 100):
                 client = by_fd[fd]
                 if mask & (select.POLLIN | select.POLLERR | select.POLLHUP):
                     client.loop_read()

@@ -63,10 +63,11 @@ def _build(keys: Any, spec: BundleSpec, out: Path) -> Path:
 
 
 # ---- broker -------------------------------------------------------------------------------------------------
-def start_private_broker(work: Path) -> Broker:
-    """A private mosquitto on a free port (no persistence: a run is one-off), deep queues for bursts."""
+def start_private_broker(work: Path, tls_files: Any) -> Broker:
+    """A private mosquitto on free ports, as in production: dynamic security (every device enrolls for its own
+    account), TLS with the run's CA, deep queues; no persistence (a run is one-off)."""
     try:
-        return start_mosquitto(work, ("max_queued_messages 1000000", "max_inflight_messages 0"))
+        return start_mosquitto(work / "broker", persistence=False, tls_files=tls_files)
     except RuntimeError as exc:
         raise ServiceError(f"{exc}; or set [server] broker = \"mqtt://host:port\"") from exc
 
@@ -108,19 +109,25 @@ class Database:
 
 # ---- the update server --------------------------------------------------------------------------------------
 class ServerProcess:
-    """``edgepack-server serve`` in a child process, with an admin token created through its own CLI."""
+    """``edgepack-server serve`` in a child process (HTTPS with ``tls_files``), with an admin token created
+    through its own CLI. ``broker`` (ours) gives it the broker's URL, CA and accounts; ``mqtt_url`` is an
+    external broker without accounts (loopback only)."""
 
-    def __init__(self, scn: Scenario, work: Path, *, keys_dir: Path, database_url: str, mqtt_url: str) -> None:
+    def __init__(self, scn: Scenario, work: Path, *, keys_dir: Path, database_url: str, broker: Broker | None = None,
+                 mqtt_url: str = "", tls_files: Any = None) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.ca_file: Path | None = tls_files.ca_cert if tls_files is not None else None
+        self.url = f"{'https' if tls_files is not None else 'http'}://127.0.0.1:{self.port}"
         self.log_path = work / "server.log"
+        tls = {} if tls_files is None else {"tls_cert": tls_files.cert("server"), "tls_key": tls_files.key("server")}
+        mqtt = broker.server_settings() if broker is not None else {"mqtt_url": mqtt_url}
         settings: dict[str, Any] = {
             "data_dir": work / "server", "keys_dir": keys_dir / "online", "database_url": database_url,
-            "port": self.port, "host": "127.0.0.1", "mqtt_url": mqtt_url, "poll_interval_s": scn.fleet.poll_interval_s,
+            "port": self.port, "host": "127.0.0.1", **mqtt, **tls, "poll_interval_s": scn.fleet.poll_interval_s,
             "gate_interval_s": scn.server.gate_interval_s, "mqtt_share_group": f"fleet-{uuid.uuid4().hex[:8]}",
             "mqtt_client_id": f"fleet-server-{uuid.uuid4().hex[:8]}", "default_min_soak_s": 0,
             "default_min_devices": 1, **scn.server.settings}
-        self.env = {**os.environ, **{f"EDGEPACK_{k.upper()}": str(v) for k, v in settings.items()}}
+        self.env = {**os.environ, **{f"EDGEPACK_{k.upper()}": str(v) for k, v in settings.items() if v is not None}}
         self.env.pop("EDGEPACK_CONFIG", None)
         self.proc: subprocess.Popen[bytes] | None = None
         self.token = ""
@@ -141,7 +148,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise ServiceError(f"the update server exited with {self.proc.returncode}; see {self.log_path}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}/readyz", timeout=2, verify=self._verify).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -149,8 +156,13 @@ class ServerProcess:
                 raise ServiceError(f"the update server did not become ready in {timeout:.0f} s; see {self.log_path}")
             time.sleep(0.2)
 
+    @property
+    def _verify(self) -> str | bool:
+        return str(self.ca_file) if self.ca_file else True
+
     def admin(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=60)
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=60,
+                            verify=self._verify)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

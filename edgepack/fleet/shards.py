@@ -16,7 +16,7 @@ from edgepack.fleet.scenario import Scenario
 
 
 def _shard_main(conn: Any, scn: Scenario, server_url: str, keys_dir: str, state_root: str,
-                indices: list[int]) -> None:
+                indices: list[int], ca_file: str | None = None) -> None:
     import logging
 
     from bundles.keys import KeyStore
@@ -24,7 +24,7 @@ def _shard_main(conn: Any, scn: Scenario, server_url: str, keys_dir: str, state_
 
     logging.basicConfig(level=logging.ERROR)
     fleet = Fleet(scn, server_url=server_url, keys=KeyStore.load(Path(keys_dir)), state_root=Path(state_root),
-                  indices=indices)
+                  indices=indices, ca_file=ca_file)
     try:
         while True:
             name, args = conn.recv()
@@ -42,7 +42,8 @@ def _shard_main(conn: Any, scn: Scenario, server_url: str, keys_dir: str, state_
 class ShardedFleet:
     """``processes`` child processes, each running a Fleet over every ``processes``-th device."""
 
-    def __init__(self, scn: Scenario, *, server_url: str, keys: Any, state_root: Path, processes: int) -> None:
+    def __init__(self, scn: Scenario, *, server_url: str, keys: Any, state_root: Path, processes: int,
+                 ca_file: str | None = None) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.n_devices = scn.fleet.devices
         self.conns: list[Any] = []
@@ -51,7 +52,8 @@ class ShardedFleet:
             parent, child = ctx.Pipe()
             indices = list(range(k, scn.fleet.devices, processes))
             proc = ctx.Process(target=_shard_main, args=(child, scn, server_url, str(keys.directory),
-                                                          str(state_root), indices), name=f"fleet-shard-{k}")
+                                                          str(state_root), indices, ca_file),
+                               name=f"fleet-shard-{k}")
             proc.start()
             self.conns.append(parent)
             self.procs.append(proc)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgepack import tls
 from edgepack._local import Broker
 from edgepack.fleet.fleet import Fleet
 from edgepack.fleet.scenario import RolloutPlan, Scenario, gate_values
@@ -212,14 +213,16 @@ def run_scenario(scn: Scenario, *, json_out: Path | None = None, keep: bool = Fa
     try:
         progress(f"building/reading {len(scn.bundles)} bundles")
         keys, bundle_files = prepare_bundles(scn, work)
+        tls_files = tls.init(work / "tls", hosts=["127.0.0.1", "localhost"])  # HTTPS and MQTT over TLS
         if scn.server.broker == "private":
-            broker = start_private_broker(work)
+            broker = start_private_broker(work, tls_files)
             mqtt_url = broker.url
         else:
             mqtt_url = scn.server.broker
         database = Database(scn.server.database, work)
-        server = ServerProcess(scn, work, keys_dir=keys.directory, database_url=database.url,
-                               mqtt_url=mqtt_url).start()
+        server = ServerProcess(scn, work, keys_dir=keys.directory, database_url=database.url, broker=broker,
+                               mqtt_url=mqtt_url, tls_files=tls_files).start()
+        ca_file = str(tls_files.ca_cert)
         progress(f"server {server.url} (pid {server.proc.pid if server.proc else '?'}), broker {mqtt_url}, "
                  f"database {scn.server.database}")
         with server.admin() as admin:
@@ -231,10 +234,10 @@ def run_scenario(scn: Scenario, *, json_out: Path | None = None, keep: bool = Fa
             token = r.json()["token"]
         if scn.fleet.processes > 1:
             fleet = ShardedFleet(scn, server_url=server.url, keys=keys, state_root=state_root,
-                                 processes=scn.fleet.processes)
+                                 processes=scn.fleet.processes, ca_file=ca_file)
             sim_pids = [os.getpid(), *fleet.pids]
         else:
-            fleet = Fleet(scn, server_url=server.url, keys=keys, state_root=state_root)
+            fleet = Fleet(scn, server_url=server.url, keys=keys, state_root=state_root, ca_file=ca_file)
             sim_pids = [os.getpid()]
         enroll_s = fleet.enroll_and_boot(token)
         progress(f"{scn.fleet.devices} devices enrolled and booted in {enroll_s:.1f} s "

@@ -1,4 +1,4 @@
-"""An in-process stand-in for ``device_agent.supervisor.Supervisor``: the real worker logic, no processes.
+"""An in-process ``device_agent.supervisor.WorkerSupervisor``: the real worker logic, no processes.
 
 1,000 worker processes (one per device, ~60 MB each with onnxruntime) do not fit on a small machine, so
 each simulated device gets a :class:`SimWorker` instead: a handle on a real
@@ -8,17 +8,18 @@ list) and variant. Everything a device does to its own files is still done per d
 each file of *its* slot against the verified sha256 (unless the agent says it has just verified them, as
 with the real supervisor), the golden vectors run on *its* golden file, input statistics are its own.
 
-Crashes are injected through :meth:`InProcessSupervisor.crash`, which takes exactly the path a dead worker
-process takes in the real supervisor: the serving worker is gone (calls fail with ``code="crash"``), the
-crash is counted and reported through ``on_crash`` (the agent's callback), and the worker is restarted
-after a capped exponential backoff with jitter.
+Everything but starting a worker is the real supervisor's code (``device_agent.supervisor.SupervisorBase``):
+standby, load, self-test, promotion and restarts. Crashes are injected through
+:meth:`InProcessSupervisor.crash`, which takes exactly the path a dead worker process takes in the real
+supervisor: the serving worker is gone (calls fail with ``code="crash"``), the crash is counted and
+reported through ``on_crash`` (the agent's callback), and the worker is restarted after a capped
+exponential backoff with jitter.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
-import random
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 
 from device_agent.errors import WorkerError
 from device_agent.store import BundleRef
+from device_agent.supervisor import SupervisorBase
 from device_agent.worker import Worker
 
 _PIDS = itertools.count(100_000)
@@ -134,145 +136,26 @@ class SimWorker:
         self._alive = False
 
 
-class InProcessSupervisor:
-    """Implements the interface of ``device_agent.supervisor.Supervisor`` with :class:`SimWorker` handles."""
+class InProcessSupervisor(SupervisorBase):
+    """The real supervisor logic over :class:`SimWorker` handles sharing one :class:`SessionCache`."""
 
     def __init__(self, bundles_dir: Path, cache: SessionCache, *, threads: int = 1, max_input_dims: int = 128,
                  restart_backoff_max_s: float = 30.0,
                  on_crash: Callable[[BundleRef | None, WorkerError], None] | None = None) -> None:
-        self.bundles_dir = bundles_dir
+        super().__init__(bundles_dir, threads=threads, start_timeout_s=60.0,
+                         restart_backoff_max_s=restart_backoff_max_s, max_input_dims=max_input_dims,
+                         on_crash=on_crash)
         self.cache = cache
-        self.threads = threads
-        self.max_input_dims = max_input_dims
-        self.restart_backoff_max_s = restart_backoff_max_s
-        self.on_crash = on_crash
-        self._lock = threading.RLock()
-        self.serving: SimWorker | None = None
-        self.standby: SimWorker | None = None
-        self.loading: SimWorker | None = None
-        self.crashes = 0
-        self.restarts = 0
-        self._consecutive = 0
-        self._closed = False
 
-    # ---- the Supervisor interface --------------------------------------------------------------------
-    def warm(self, runtime_hint: str | None = None) -> None:
-        with self._lock:
-            if self.standby is None or not self.standby.alive():
-                self.standby = SimWorker(self.cache)
+    def _spawn(self, runtime_hint: str | None = None) -> SimWorker:
+        return SimWorker(self.cache)
 
-    def _load(self, proc: SimWorker, ref: BundleRef, rehash: bool = True) -> dict[str, Any]:
-        msg = {"op": "load", "dir": str(self.bundles_dir / ref.slot), "variant": ref.variant, "rehash": rehash,
-               "files": {rel: (f.length, f.sha256) for rel, f in ref.files.items()}, "threads": self.threads,
-               "ident": ref.ident(), "max_input_dims": self.max_input_dims}
-        answer = proc.call(msg, 60.0)
-        if not answer.get("ok"):
-            raise WorkerError(f"worker cannot load {ref.name} {ref.version}: {answer.get('message')}",
-                              code=str(answer.get("error")))
-        proc.ref = ref
-        return answer
-
-    def prepare(self, ref: BundleRef, *, rehash: bool = True) -> tuple[SimWorker, dict[str, Any]]:
-        with self._lock:
-            proc = self.standby if self.standby is not None and self.standby.alive() else None
-            self.standby = None
-        proc = proc or SimWorker(self.cache)
-        self.loading = proc
-        try:
-            return proc, self._load(proc, ref, rehash)
-        except BaseException:
-            self.loading = None
-            proc.stop()
-            raise
-
-    def selftest(self, proc: SimWorker) -> dict[str, Any]:
-        try:
-            answer = proc.call({"op": "selftest"}, 60.0)
-        except WorkerError:
-            self.loading = None
-            proc.stop()
-            raise
-        if not answer.get("ok"):
-            self.loading = None
-            proc.stop()
-            raise WorkerError(f"golden vectors failed: {answer.get('message')}", code=str(answer.get("error")))
-        return answer
-
-    def promote(self, proc: SimWorker) -> None:
-        with self._lock:
-            old, self.serving = self.serving, proc
-            self._consecutive = 0
-            if self.loading is proc:
-                self.loading = None
-        if old is not None and old is not proc:
-            old.stop()
-
-    def serve(self, ref: BundleRef | None) -> None:
-        if ref is None:
-            with self._lock:
-                old, self.serving = self.serving, None
-            if old is not None:
-                old.stop()
-            return
-        proc, _ = self.prepare(ref)
-        self.promote(proc)
-
-    def call(self, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
-        proc = self.serving
-        if proc is None:
-            raise WorkerError("no model is being served yet", code="no_model")
-        return proc.call(msg, timeout)
-
-    def ping(self, timeout: float = 5.0) -> bool:
-        try:
-            return bool(self.call({"op": "ping"}, timeout).get("ok"))
-        except WorkerError:
-            return False
-
-    def status(self) -> dict[str, Any]:
-        s, st, ld = self.serving, self.standby, self.loading
-        return {"pid": s.pid if s else None, "alive": bool(s and s.alive()), "standby_pid": st.pid if st else None,
-                "loading_pid": ld.pid if ld else None, "crashes": self.crashes, "restarts": self.restarts}
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            procs = [p for p in (self.serving, self.standby, self.loading) if p is not None]
-            self.serving = self.standby = self.loading = None
-        for p in procs:
-            p.stop()
-
-    # ---- crashes -----------------------------------------------------------------------------------------
     def crash(self, signal: int = 11) -> bool:
         """Kill the serving worker as a segfault would; False when nothing was serving."""
         with self._lock:
             proc = self.serving
-            if proc is None or not proc.alive() or self._closed:
+            if not isinstance(proc, SimWorker) or not proc.alive() or self._closed:
                 return False
             proc.die()
-            self.crashes += 1
-            self._consecutive += 1
-            attempt = self._consecutive
-        err = WorkerError(f"inference worker {proc.pid} died", exitcode=-signal, code="crash")
-        if self.on_crash is not None:
-            self.on_crash(proc.ref, err)
-        delay = min(self.restart_backoff_max_s, 0.2 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-        timer = threading.Timer(delay, self._restart, args=(proc,))
-        timer.daemon = True
-        timer.start()
+        self._exited(proc, -signal)
         return True
-
-    def _restart(self, dead: SimWorker) -> None:
-        with self._lock:
-            if self.serving is not dead or self._closed or dead.ref is None:
-                return  # replaced meanwhile (rollback, new activation) or shutting down
-        try:
-            proc, _ = self.prepare(dead.ref)
-        except WorkerError:
-            return
-        with self._lock:
-            if self.serving is not dead:
-                proc.stop()
-                return
-            self.serving = proc
-            self.restarts += 1

@@ -15,7 +15,7 @@ device_id = "kiosk-1"
 hardware_id = "rpi4"
 state_dir = "/var/lib/edgepack-agent"
 [server]
-url = "http://s:8080"
+url = "https://s:8080"
 [trust]
 image_root = "root.json"
 director_root = "/etc/edgepack/director-root.json"
@@ -37,7 +37,7 @@ def test_good_config(tmp_path: Path) -> None:
     (("[trial]\nperiod_s = 10", "[trial]\nperiod_s = -1"), "must not be negative"),
     (("[trial]\nperiod_s = 10", '[trial]\nperiod_s = "ten"'), "must be float"),
     (('device_id = "kiosk-1"', 'device_id = "../etc"'), "device_id must match"),
-    (('url = "http://s:8080"', 'url = "s:8080"'), "must start with http"),
+    (('url = "https://s:8080"', 'url = "s:8080"'), "must start with http"),
     (('[trust]\nimage_root = "root.json"', "[trusted]"), "unknown top-level key"),
     (('state_dir = "/var/lib/edgepack-agent"', ""), "`state_dir` is required"),
     (("[trial]", "[api]\nlisten = \"nowhere\"\n[trial]"), "HOST:PORT or unix:"),

@@ -1,8 +1,10 @@
-"""The full cycle against the real update server (uvicorn, SQLite) and a real Mosquitto.
+"""The full cycle against the real update server (uvicorn, SQLite, HTTPS) and a real Mosquitto (TLS, dynamic
+security).
 
-Enroll with the real CLI, run ``edgepack-agent run`` as a process, roll out 1.0.0 then 1.1.0 with the
-server's rollouts, and end with a committed 1.1.0 serving predictions; the server's inventory and its
-telemetry ingestion must agree with the device.
+Enroll with the real CLI (the device gets its credential and its broker account), run ``edgepack-agent run``
+as a process pinned to the local CA, roll out 1.0.0 then 1.1.0 with the server's rollouts, and end with a
+committed 1.1.0 serving predictions; the server's inventory and its telemetry ingestion must agree with the
+device.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ def test_full_cycle_against_the_real_server(keys: KeyStore, tmp_path: Path, priv
         v: make_digits_bundle(keys, tmp_path / f"digits-{v}.edgepack", version=v, release_counter=rc)
         for v, rc in (("1.0.0", 1), ("1.1.0", 2))}
     live = start_server(keys=keys, data_dir=tmp_path / "server", db_url=f"sqlite:///{tmp_path / 'server.db'}",
-                        mqtt_url=private_broker.url)
+                        broker=private_broker, tls_files=private_broker.tls_files)
+    assert live.url.startswith("https://")
     agent: AgentProcess | None = None
     try:
         for info in bundles.values():
@@ -56,7 +59,7 @@ def test_full_cycle_against_the_real_server(keys: KeyStore, tmp_path: Path, priv
         config = tmp_path / "agent.toml"
         config.write_text(toml_dumps({
             "device_id": device, "hardware_id": HARDWARE, "state_dir": str(tmp_path / "state"),
-            "server": {"url": live.url, "poll_interval_s": 2},
+            "server": {"url": live.url, "poll_interval_s": 2, "ca_file": str(live.ca_file)},
             "trust": {"image_root": str(keys.root_path), "director_root": str(keys.director_root_path)},
             "api": {"listen": api}, "trial": {"period_s": 1.0, "health_interval_s": 0.3},
             "telemetry": {"window_s": 1.0}}))
@@ -65,6 +68,8 @@ def test_full_cycle_against_the_real_server(keys: KeyStore, tmp_path: Path, priv
                                 capture_output=True, text=True, timeout=60)
         assert enroll.returncode == 0, enroll.stderr
         assert (tmp_path / "state" / "credential").stat().st_mode & 0o077 == 0
+        assert (tmp_path / "state" / "mqtt-password").stat().st_mode & 0o077 == 0
+        assert "password" not in (tmp_path / "state" / "enrollment.json").read_text()
         agent = AgentProcess(config, api, tmp_path / "agent.log").start()
         images, labels = digits_data()
         with live.admin as admin:

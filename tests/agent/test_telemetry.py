@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -61,14 +62,29 @@ def test_window_figures() -> None:
     assert w.take(now)["requests"] == 0
 
 
-class Collector:
-    """A subscriber with a persistent session that records every telemetry message it receives."""
+def device_account(broker: Mosquitto, device_id: str = DEVICE, account_prefix: str = "") -> dict[str, Any]:
+    """Create the device's broker account (what enrollment does on a real server); the [mqtt] config that
+    uses it, over TLS pinned to the broker's CA."""
+    accounts = broker.accounts(account_prefix=account_prefix)
+    try:
+        account = accounts.add_device(device_id, f"epm_{uuid.uuid4().hex}")
+    finally:
+        accounts.stop()
+    return {"url": broker.url, "username": account.username, "password": account.password,
+            "client_id": account.client_id, "ca_file": str(broker.ca_file)}
 
-    def __init__(self, port: int) -> None:
+
+class Collector:
+    """The server's ingest account (its shared subscription, the only telemetry read it may do) with a
+    persistent session, recording every telemetry message it receives."""
+
+    def __init__(self, broker: Mosquitto) -> None:
         self.messages: list[dict[str, Any]] = []
         self.connected = threading.Event()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-collector",
                                   protocol=mqtt.MQTTv5)
+        self.client.username_pw_set("edgepack-ingest", broker.ingest_password)
+        self.client.tls_set(ca_certs=str(broker.ca_file))
         self.client.on_connect = self._on_connect
         self.client.on_message = lambda c, u, m: self.messages.append(json.loads(m.payload))
         self.client.on_disconnect = lambda *a: self.connected.clear()
@@ -78,12 +94,12 @@ class Collector:
 
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600
-        self.client.connect_async("127.0.0.1", port, 10, clean_start=False, properties=props)
+        self.client.connect_async("127.0.0.1", broker.port, 10, clean_start=False, properties=props)
         self.client.loop_start()
         assert self.connected.wait(10)
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        client.subscribe("edgepack/v1/devices/+/telemetry/#", qos=1)
+        client.subscribe("$share/edgepack-server/edgepack/v1/devices/+/telemetry/#", qos=1)
         self.connected.set()
 
     def close(self) -> None:
@@ -98,8 +114,9 @@ def test_broker_outage_and_agent_restart_lose_nothing_and_duplicate_nothing(
         tmp_path: Path) -> None:
     bundle("1.0.0", 1)
     fake_server.assign(DEVICE, HARDWARE, "digits", "1.0.0", rollout_id="r-1")
-    collector = Collector(private_broker.port)
-    agent = agent_process(mqtt={"url": private_broker.url}, telemetry={"window_s": 1.0},
+    mqtt_config = device_account(private_broker)  # also sets up the ingest account the collector uses
+    collector = Collector(private_broker)
+    agent = agent_process(mqtt=mqtt_config, telemetry={"window_s": 1.0},
                           trial={"period_s": 0.5}).start()
     images, labels = digits_data()
 
@@ -150,11 +167,17 @@ def test_broker_outage_and_agent_restart_lose_nothing_and_duplicate_nothing(
 
 
 @pytest.mark.mqtt
-def test_notify_triggers_an_immediate_check_in(system_broker: str, fake_server: FakeUpdateServer,
+def test_notify_triggers_an_immediate_check_in(session_broker: Mosquitto, fake_server: FakeUpdateServer,
                                                bundle: Callable, make_agent: Callable, agent_config: Callable) -> None:
+    from update_server.broker.acl import notify_password
+
     bundle("1.0.0", 1)
-    publisher = MqttPublisher(system_broker, DEVICE)
-    agent: Agent = make_agent(agent_config(mqtt={"url": system_broker}), publisher=publisher)
+    prefix = f"n{uuid.uuid4().hex[:6]}-"
+    mqtt_config = device_account(session_broker, account_prefix=prefix)
+    publisher = MqttPublisher(mqtt_config["url"], DEVICE, username=mqtt_config["username"],
+                              password=mqtt_config["password"], client_id=mqtt_config["client_id"],
+                              ca_file=mqtt_config["ca_file"])
+    agent: Agent = make_agent(agent_config(mqtt=mqtt_config), publisher=publisher)
     drive(agent)  # first check-in: nothing assigned yet
     assert agent.record.active is None
     deadline = time.monotonic() + 10
@@ -163,9 +186,10 @@ def test_notify_triggers_an_immediate_check_in(system_broker: str, fake_server: 
     thread = threading.Thread(target=agent.run, daemon=True)
     thread.start()
     fake_server.assign(DEVICE, HARDWARE, "digits", "1.0.0")
-    notifier = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    host, port = system_broker.rsplit("/", 1)[-1].split(":")
-    notifier.connect(host, int(port))
+    notifier = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)  # as the server's notifier
+    notifier.username_pw_set(f"{prefix}edgepack-notify", notify_password(session_broker.admin_password))
+    notifier.tls_set(ca_certs=str(session_broker.ca_file))
+    notifier.connect("127.0.0.1", session_broker.port)
     notifier.loop_start()
     notifier.publish(f"edgepack/v1/devices/{DEVICE}/notify", json.dumps(
         {"schema": "edgepack.notify.v1", "type": "checkin", "reason": "assignment_changed",

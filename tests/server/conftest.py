@@ -63,6 +63,10 @@ class LiveServer:
     url: str
     token: str
     prefix: str
+    broker: Any = None
+    """The broker it ingests from (``services.Mosquitto``), or None."""
+    ca_file: Path | None = None
+    """The CA of its HTTPS certificate; None for plain HTTP on loopback."""
 
     @property
     def ctx(self) -> Any:
@@ -70,7 +74,8 @@ class LiveServer:
 
     @property
     def admin(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=60)
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=60,
+                            verify=str(self.ca_file) if self.ca_file else True)
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -78,8 +83,11 @@ class LiveServer:
 
 
 def start_server(*, keys: KeyStore, data_dir: Path, db_url: str, mqtt_url: str = "", prefix: str = "",
-                 **overrides: Any) -> LiveServer:
-    """Start a server; ``overrides`` are Settings fields."""
+                 broker: Any = None, account_prefix: str = "", tls_files: Any = None, **overrides: Any) -> LiveServer:
+    """Start a server; ``overrides`` are Settings fields. With ``broker`` (a ``services.Mosquitto``) it uses
+    the broker's TLS and accounts (dynamic security), its own accounts prefixed with ``account_prefix``
+    (default: unique), so servers sharing a broker stay apart. With ``tls_files`` (``edgepack.tls``) it
+    serves HTTPS with their server certificate."""
     import uvicorn
 
     from update_server.app import create_app
@@ -93,9 +101,16 @@ def start_server(*, keys: KeyStore, data_dir: Path, db_url: str, mqtt_url: str =
         mqtt_topic_prefix=prefix or "edgepack/v1/devices", mqtt_share_group=f"g-{uuid.uuid4().hex[:8]}",
         mqtt_client_id=f"srv-{uuid.uuid4().hex[:8]}", gate_interval_s=0.2, default_min_soak_s=0,
         default_min_devices=1, poll_interval_s=1)
+    if broker is not None:
+        values.update(broker.server_settings(account_prefix=account_prefix or f"t{uuid.uuid4().hex[:8]}-"))
+    ssl: dict[str, Any] = {}
+    if tls_files is not None:
+        values.update(tls_cert=tls_files.cert("server"), tls_key=tls_files.key("server"))
+        ssl = {"ssl_certfile": str(tls_files.cert("server")), "ssl_keyfile": str(tls_files.key("server"))}
     settings = Settings(**{**values, **overrides})
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
+                                           **ssl))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -106,7 +121,9 @@ def start_server(*, keys: KeyStore, data_dir: Path, db_url: str, mqtt_url: str =
     with app.state.ctx.sessions() as session, session.begin():
         _, token = create_api_token(session, name="test-admin", role=Role.ADMIN, actor="tests",
                                     now=datetime.now(timezone.utc))
-    live = LiveServer(app, server, thread, f"http://127.0.0.1:{port}", token, settings.mqtt_topic_prefix)
+    scheme = "https" if tls_files is not None else "http"
+    live = LiveServer(app, server, thread, f"{scheme}://127.0.0.1:{port}", token, settings.mqtt_topic_prefix, broker,
+                      tls_files.ca_cert if tls_files is not None else None)
     ingester = getattr(app.state, "ingester", None)
     if ingester is not None and not ingester.connected.wait(10):
         raise RuntimeError("the ingester did not connect to the broker")
@@ -135,9 +152,10 @@ def server(db_url: str, make_server: Callable[..., LiveServer]) -> LiveServer:
 
 
 @pytest.fixture
-def mqtt_server(db_url: str, system_broker: str, make_server: Callable[..., LiveServer]) -> LiveServer:
-    """A live server ingesting from the machine's Mosquitto, on a topic prefix of its own."""
-    return make_server(db_url, mqtt_url=system_broker, prefix=f"edgepack-test-{uuid.uuid4().hex[:8]}/v1/devices")
+def mqtt_server(db_url: str, session_broker: Any, make_server: Callable[..., LiveServer]) -> LiveServer:
+    """A live server ingesting from this worker's broker (TLS, dynamic security; devices get accounts at
+    enrollment), on a topic prefix and account prefix of its own."""
+    return make_server(db_url, broker=session_broker, prefix=f"edgepack-test-{uuid.uuid4().hex[:8]}/v1/devices")
 
 
 def push(live: LiveServer, bundle: BundleInfo | Path) -> httpx.Response:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import typer
 from typer.testing import CliRunner
@@ -72,8 +73,9 @@ def test_server_cli_create_token(tmp_path: Path, session_keys: object) -> None:
     assert settings.default_phases == (5.0, 100.0) and settings.data_dir == tmp_path / "data2"
 
 
-def test_ingest_only_replica(tmp_path: Path, session_keys: KeyStore, system_broker: str) -> None:
-    """`edgepack-server ingest` is a replica without HTTP: it consumes its share of the telemetry."""
+def test_ingest_only_replica(tmp_path: Path, session_keys: KeyStore, session_broker: Any) -> None:
+    """`edgepack-server ingest` is a replica without HTTP: it consumes its share of the telemetry, with only
+    the ingest account (no admin password), over TLS."""
     import os
     import subprocess
     import sys
@@ -85,21 +87,31 @@ def test_ingest_only_replica(tmp_path: Path, session_keys: KeyStore, system_brok
     from tests.server.sim import Publisher
     from update_server.models import TelemetrySeen
 
-    prefix = f"edgepack-ingest-{uuid.uuid4().hex[:8]}/v1/devices"
+    prefix, group = f"edgepack-ingest-{uuid.uuid4().hex[:8]}/v1/devices", f"g-{uuid.uuid4().hex[:6]}"
+    account_prefix = f"ing{uuid.uuid4().hex[:6]}-"
+    # the serving replica's part: the ingest account and the device's account exist on the broker
+    accounts = session_broker.accounts(account_prefix=account_prefix, mqtt_topic_prefix=prefix,
+                                       mqtt_share_group=group)
+    device = SimDevice("http://unused", "ing-1")
+    account = accounts.add_device("ing-1", "device-password-1")
+    device.mqtt = {"username": account.username, "password": account.password, "client_id": account.client_id}
+    accounts.stop()
+    ingest = session_broker.server_settings(account_prefix=account_prefix)
     db = tmp_path / "ingest.db"
     env = {**os.environ, "EDGEPACK_DATA_DIR": str(tmp_path / "data"), "EDGEPACK_DATABASE_URL": f"sqlite:///{db}",
-           "EDGEPACK_KEYS_DIR": str(session_keys.directory / "online"), "EDGEPACK_MQTT_URL": system_broker,
+           "EDGEPACK_KEYS_DIR": str(session_keys.directory / "online"), "EDGEPACK_MQTT_URL": ingest["mqtt_url"],
+           "EDGEPACK_MQTT_CA_FILE": str(ingest["mqtt_ca_file"]), "EDGEPACK_MQTT_USERNAME": ingest["mqtt_username"],
+           "EDGEPACK_MQTT_PASSWORD": ingest["mqtt_password"], "EDGEPACK_BROKER_AUTH": "dynsec",
            "EDGEPACK_MQTT_TOPIC_PREFIX": prefix, "EDGEPACK_MQTT_CLIENT_ID": f"ingest-{uuid.uuid4().hex[:6]}",
-           "EDGEPACK_MQTT_SHARE_GROUP": f"g-{uuid.uuid4().hex[:6]}"}
+           "EDGEPACK_MQTT_SHARE_GROUP": group}
     proc = subprocess.Popen([sys.executable, "-m", "update_server.cli", "ingest", "--log-level", "warning"], env=env)
-    pub = Publisher(system_broker, prefix)
+    pub = Publisher(session_broker, prefix)
     engine = None
     try:
         deadline = time.monotonic() + 60
         while not db.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(2)  # subscribed by now (the process migrated, then connected)
-        device = SimDevice("http://unused", "ing-1")
         device.active = {"name": "digits", "version": "1.0.0", "release_counter": 1, "variant": "onnx-fp32"}
         for _ in range(5):
             pub.window(device)

@@ -16,12 +16,12 @@ def _count(server: LiveServer, name: str) -> int:
     return int(server.ctx.counters.snapshot().get(name, 0))
 
 
-def test_bad_messages_are_counted_and_dropped(mqtt_server: LiveServer, system_broker: str) -> None:
+def test_bad_messages_are_counted_and_dropped(mqtt_server: LiveServer) -> None:
     server = mqtt_server
     device = SimDevice(server.url, "tele-1")
     device.enroll(enrollment_token(server))
     device.active = {"name": "digits", "version": "1.0.0", "release_counter": 1, "variant": "onnx-fp32"}
-    pub = Publisher(system_broker, server.prefix)
+    pub = Publisher(server.broker, server.prefix, [device])
     topic = f"{server.prefix}/tele-1/telemetry/window"
     try:
         pub.publish(topic, b"{not json")

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -20,9 +21,9 @@ pytestmark = [pytest.mark.postgres, pytest.mark.mqtt, pytest.mark.slow]
 
 
 def test_database_stopped_and_restarted_under_load(private_postgres: PrivatePostgres,
-                                                   make_server: Callable[..., LiveServer], system_broker: str) -> None:
+                                                   make_server: Callable[..., LiveServer], session_broker: Any) -> None:
     prefix = f"edgepack-outage-{uuid.uuid4().hex[:8]}/v1/devices"
-    server = make_server(private_postgres.url, mqtt_url=system_broker, prefix=prefix)
+    server = make_server(private_postgres.url, broker=session_broker, prefix=prefix)
     token = enrollment_token(server, uses=10)
     devices = [SimDevice(server.url, f"o-{i}") for i in range(4)]
     for d in devices:
@@ -48,7 +49,7 @@ def test_database_stopped_and_restarted_under_load(private_postgres: PrivatePost
 
     worker = threading.Thread(target=load)
     worker.start()
-    pub = Publisher(system_broker, prefix)
+    pub = Publisher(session_broker, prefix, devices)
     try:
         wait_for(lambda: statuses[200] > 20, what="check-ins before the outage")
         private_postgres.stop()

@@ -46,11 +46,11 @@ def _actions(server: LiveServer, rollout_id: str) -> Counter[str]:
         return Counter(e["action"] for e in client.get(f"/api/v1/rollouts/{rollout_id}/audit").json())
 
 
-def test_two_replicas_one_rollout(pg_url: str, make_server: Callable[..., LiveServer], system_broker: str,
+def test_two_replicas_one_rollout(pg_url: str, make_server: Callable[..., LiveServer], session_broker: Any,
                                   digits_bundles: dict, session_keys: KeyStore, tmp_path: Any) -> None:
     prefix, group = f"edgepack-rep-{uuid.uuid4().hex[:8]}/v1/devices", f"g-{uuid.uuid4().hex[:8]}"
-    shared = dict(mqtt_url=system_broker, prefix=prefix, mqtt_share_group=group, data_dir=tmp_path / "shared",
-                  gate_interval_s=0.05)
+    shared = dict(broker=session_broker, account_prefix=f"rep{uuid.uuid4().hex[:6]}-", prefix=prefix,
+                  mqtt_share_group=group, data_dir=tmp_path / "shared", gate_interval_s=0.05)
     a = make_server(pg_url, **shared)
     b = make_server(pg_url, **shared)
     assert push(a, digits_bundles["1.0.0"]).status_code == 201
@@ -81,7 +81,7 @@ def test_two_replicas_one_rollout(pg_url: str, make_server: Callable[..., LiveSe
     assert _actions(a, rid)["rollout.advance"] == 1
 
     # 2. telemetry split between replicas; a crash halts and rolls back exactly once
-    pub = Publisher(system_broker, prefix)
+    pub = Publisher(session_broker, prefix, devices)
     try:
         before = [s.ctx.counters.snapshot().get("telemetry_ingested", 0) for s in (a, b)]
         for d in devices:

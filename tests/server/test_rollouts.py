@@ -6,9 +6,6 @@ rollout advances, completes, or halts and rolls back on what the devices report.
 
 from __future__ import annotations
 
-import json
-import threading
-import uuid
 from typing import Any
 
 from tuf.api.metadata import Metadata, Root  # noqa: F401 - documents what director-root.json is
@@ -18,37 +15,6 @@ from tests.server.conftest import LiveServer, enrollment_token, push, wait_for
 from tests.server.sim import Publisher, SimDevice, expected_phases
 
 OLD = {"name": "digits", "version": "1.0.0", "release_counter": 1, "variant": "onnx-fp32"}
-
-
-class NoticeListener:
-    """Collects the device ids that received a check-in-now notice."""
-
-    def __init__(self, broker_url: str, prefix: str) -> None:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-
-        host, port = broker_url.split("://", 1)[-1].rsplit(":", 1)
-        self.notified: set[str] = set()
-        self.lock = threading.Lock()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"listen-{uuid.uuid4().hex[:8]}",
-                                  protocol=mqtt.MQTTv5)
-        self.client.on_message = self._on_message
-        ready = threading.Event()
-        self.client.on_subscribe = lambda *a: ready.set()
-        self.client.connect(host, int(port))
-        self.client.subscribe(f"{prefix}/+/notify", qos=1)
-        self.client.loop_start()
-        assert ready.wait(10)
-
-    def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
-        body = json.loads(msg.payload)
-        assert body["schema"] == "edgepack.notify.v1" and body["type"] == "checkin"
-        with self.lock:
-            self.notified.add(msg.topic.split("/")[-2])
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def _fleet(server: LiveServer, n: int, prefix: str = "kiosk") -> list[SimDevice]:
@@ -87,13 +53,12 @@ def _step(devices: list[SimDevice], pub: Publisher, director_root: bytes, target
 
 
 def test_rollout_driven_through_all_phases_by_telemetry(mqtt_server: LiveServer, digits_bundles: dict,
-                                                        session_keys: KeyStore, system_broker: str) -> None:
+                                                        session_keys: KeyStore) -> None:
     server = mqtt_server
     assert push(server, digits_bundles["1.0.0"]).status_code == 201
     assert push(server, digits_bundles["1.1.0"]).status_code == 201
     devices = _fleet(server, 24)
-    listener = NoticeListener(system_broker, server.prefix)
-    pub = Publisher(system_broker, server.prefix)
+    pub = Publisher(server.broker, server.prefix, devices)  # each device on its own account, notify subscribed
     director_root = session_keys.director_root_path.read_bytes()
     with server.admin as client:
         r = client.post("/api/v1/rollouts", json={
@@ -109,15 +74,14 @@ def test_rollout_driven_through_all_phases_by_telemetry(mqtt_server: LiveServer,
             return _status(server, rollout_id)["state"] == "completed"
 
         wait_for(done, timeout=120, interval=0.2, what="the rollout to complete")
+        wait_for(lambda: pub.notified >= committed, timeout=10, what="notices")
     finally:
         pub.close()
-        listener.close()
     status = _status(server, rollout_id)
     assert [p["status"] for p in status["phases"]] == ["done"] * 4
     assert status["target"]["devices_reporting"] == 24
     assert all(d.active["version"] == "1.1.0" for d in devices)
     assert committed == {d.device_id for d in devices}
-    wait_for(lambda: listener.notified >= committed, timeout=10, what="notices")
     entries = _audit(server, rollout_id)
     actions = [(e["action"], e["actor"]) for e in entries]
     assert [a for a, _ in actions[:2]] == ["rollout.create", "rollout.start"]
@@ -137,14 +101,13 @@ def test_rollout_driven_through_all_phases_by_telemetry(mqtt_server: LiveServer,
 
 
 def test_crash_in_first_cohort_halts_and_rolls_back(mqtt_server: LiveServer, digits_bundles: dict,
-                                                    session_keys: KeyStore, system_broker: str) -> None:
+                                                    session_keys: KeyStore) -> None:
     server = mqtt_server
     assert push(server, digits_bundles["1.0.0"]).status_code == 201
     assert push(server, digits_bundles["1.1.0"]).status_code == 201
     devices = _fleet(server, 12, prefix="crashy")
     director_root = session_keys.director_root_path.read_bytes()
-    pub = Publisher(system_broker, server.prefix)
-    listener = NoticeListener(system_broker, server.prefix)
+    pub = Publisher(server.broker, server.prefix, devices)
     with server.admin as client:
         r = client.post("/api/v1/rollouts", json={
             "bundle": {"name": "digits", "version": "1.1.0"}, "phases": [40, 100], "min_soak_s": 3600,
@@ -160,7 +123,7 @@ def test_crash_in_first_cohort_halts_and_rolls_back(mqtt_server: LiveServer, dig
         assert _status(server, rollout_id)["state"] == "running"
         pub.event(first[0], "crash", detail={"signal": 11, "phase": "serving"})
         wait_for(lambda: _status(server, rollout_id)["state"] == "rolled_back", timeout=30, what="halt")
-        wait_for(lambda: listener.notified >= committed, timeout=10, what="rollback notices")
+        wait_for(lambda: pub.notified >= committed, timeout=10, what="rollback notices")
         for d in first:
             a = d.sync(director_root)
             assert a is not None and a.bundle["version"] == "1.0.0" and a.info["reason"] == "rollback"
@@ -170,7 +133,6 @@ def test_crash_in_first_cohort_halts_and_rolls_back(mqtt_server: LiveServer, dig
             assert a is None  # never got the new version, nothing changes for them
     finally:
         pub.close()
-        listener.close()
     status = _status(server, rollout_id)
     assert status["halt"]["breached"][0]["name"] == "crash_rate"
     assert status["halt"]["breached"][0]["value"] > 0.05

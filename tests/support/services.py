@@ -1,7 +1,10 @@
 """Real services for tests: PostgreSQL databases and Mosquitto brokers.
 
 In CI (``CI`` set) a missing service is a failure, never a skip: ``.ci/run`` lists what must be running.
-Tests that stop or restart a broker start their own ``mosquitto`` on a free port (:class:`Mosquitto`).
+Brokers are the product's own launcher (``edgepack._local.MosquittoBroker``): dynamic security, TLS with a
+local CA, persistence. Each xdist worker shares one such broker between its tests (``session_broker``;
+servers keep their accounts apart with an account prefix and their topics with a topic prefix); tests that
+stop or restart a broker start their own (:class:`Mosquitto`).
 """
 
 from __future__ import annotations
@@ -9,15 +12,16 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from edgepack._local import MosquittoBroker
 
 PG_ADMIN_URL = os.environ.get("EDGEPACK_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 SYSTEM_BROKER = os.environ.get("EDGEPACK_TEST_MQTT", "127.0.0.1:1883")
@@ -49,55 +53,21 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-class Mosquitto:
-    """A private mosquitto broker on a free port, which tests may stop and start again."""
+class Mosquitto(MosquittoBroker):
+    """A private mosquitto (``edgepack._local.MosquittoBroker``: dynamic security and TLS by default) in a
+    temporary directory, on free ports; tests may stop and start it again (same ports, same state)."""
 
-    def __init__(self, port: int | None = None, persistence: bool = True) -> None:
-        self.binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.port = port or free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="mosq-"))
-        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true",
-                 "max_queued_messages 1000000", "max_inflight_messages 0"]
-        if persistence:
-            lines += ["persistence true", f"persistence_location {self.dir}/"]
-        self.conf = self.dir / "mosquitto.conf"
-        self.conf.write_text("\n".join(lines) + "\n")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def start(self) -> Mosquitto:
-        if not os.path.exists(self.binary):
+    def __init__(self, *, persistence: bool = True, auth: str = "dynsec", tls: bool = True,
+                 plain_listener: bool = False) -> None:
+        if shutil.which("mosquitto") is None and not os.path.exists("/usr/sbin/mosquitto"):
             service_missing("the mosquitto binary")
-        self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not port_open("127.0.0.1", self.port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mosquitto did not start on port {self.port}")
-            time.sleep(0.05)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        super().__init__(Path(tempfile.mkdtemp(prefix="mosq-")), auth=auth, tls=tls, persistence=persistence,
+                         plain_listener=plain_listener)
 
 
 @contextmanager
-def mosquitto(persistence: bool = True) -> Iterator[Mosquitto]:
-    broker = Mosquitto(persistence=persistence).start()
+def mosquitto(**options: Any) -> Iterator[Mosquitto]:
+    broker = Mosquitto(**options).start()
     try:
         yield broker
     finally:

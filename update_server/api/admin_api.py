@@ -122,6 +122,13 @@ def patch_device(device_id: str, body: DevicePatch, ctx: CtxDep, token: Operator
     return devices.device_view(device)
 
 
+@router.post("/devices/{device_id}/revoke", tags=["devices"])
+def revoke_device(device_id: str, ctx: CtxDep, token: Operator, body: ActionRequest | None = None) -> dict[str, Any]:
+    """Revoke a device: credential and broker account deleted at once (it is disconnected). Idempotent."""
+    device = devices.revoke_device(ctx, device_id, actor=actor(token), reason=(body.reason if body else ""))
+    return devices.device_view(device)
+
+
 @router.post("/admin/enrollment-tokens", status_code=201, tags=["devices"])
 def create_enrollment_token(body: EnrollmentTokenCreate, ctx: CtxDep, token: Operator) -> dict[str, Any]:
     from datetime import timedelta

@@ -17,11 +17,13 @@ router = APIRouter(prefix="/api/v1/devices", tags=["device"])
 @router.post("/enroll", status_code=201)
 def enroll(body: EnrollRequest, ctx: CtxDep) -> dict[str, Any]:
     """Trade a one-time enrollment token for this device's own credential."""
-    device, credential = devices.enroll(ctx, body.model_dump())
+    device, credential, account = devices.enroll(ctx, body.model_dump())
     s = ctx.settings
-    return {"device_id": device.id, "credential": credential,
-            "mqtt": {"url": s.mqtt_public_url or s.mqtt_url or None,
-                     "topic_prefix": f"{s.mqtt_topic_prefix}/{device.id}"},
+    mqtt: dict[str, Any] = {"url": s.mqtt_public_url or s.mqtt_url or None,
+                            "topic_prefix": f"{s.mqtt_topic_prefix}/{device.id}"}
+    if account is not None:
+        mqtt.update(username=account.username, password=account.password, client_id=account.client_id)
+    return {"device_id": device.id, "credential": credential, "mqtt": mqtt,
             "image_repo_url": f"{s.effective_public_url}/tuf/image/", "poll_interval_s": s.poll_interval_s}
 
 

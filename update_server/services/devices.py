@@ -17,48 +17,104 @@ from sqlalchemy import JSON, Table, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from bundles.director import sign_assignment
+from update_server.broker import BrokerAdminError, DeviceAccount
+from update_server.broker.passwords import PasswordHash
 from update_server.context import ServerContext
-from update_server.errors import Conflict, Forbidden, NotFound, Unauthorized
+from update_server.errors import Conflict, Forbidden, NotFound, Unauthorized, Unavailable
 from update_server.models import Bundle, Device, EnrollmentToken, UTCDateTime
-from update_server.security import DEVICE_PREFIX, digest, new_secret
+from update_server.security import DEVICE_PREFIX, MQTT_PREFIX, digest, new_secret
 from update_server.services.common import audit, lock
 from update_server.services.membership import join_rollouts
 
 log = logging.getLogger(__name__)
 
 
-def enroll(ctx: ServerContext, req: Mapping[str, Any]) -> tuple[Device, str]:
-    """Trade an enrollment token for a device credential (shown once, stored as a digest)."""
+def enroll(ctx: ServerContext, req: Mapping[str, Any]) -> tuple[Device, str, DeviceAccount | None]:
+    """Trade an enrollment token for a device credential (shown once, stored as a digest) and, when the server
+    manages broker accounts, a broker account (password shown once, its PBKDF2 hash stored).
+
+    All or nothing: the broker account is created inside the database transaction, so a broker error refuses
+    the enrollment and rolls everything back (the token keeps its use); if the commit fails after the broker
+    created the account, the account is removed again. A retry re-creates it from scratch."""
+    now = ctx.clock()
+    device_id = str(req["device_id"])
+    account: DeviceAccount | None = None
+    try:
+        with ctx.sessions() as session, session.begin():
+            lock(session, "rollouts")  # a concurrent rollout creation must see this device, or it must see that
+            token = session.scalars(select(EnrollmentToken).where(
+                EnrollmentToken.token_hash == digest(str(req["enrollment_token"]))).with_for_update()).first()
+            if token is None or token.uses_left < 1 or token.expires_at <= now:
+                raise Unauthorized("unknown, used or expired enrollment token; ask an operator for a new one "
+                                   "(`edgepack enroll-token create`)", code="bad_enrollment_token")
+            existing = session.get(Device, device_id)
+            if existing is not None:
+                if existing.revoked_at is not None:
+                    raise Conflict(f"device id {device_id!r} was revoked; enroll the replacement under a new id",
+                                   code="device_revoked")
+                raise Conflict(f"device id {device_id!r} is taken; choose another id", code="device_exists")
+            token.uses_left -= 1
+            credential = new_secret(DEVICE_PREFIX)
+            device = Device(id=device_id, hardware_id=str(req["hardware_id"]), credential_hash=digest(credential),
+                            group_name=token.group_name, tags={**dict(req.get("tags") or {}), **token.tags},
+                            platform=req.get("platform"), agent_version=req.get("agent_version"),
+                            runtimes=dict(req.get("runtimes") or {}), enrolled_at=now, last_seen_at=now,
+                            desired_reason="none", desired_seq=0, signed_seq=-1, assignment_version=0)
+            session.add(device)
+            session.flush()
+            join_rollouts(session, device, now)
+            audit(session, now=now, actor=f"enrollment:{token.id}", action="device.enroll", subject=device_id,
+                  detail={"hardware_id": device.hardware_id, "group": device.group_name, "tags": device.tags})
+            if ctx.broker is not None:  # last: everything above may still refuse the enrollment
+                password = new_secret(MQTT_PREFIX)
+                try:
+                    account = ctx.broker.add_device(device_id, password)
+                except BrokerAdminError as exc:
+                    raise Unavailable(f"the broker did not create the device's account, so nothing was enrolled "
+                                      f"(the token was not used); retry: {exc}", code="broker_unavailable") from exc
+                if account is not None:
+                    device.mqtt_password_hash = PasswordHash.of(password).password_file_entry()
+    except BaseException:
+        if account is not None and ctx.broker is not None:  # the commit failed after the broker said yes
+            try:
+                ctx.broker.remove_device(device_id)
+            except BrokerAdminError:
+                log.warning("enrollment of %s failed and its broker account could not be removed; a retry "
+                            "replaces it", device_id)
+        raise
+    return device, credential, account
+
+
+def revoke_device(ctx: ServerContext, device_id: str, *, actor: str, reason: str = "") -> Device:
+    """Revoke a device: its HTTP credential stops working, its broker account is deleted (which disconnects
+    it), it leaves no way back in under this id. Idempotent: revoking again re-applies the broker side, which
+    is how a revocation whose broker step failed (503, the database part done) is completed."""
     now = ctx.clock()
     with ctx.sessions() as session, session.begin():
-        lock(session, "rollouts")  # a concurrent rollout creation must see this device, or it must see that
-        token = session.scalars(select(EnrollmentToken).where(
-            EnrollmentToken.token_hash == digest(str(req["enrollment_token"]))).with_for_update()).first()
-        if token is None or token.uses_left < 1 or token.expires_at <= now:
-            raise Unauthorized("unknown, used or expired enrollment token; ask an operator for a new one "
-                               "(`edgepack enroll-token create`)", code="bad_enrollment_token")
-        device_id = str(req["device_id"])
-        if session.get(Device, device_id) is not None:
-            raise Conflict(f"device id {device_id!r} is taken; choose another id", code="device_exists")
-        token.uses_left -= 1
-        credential = new_secret(DEVICE_PREFIX)
-        device = Device(id=device_id, hardware_id=str(req["hardware_id"]), credential_hash=digest(credential),
-                        group_name=token.group_name, tags={**dict(req.get("tags") or {}), **token.tags},
-                        platform=req.get("platform"), agent_version=req.get("agent_version"),
-                        runtimes=dict(req.get("runtimes") or {}), enrolled_at=now, last_seen_at=now,
-                        desired_reason="none", desired_seq=0, signed_seq=-1, assignment_version=0)
-        session.add(device)
-        session.flush()
-        join_rollouts(session, device, now)
-        audit(session, now=now, actor=f"enrollment:{token.id}", action="device.enroll", subject=device_id,
-              detail={"hardware_id": device.hardware_id, "group": device.group_name, "tags": device.tags})
-    return device, credential
+        device = session.scalars(select(Device).where(Device.id == device_id).with_for_update()).first()
+        if device is None:
+            raise NotFound(f"no device {device_id!r}")
+        if device.revoked_at is None:
+            device.revoked_at = now
+            device.credential_hash = digest(new_secret("revoked_"))  # the old credential matches nothing now
+            device.mqtt_password_hash = None
+            audit(session, now=now, actor=actor, action="device.revoke", subject=device_id, reason=reason)
+    if ctx.broker is not None:
+        try:
+            ctx.broker.remove_device(device_id)
+        except BrokerAdminError as exc:
+            raise Unavailable(f"device {device_id!r} is revoked on the server (its credential no longer works), "
+                              f"but the broker did not remove its account: {exc}. Revoke it again once the broker "
+                              "answers (revoking is idempotent)", code="broker_unavailable") from exc
+    return device
 
 
 def _auth_failure(session: Session, credential_hash: str, device_id: str) -> Exception:
     other = session.scalar(select(Device.id).where(Device.credential_hash == credential_hash))
     if other is not None and other != device_id:
         return Forbidden("this credential belongs to another device; a device reads only its own assignment")
+    if session.scalar(select(Device.revoked_at).where(Device.id == device_id)) is not None:
+        return Unauthorized(f"device {device_id!r} was revoked by an operator", code="device_revoked")
     return Unauthorized("invalid device credential; re-enroll the device")
 
 
@@ -270,6 +326,7 @@ def device_view(device: Device, bundles: Mapping[int, Bundle] | None = None) -> 
                                                   "reason": device.desired_reason,
                                                   "rollout_id": device.desired_rollout_id},
         "enrolled_at": device.enrolled_at.isoformat(),
+        "revoked_at": device.revoked_at.isoformat() if device.revoked_at else None,
         "last_seen_at": device.last_seen_at.isoformat() if device.last_seen_at else None,
     }
 

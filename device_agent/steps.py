@@ -1,0 +1,433 @@
+"""The update machine's steps: one handler per state, each one idempotent step returning an :class:`Outcome`.
+
+A handler reads the persisted record it is given, acts on the device (network, files, workers) and says
+what happened: the :class:`~device_agent.states.Event` (the next state is a table lookup), the typed
+:class:`~device_agent.store.Change` to the record, the telemetry events to emit once that record is on
+disk, and optionally when to check in next (a backoff). It never persists anything itself: the driver
+(:class:`device_agent.machine.Agent`) does, before the next step runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from tuf.api.metadata import Root
+
+from device_agent import AGENT_VERSION
+from device_agent.clock import Clock, iso
+from device_agent.config import AgentConfig
+from device_agent.errors import AgentError, ServerError, TransportError, UpdateRefused, WorkerError
+from device_agent.fetcher import cached, download_target, target_url
+from device_agent.inbox import Inbox
+from device_agent.server import ServerClient
+from device_agent.states import Event, State
+from device_agent.store import BundleRef, Change, Pending, StateRecord, Store, slot_name
+from device_agent.supervisor import WorkerHandle, WorkerSupervisor
+from device_agent.telemetry import WindowStats
+from device_agent.transport import Deadline, Transport
+from device_agent.update import (
+    ImageRepository,
+    accept_assignment,
+    check_assignment,
+    choose_variant,
+    target_file,
+    translated,
+)
+
+log = logging.getLogger("edgepack-agent")
+
+Emit = tuple[str, dict[str, Any] | None, dict[str, Any]]
+"""A telemetry event ``(name, target, detail)``."""
+
+
+@dataclass
+class Outcome:
+    event: Event
+    change: Change = field(default_factory=Change)
+    events: list[Emit] = field(default_factory=list)
+    """Telemetry events to emit once the new record is persisted."""
+    retry_in: float | None = None
+    """Seconds until the next check-in (a backoff); None: the usual schedule."""
+
+
+def platform_name() -> str:
+    import platform
+
+    return f"{platform.system().lower()}-{platform.machine()}"
+
+
+class UpdateSteps:
+    """The handlers of :data:`device_agent.states.TRANSITIONS`'s states, and the check-in schedule."""
+
+    def __init__(self, config: AgentConfig, *, clock: Clock, store: Store, image: ImageRepository,
+                 server: ServerClient, transport: Transport, credential: str | None, director_root: Root,
+                 runtimes: dict[str, str], supervisor: WorkerSupervisor, inbox: Inbox, stop_flag: threading.Event,
+                 window: WindowStats, poll_interval_s: float) -> None:
+        self.config = config
+        self.clock = clock
+        self.store = store
+        self.image = image
+        self.server = server
+        self.transport = transport
+        self.credential = credential
+        self.director_root = director_root
+        self.runtimes = runtimes
+        self.supervisor = supervisor
+        self.inbox = inbox
+        self.stop_flag = stop_flag
+        self.window = window
+        self.poll_interval_s = poll_interval_s
+        self.next_checkin = 0.0
+        """Monotonic time of the next check-in (0: at once)."""
+        self.failures = 0
+        """Consecutive failed check-ins (their backoff)."""
+        self.heartbeat = clock.monotonic()
+        """Last time the acting thread showed progress (systemd's watchdog reads it)."""
+        self.storage_error: dict[str, Any] | None = None
+        """Set by the driver while the state file cannot be written; reported at check-in instead."""
+        self.timings: dict[str, float] = {}
+        self._standby: WorkerHandle | None = None
+        self._activation_t0: float | None = None
+        self._verified_slot: str | None = None
+        self.handlers = {State.IDLE: self._idle, State.DOWNLOADING: self._downloading,
+                         State.VERIFYING: self._verifying, State.SELFTEST: self._selftest,
+                         State.ACTIVATING: self._activating, State.TRIAL: self._trial,
+                         State.COMMITTING: self._committing, State.ROLLING_BACK: self._rolling_back}
+
+    def run(self, rec: StateRecord) -> Outcome | None:
+        """The step of ``rec.state``; None when it was interrupted (stop) and nothing changed."""
+        self.heartbeat = self.clock.monotonic()
+        return self.handlers[rec.state](rec)
+
+    def ready(self, rec: StateRecord) -> bool:
+        """True when the step of ``rec.state`` would act at once instead of waiting."""
+        now = self.clock.monotonic()
+        if rec.state is State.IDLE:
+            return self.next_checkin <= now or self.inbox.has("notify")
+        if rec.state is State.TRIAL:
+            p = rec.pending
+            if p is None or p.trial_started_at is None:
+                return True
+            end = datetime.fromisoformat(p.trial_started_at) + timedelta(seconds=self.config.trial.period_s)
+            return self.clock.now() >= end or self.inbox.has("crash")
+        return True
+
+    # ---- waiting -----------------------------------------------------------------------------------------
+    def backoff(self) -> float:
+        lim = self.config.limits
+        delay: float = min(lim.backoff_max_s, lim.backoff_initial_s * 2.0 ** max(0, self.failures - 1))
+        return delay * random.uniform(0.5, 1)
+
+    def _pause(self) -> None:
+        if self.config.debug.step_delay_s:
+            self.clock.wait(self.stop_flag, self.config.debug.step_delay_s)
+
+    # ---- IDLE: check in ----------------------------------------------------------------------------------
+    def _idle(self, rec: StateRecord) -> Outcome | None:
+        self.inbox.drain("crash")  # the supervisor restarts a crashed worker; in IDLE a crash decides nothing
+        wait = self.next_checkin - self.clock.monotonic()
+        while wait > 0:
+            note = self.inbox.wait(wait)
+            self.heartbeat = self.clock.monotonic()
+            if note is None:
+                break
+            if note[0] == "stop":
+                return None
+            if note[0] == "notify":
+                log.info("server asked for a check-in")
+                break
+            wait = self.next_checkin - self.clock.monotonic()
+        outcome = self._check_in(rec)
+        self.next_checkin = self.clock.monotonic() + self.poll_interval_s
+        return outcome
+
+    def checkin_body(self, rec: StateRecord) -> dict[str, Any]:
+        active = rec.active
+        return {"agent_version": AGENT_VERSION, "platform": platform_name(),
+                "runtimes": {k: v.split(" ")[-1] for k, v in self.runtimes.items()},
+                "state": rec.state.value, "active": active.ident() if active else None,
+                "last_error": self.storage_error or rec.last_error}
+
+    def _check_in(self, rec: StateRecord) -> Outcome:
+        assert self.credential is not None
+        try:
+            answer = self.server.checkin(self.config.device_id, self.credential, self.checkin_body(rec))
+        except (TransportError, ServerError) as exc:
+            self.failures += 1
+            log.warning("check-in failed (%s); retrying in a while", exc)
+            return Outcome(Event.RETRY, retry_in=self.backoff())
+        if answer.poll_interval_s:
+            self.poll_interval_s = answer.poll_interval_s
+        if answer.assignment is None:
+            self.failures = 0
+            return Outcome(Event.NO_CHANGE)
+        return self._consider(rec, answer.assignment)
+
+    def _refuse(self, rec: StateRecord, exc: AgentError, digest: str, event: str, target: dict[str, Any] | None,
+                assignment_version: int, phase: str) -> Outcome:
+        log.error("update refused (%s): %s", exc.code, exc.message)
+        bundle = [target["name"], target["version"]] if target else None
+        detail = {**exc.as_detail(), "phase": phase}
+        return Outcome(Event.NO_CHANGE if rec.state is State.IDLE else Event.FAILED,
+                       Change(refused={"digest": digest, "bundle": bundle, "assignment_version": assignment_version},
+                              pending=None, last_error=detail),
+                       [(event, target, detail)])
+
+    def _consider(self, rec: StateRecord, data: bytes) -> Outcome:
+        digest = hashlib.sha256(data).hexdigest()
+        refused = rec.refused or {}
+        if refused.get("digest") == digest:
+            return Outcome(Event.NO_CHANGE)
+        try:
+            a = check_assignment(self.director_root, data, device_id=self.config.device_id,
+                                 hardware_id=self.config.hardware_id, now=self.clock.now(),
+                                 last_version=rec.assignment_version)
+        except AgentError as exc:
+            return self._refuse(rec, exc, digest, "update_refused", None, rec.assignment_version, "assignment")
+        bundle = a.bundle
+        active = rec.active
+        if bundle is None or (active and (active.name, active.version) == (bundle["name"], bundle["version"])):
+            self.failures = 0
+            return Outcome(Event.NO_CHANGE, Change(assignment_version=a.version))
+        target = {"name": bundle["name"], "version": bundle["version"], "release_counter": bundle["release_counter"]}
+        if refused.get("bundle") == [target["name"], target["version"]] and a.version <= int(
+                refused.get("assignment_version", 0)):
+            return Outcome(Event.NO_CHANGE)
+        try:
+            accepted = accept_assignment(a, self.image)
+        except TransportError as exc:
+            self.failures += 1
+            log.warning("image repository unreachable (%s); retrying in a while", exc)
+            return Outcome(Event.RETRY, retry_in=self.backoff())
+        except AgentError as exc:
+            return self._refuse(rec, exc, digest, "verification_failed", target, a.version, "verify")
+        slot = slot_name(target["name"], target["version"], accepted.files)
+        self.store.prune({r.slot for r in (rec.active, rec.previous) if r} | {slot})
+        pending = Pending(target["name"], target["version"], int(target["release_counter"]), a.version, digest,
+                          a.info.get("rollout_id"), slot, accepted.files)
+        self.failures = 0
+        size = sum(f.length for f in accepted.files.values())
+        return Outcome(Event.ASSIGNMENT, Change(pending=pending, assignment_version=a.version),
+                       [("downloading", target, {"bytes": size, "files": len(accepted.files),
+                                                  "reason": a.info.get("reason")})])
+
+    # ---- DOWNLOADING ---------------------------------------------------------------------------------------
+    def _downloading(self, rec: StateRecord) -> Outcome:
+        p = rec.pending
+        assert p is not None
+        threading.Thread(target=self._warm, args=(rec,), daemon=True).start()
+        staging = self.store.staging_dir(p.slot)
+        if self.store.slot_dir(p.slot).exists() and not staging.exists():
+            return Outcome(Event.DOWNLOADED)  # moved into its slot before a restart: verification re-checks it
+        lim = self.config.limits
+        if sum(f.length for f in p.files.values()) > lim.max_bundle_bytes:
+            exc = UpdateRefused("bundle is larger than limits.max_bundle_bytes", code="too_large",
+                                detail={"limit": lim.max_bundle_bytes})
+            return self._fail_update(rec, exc, "verification_failed", "download")
+        deadline = Deadline(self.clock, lim.download_deadline_s, "bundle download")
+        t0 = time.perf_counter()
+        fetched = 0
+        delay = self.config.debug.step_delay_s
+
+        def on_chunk(n: int) -> None:
+            if delay:
+                self.clock.wait(self.stop_flag, delay)
+            if self.stop_flag.is_set():
+                raise TransportError("agent is stopping", code="stopping")
+            self.heartbeat = self.clock.monotonic()
+
+        try:
+            for rel, info in sorted(p.files.items()):
+                tf = target_file(p.name, p.version, rel, info)
+                dest = staging / rel
+                if cached(dest, tf):
+                    continue
+                url = target_url(self.image.targets_url, tf, hash_prefix=self.image.consistent_snapshot)
+                for attempt in range(1, lim.download_attempts + 1):
+                    try:
+                        with translated(f"download of {rel}"):
+                            download_target(self.transport, url, dest, tf, deadline,
+                                            socket_timeout_s=lim.socket_timeout_s,
+                                            chunk_bytes=self.config.debug.download_chunk_bytes, on_chunk=on_chunk)
+                        fetched += info.length
+                        break
+                    except UpdateRefused as exc:
+                        log.warning("download of %s was corrupt (attempt %d/%d): %s", rel, attempt,
+                                    lim.download_attempts, exc)
+                        if attempt == lim.download_attempts:
+                            raise
+        except TransportError as exc:
+            self.failures += 1
+            log.warning("download interrupted (%s); it resumes after a backoff", exc)
+            return Outcome(Event.RETRY, Change(pending=None, last_error={**exc.as_detail(), "phase": "download"}),
+                           retry_in=self.backoff())
+        except UpdateRefused as exc:
+            return self._fail_update(rec, exc, "verification_failed", "download")
+        self.timings["download_s"] = time.perf_counter() - t0
+        detail = {"bytes": fetched, "seconds": round(self.timings["download_s"], 3)}
+        return Outcome(Event.DOWNLOADED, events=[("downloaded", p.target(), detail)])
+
+    def _warm(self, rec: StateRecord) -> None:
+        active = rec.active
+        hint = active.runtime if active is not None else next(iter(self.runtimes), None)
+        try:
+            self.supervisor.warm(hint)
+        except WorkerError as exc:
+            log.warning("could not pre-start a worker: %s", exc)
+
+    def _fail_update(self, rec: StateRecord, exc: AgentError, event: str, phase: str) -> Outcome:
+        """Refuse the pending update: delete its files, remember the assignment, report ``event``."""
+        p = rec.pending
+        assert p is not None
+        for d in (self.store.staging_dir(p.slot), self.store.slot_dir(p.slot)):
+            shutil.rmtree(d, ignore_errors=True)
+        return self._refuse(rec, exc, p.assignment_digest, event, p.target(), p.assignment_version, phase)
+
+    # ---- VERIFYING -------------------------------------------------------------------------------------------
+    def _verifying(self, rec: StateRecord) -> Outcome:
+        from bundles.verify import verify_directory
+
+        p = rec.pending
+        assert p is not None
+        t0 = self._activation_t0 = time.perf_counter()
+        staging, slot_dir = self.store.staging_dir(p.slot), self.store.slot_dir(p.slot)
+        src = staging if staging.exists() else slot_dir
+        for leftover in src.rglob("*.part"):
+            leftover.unlink()
+        try:
+            with translated(f"{p.name} {p.version}"):
+                vb = verify_directory(src, self.image.targets, p.name, p.version, trust=self.image.trust,
+                                      hardware_id=self.config.hardware_id, agent_version=AGENT_VERSION)
+            signed = {rel: (t.length, t.hashes.get("sha256")) for rel, t in vb.files.items()}
+            if signed != {rel: (f.length, f.sha256) for rel, f in p.files.items()}:
+                raise UpdateRefused("the verified files differ from the assignment's (mix-and-match?)",
+                                    code="AssignmentError")
+            variant, why = choose_variant(vb.manifest, self.config.hardware_id, self.runtimes)
+        except AgentError as exc:
+            return self._fail_update(rec, exc, "verification_failed" if isinstance(exc, UpdateRefused)
+                                     else "install_failed", "verify")
+        if src is staging:
+            shutil.rmtree(slot_dir, ignore_errors=True)
+            staging.rename(slot_dir)
+        self._verified_slot = p.slot
+        log.info("variant for %s %s: %s", p.name, p.version, why)
+        self.timings["verify_s"] = time.perf_counter() - t0
+        return Outcome(Event.VERIFIED, Change(pending=replace(p, variant=variant.id, runtime=variant.runtime)),
+                       [("verified", p.target(), {"variant": variant.id, "runtime": variant.runtime, "why": why})])
+
+    # ---- SELFTEST --------------------------------------------------------------------------------------------
+    def _load_and_test(self, ref: BundleRef) -> WorkerHandle:
+        t0 = time.perf_counter()
+        # Files this process verified moments ago are not hashed twice; after a restart they are.
+        proc, load = self.supervisor.prepare(ref, rehash=self._verified_slot != ref.slot)
+        self._pause()
+        result = self.supervisor.selftest(proc)
+        self.timings.update(load_hash_ms=load["hash_ms"], session_ms=load["session_ms"],
+                            golden_ms=result["golden_ms"], selftest_s=time.perf_counter() - t0)
+        return proc
+
+    def _selftest(self, rec: StateRecord) -> Outcome:
+        p = rec.pending
+        assert p is not None
+        try:
+            self._standby = self._load_and_test(p.to_ref())
+        except WorkerError as exc:
+            events: list[Emit] = []
+            if exc.code == "crash":
+                self.window.crash()
+                events.append(("crash", p.target(), {**exc.as_detail(), "phase": "selftest"}))
+            out = self._fail_update(rec, exc, "selftest_failed", "selftest")
+            out.events[:0] = events
+            return out
+        return Outcome(Event.SELFTEST_PASSED, events=[("selftest_passed", p.target(), {
+            k: round(v, 3) for k, v in self.timings.items() if k in ("session_ms", "golden_ms", "load_hash_ms")})])
+
+    # ---- ACTIVATING --------------------------------------------------------------------------------------------
+    def _activating(self, rec: StateRecord) -> Outcome:
+        p = rec.pending
+        assert p is not None
+        ref = p.to_ref()
+        proc, self._standby = self._standby, None
+        self.inbox.drain("crash")  # crashes of the worker being replaced are not the new bundle's
+        try:
+            if proc is None or not proc.alive():
+                proc = self._load_and_test(ref)  # after a restart: the self-test runs again
+            self.supervisor.promote(proc)
+        except WorkerError as exc:
+            # Roll back to what served before this activation (the record still names it ``active``).
+            return Outcome(Event.FAILED, Change(previous=rec.active,
+                                                last_error={**exc.as_detail(), "phase": "activation"}))
+        old = rec.active
+        now = iso(self.clock.now())
+        if self._activation_t0 is not None:  # verification start -> new bundle serving (this process only)
+            self.timings["activation_s"] = time.perf_counter() - self._activation_t0
+            self._activation_t0 = None
+        timings = {k: round(v, 4) for k, v in self.timings.items()}
+        trial = replace(p, trial_started_at=now, boots={k: v for k, v in p.boots.items() if k != State.TRIAL.value})
+        return Outcome(Event.ACTIVATED, Change(active=ref, previous=old, rollout_id=p.rollout_id, pending=trial),
+                       [("activated", p.target(), {"from": old.ident() if old else None, "variant": ref.variant,
+                                                   "trial_s": self.config.trial.period_s, "timings": timings})])
+
+    # ---- TRIAL -------------------------------------------------------------------------------------------------
+    def _trial(self, rec: StateRecord) -> Outcome | None:
+        p = rec.pending
+        assert p is not None and p.trial_started_at is not None
+        cfg = self.config.trial
+        end = datetime.fromisoformat(p.trial_started_at) + timedelta(seconds=cfg.period_s)
+        crashes = 0
+        next_health = self.clock.monotonic() + cfg.health_interval_s
+        while True:
+            self.heartbeat = self.clock.monotonic()
+            left = (end - self.clock.now()).total_seconds()
+            if left <= 0:
+                return Outcome(Event.TRIAL_PASSED)
+            note = self.inbox.wait(min(left, max(0.05, next_health - self.clock.monotonic())))
+            if note is not None and note[0] == "stop":
+                return None
+            if note is not None and note[0] == "crash":
+                crashes += 1
+                if crashes > cfg.max_crashes:
+                    return self._trial_failed("crash", {**note[1], "crashes": crashes})
+            if self.clock.monotonic() >= next_health:
+                next_health = self.clock.monotonic() + cfg.health_interval_s
+                if not self.supervisor.ping(timeout=max(1.0, cfg.health_interval_s)):
+                    return self._trial_failed("health", {"message": "the worker failed its health check"})
+
+    def _trial_failed(self, reason: str, detail: dict[str, Any]) -> Outcome:
+        log.error("trial of the new bundle failed (%s): %s", reason, detail)
+        return Outcome(Event.TRIAL_FAILED, Change(last_error={"error": f"trial_{reason}", "phase": "trial", **detail}))
+
+    # ---- COMMITTING / ROLLING_BACK -----------------------------------------------------------------------------
+    def _committing(self, rec: StateRecord) -> Outcome:
+        assert rec.active is not None
+        self.store.prune({rec.active.slot})
+        target = rec.pending.target() if rec.pending else rec.active.ident()
+        return Outcome(Event.COMMITTED, Change(previous=None, pending=None, last_error=None),
+                       [("committed", target, {"variant": rec.active.variant})])
+
+    def _rolling_back(self, rec: StateRecord) -> Outcome:
+        p = rec.pending
+        failed = p.to_ref() if p is not None and p.variant else rec.active
+        back = rec.previous
+        try:
+            self.supervisor.serve(back)
+        except WorkerError as exc:
+            log.error("the previous bundle does not load either (%s); serving nothing", exc)
+            self.supervisor.serve(None)
+            back = None
+        self.store.prune({back.slot} if back else set())
+        reason = rec.last_error or {"error": "rollback"}
+        target = p.target() if p is not None else (failed.ident() if failed else None)
+        refused = {"digest": p.assignment_digest if p else "", "assignment_version": p.assignment_version if p else 0,
+                   "bundle": [p.name, p.version] if p else None}
+        return Outcome(Event.ROLLED_BACK, Change(active=back, previous=None, pending=None, refused=refused,
+                                                 rollout_id=rec.rollout_id if back is not None else None),
+                       [("rolled_back", target, {**reason, "to": back.ident() if back else None})])
