@@ -292,6 +292,20 @@ def verify_directory(
     return _finish(directory, signed, signed_targets.version, variant)
 
 
+def verified_manifest(directory: Path, targets: Metadata[Targets] | Targets, name: str, version: str) -> Manifest:
+    """Parse ``directory/manifest.json`` only after it matched its signed length and hash.
+
+    For a device that must read the manifest to know which variant, and so which files, it needs.
+    """
+    signed_targets = targets.signed if isinstance(targets, Metadata) else targets
+    signed = bundle_targets(signed_targets, name, version)
+    if MANIFEST not in signed:
+        raise MissingFileError("the signed metadata lists no manifest for this bundle",
+                               path=f"{name}/{version}/{MANIFEST}")
+    _verify_one(directory, MANIFEST, signed)
+    return Manifest.from_bytes((directory / MANIFEST).read_bytes())
+
+
 def _verify_one(directory: Path, rel: str, signed: Mapping[str, TargetFile]) -> None:
     path = directory / rel
     if path.is_symlink():

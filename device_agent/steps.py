@@ -17,14 +17,23 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from tuf.api.metadata import Root
 
+from bundles.verify import MANIFEST
 from device_agent import AGENT_VERSION
 from device_agent.clock import Clock, iso
 from device_agent.config import AgentConfig
-from device_agent.errors import AgentError, ServerError, TransportError, UpdateRefused, WorkerError
+from device_agent.errors import (
+    AgentError,
+    InstallFailed,
+    ServerError,
+    TransportError,
+    UpdateRefused,
+    WorkerError,
+)
 from device_agent.fetcher import cached, download_target, target_url
 from device_agent.inbox import Inbox
 from device_agent.server import ServerClient
@@ -228,10 +237,6 @@ class UpdateSteps:
         if self.store.slot_dir(p.slot).exists() and not staging.exists():
             return Outcome(Event.DOWNLOADED)  # moved into its slot before a restart: verification re-checks it
         lim = self.config.limits
-        if sum(f.length for f in p.files.values()) > lim.max_bundle_bytes:
-            exc = UpdateRefused("bundle is larger than limits.max_bundle_bytes", code="too_large",
-                                detail={"limit": lim.max_bundle_bytes})
-            return self._fail_update(rec, exc, "verification_failed", "download")
         deadline = Deadline(self.clock, lim.download_deadline_s, "bundle download")
         t0 = time.perf_counter()
         fetched = 0
@@ -244,14 +249,20 @@ class UpdateSteps:
                 raise TransportError("agent is stopping", code="stopping")
             self.heartbeat = self.clock.monotonic()
 
+        # Per-variant download: the manifest first (hash-checked like every file), then only the files of the
+        # variant this device will run plus the shared ones (bundles.verify.variant_files).
+        order = [MANIFEST] if MANIFEST in p.files else []
         try:
-            for rel, info in sorted(p.files.items()):
+            need: set[str] | None = None
+            while order:
+                rel = order.pop(0)
+                info = p.files[rel]
                 tf = target_file(p.name, p.version, rel, info)
                 dest = staging / rel
-                if cached(dest, tf):
-                    continue
                 url = target_url(self.image.targets_url, tf, hash_prefix=self.image.consistent_snapshot)
                 for attempt in range(1, lim.download_attempts + 1):
+                    if cached(dest, tf):
+                        break
                     try:
                         with translated(f"download of {rel}"):
                             download_target(self.transport, url, dest, tf, deadline,
@@ -264,6 +275,14 @@ class UpdateSteps:
                                     lim.download_attempts, exc)
                         if attempt == lim.download_attempts:
                             raise
+                if need is None:  # the manifest just arrived: which variant, which files
+                    need = self._variant_files(p, staging)
+                    size = sum(p.files[r].length for r in need)
+                    if size > lim.max_bundle_bytes:
+                        raise UpdateRefused("this device's files of the bundle are larger than "
+                                            "limits.max_bundle_bytes", code="too_large",
+                                            detail={"limit": lim.max_bundle_bytes, "bytes": size})
+                    order = sorted(need - {MANIFEST})
         except TransportError as exc:
             self.failures += 1
             log.warning("download interrupted (%s); it resumes after a backoff", exc)
@@ -271,9 +290,20 @@ class UpdateSteps:
                            retry_in=self.backoff())
         except UpdateRefused as exc:
             return self._fail_update(rec, exc, "verification_failed", "download")
+        except InstallFailed as exc:
+            return self._fail_update(rec, exc, "install_failed", "download")
         self.timings["download_s"] = time.perf_counter() - t0
         detail = {"bytes": fetched, "seconds": round(self.timings["download_s"], 3)}
         return Outcome(Event.DOWNLOADED, events=[("downloaded", p.target(), detail)])
+
+    def _variant_files(self, p: Pending, directory: Path) -> set[str]:
+        """Read the (hash-verified) manifest, choose this device's variant, return the files it needs."""
+        from bundles.verify import variant_files, verified_manifest
+
+        with translated(f"{p.name} {p.version}"):
+            manifest = verified_manifest(directory, self.image.targets, p.name, p.version)
+            variant, _ = choose_variant(manifest, self.config.hardware_id, self.runtimes)
+            return variant_files(manifest, p.files, variant.id)
 
     def _warm(self, rec: StateRecord) -> None:
         active = rec.active
@@ -293,7 +323,7 @@ class UpdateSteps:
 
     # ---- VERIFYING -------------------------------------------------------------------------------------------
     def _verifying(self, rec: StateRecord) -> Outcome:
-        from bundles.verify import verify_directory
+        from bundles.verify import variant_files, verified_manifest, verify_directory
 
         p = rec.pending
         assert p is not None
@@ -304,13 +334,17 @@ class UpdateSteps:
             leftover.unlink()
         try:
             with translated(f"{p.name} {p.version}"):
+                manifest = verified_manifest(src, self.image.targets, p.name, p.version)
+                variant, why = choose_variant(manifest, self.config.hardware_id, self.runtimes)
                 vb = verify_directory(src, self.image.targets, p.name, p.version, trust=self.image.trust,
-                                      hardware_id=self.config.hardware_id, agent_version=AGENT_VERSION)
+                                      hardware_id=self.config.hardware_id, agent_version=AGENT_VERSION,
+                                      variant=variant.id)
+            # full verification of the whole bundle, whatever this device downloaded of it
             signed = {rel: (t.length, t.hashes.get("sha256")) for rel, t in vb.files.items()}
             if signed != {rel: (f.length, f.sha256) for rel, f in p.files.items()}:
                 raise UpdateRefused("the verified files differ from the assignment's (mix-and-match?)",
                                     code="AssignmentError")
-            variant, why = choose_variant(vb.manifest, self.config.hardware_id, self.runtimes)
+            held = {rel: p.files[rel] for rel in variant_files(vb.manifest, p.files, variant.id)}
         except AgentError as exc:
             return self._fail_update(rec, exc, "verification_failed" if isinstance(exc, UpdateRefused)
                                      else "install_failed", "verify")
@@ -320,7 +354,9 @@ class UpdateSteps:
         self._verified_slot = p.slot
         log.info("variant for %s %s: %s", p.name, p.version, why)
         self.timings["verify_s"] = time.perf_counter() - t0
-        return Outcome(Event.VERIFIED, Change(pending=replace(p, variant=variant.id, runtime=variant.runtime)),
+        # from here on the bundle is the files this device holds: the worker re-hashes exactly these
+        return Outcome(Event.VERIFIED, Change(pending=replace(p, variant=variant.id, runtime=variant.runtime,
+                                                              files=held)),
                        [("verified", p.target(), {"variant": variant.id, "runtime": variant.runtime, "why": why})])
 
     # ---- SELFTEST --------------------------------------------------------------------------------------------
