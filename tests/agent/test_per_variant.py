@@ -34,7 +34,7 @@ def _two_variants(keys: KeyStore, bundle: Callable, fake_server: FakeUpdateServe
 def test_device_downloads_only_its_variant_and_serves_it(
         keys: KeyStore, fake_server: FakeUpdateServer, bundle: Callable, make_agent: Callable,
         tmp_path: Path) -> None:
-    info, pi_bytes = _two_variants(keys, bundle, fake_server, tmp_path)
+    _, pi_bytes = _two_variants(keys, bundle, fake_server, tmp_path)
     agent = make_agent()
     fake_server.assign(DEVICE, HARDWARE, "digits", "1.1.0", rollout_id="r-1")
     states = drive(agent)
