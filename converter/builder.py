@@ -124,7 +124,7 @@ def _build_variant(spec: BuildSpec, vid: str, loaded: LoadedModel, base: bytes |
             return ov.to_int8_static(base, work, cal, cal_ref[out_idx], options, out_idx)
         from converter.mixed_precision import gate_on
 
-        return ov.to_int8_dynamic(base, work, options, cal=cal, cal_ref=cal_ref[out_idx], output_index=out_idx,
+        return ov.to_int8_dynamic(base, work, options, cal=cal, output_index=out_idx,
                                   gate=gate_on(gate[1], spec.task, spec.metric, gate[0]))
     from converter import tflite_variants
 

@@ -114,9 +114,8 @@ def select(patterns: list[str], names: list[str]) -> list[str]:
     return chosen
 
 
-def search(base: bytes, work: Path, quantize: Any, cal: dict[str, np.ndarray], cal_ref: np.ndarray,
-           output_index: int, gate: Any, fp32_size: int, min_smaller_x: float, max_nodes: int
-           ) -> tuple[bytes, list[str], dict[str, Any]]:
+def search(base: bytes, work: Path, quantize: Any, cal: dict[str, np.ndarray], output_index: int, gate: Any,
+           fp32_size: int, min_smaller_x: float, max_nodes: int) -> tuple[bytes, list[str], dict[str, Any]]:
     """Smallest set of most-sensitive nodes in weight-only int8 whose model passes ``gate`` on calibration data.
 
     ``quantize(model_bytes, excluded_nodes) -> bytes`` builds the dynamic int8 model; ``gate(outputs,
@@ -136,7 +135,6 @@ def search(base: bytes, work: Path, quantize: Any, cal: dict[str, np.ndarray], c
     # The knob is quantization, so the search compares with this model's own fp32 outputs: for a student
     # that is its fp32 self, not the teacher (whose distance the quantizer cannot change).
     reference = outputs(base)
-    del cal_ref
     tries: list[dict[str, Any]] = []
     top = min(max_nodes, len(ranked))
     steps = sorted({0, *range(2, top + 1, 2), top})

@@ -250,7 +250,7 @@ def _dynamic(src_bytes: bytes, work: Path, options: dict[str, Any], exclude: lis
 
 
 def to_int8_dynamic(base: bytes, work: Path, options: dict[str, Any], *, cal: dict[str, np.ndarray] | None = None,
-                    cal_ref: np.ndarray | None = None, output_index: int = 0, gate: Any = None
+                    output_index: int = 0, gate: Any = None
                     ) -> tuple[bytes, dict[str, Any]]:
     """Dynamic int8 (weights int8, activations uint8 quantized per inference): for transformers.
 
@@ -272,11 +272,11 @@ def to_int8_dynamic(base: bytes, work: Path, options: dict[str, Any], *, cal: di
 
     names = mp.quantizable_matmuls(onnx.load_from_string(base))
     if choice == "auto":
-        if cal is None or cal_ref is None or gate is None:
+        if cal is None or gate is None:
             raise QuantizationError("weight_only_nodes = \"auto\" needs calibration data",
                                     variant="onnx-int8-dynamic", fix="give [calibration] samples")
         data, nodes, search = mp.search(
-            base, work, lambda model, nodes: _dynamic(model, work, options, nodes), cal, cal_ref, output_index,
+            base, work, lambda model, nodes: _dynamic(model, work, options, nodes), cal, output_index,
             gate, len(base), float(options.get("min_smaller_x", 3.5)), int(options.get("max_weight_only_nodes", 12)))
         info["weight_only_search"] = search
     else:

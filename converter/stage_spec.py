@@ -99,7 +99,6 @@ def parse_stage(section: str, table: Any, root: Path, base_checks: CheckSpec, ta
         derived = parse_checks({k: table[k] for k in check_keys}, task, metric, own_budget or budget)
         checks = CheckSpec(**{k: (_limit(table, k, None, -1.0, 1.0) if k in check_keys else getattr(derived, k))
                               for k in ("min_cosine", "p5_cosine", "nn_agreement", "class_budget")})
-    del base_checks
     keep = table.get("keep_layers")
     if keep is not None and (not isinstance(keep, list) or not keep
                              or not all(isinstance(i, int) and i >= 0 for i in keep)):
