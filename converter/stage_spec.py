@@ -71,8 +71,7 @@ def _num(table: dict[str, Any], section: str, key: str, default: float, lo: floa
     return value
 
 
-def parse_stage(section: str, table: Any, root: Path, base_checks: CheckSpec, task: str, metric: str,
-                budget: float) -> StageSpec:
+def parse_stage(section: str, table: Any, root: Path, task: str, metric: str, budget: float) -> StageSpec:
     """Validate ``[prune]`` or ``[distill]``; every message names the section and key."""
     from converter.spec import _limit, parse_checks, resolve_path
 
