@@ -87,16 +87,28 @@ def test_digits_build_is_deterministic(digits: dict[str, Any], tmp_path: Path) -
 
 
 def test_minilm_builds_within_goals(tmp_path: Path) -> None:
+    """The teacher's int8 with the calibration-chosen weight-only nodes meets the issue-14 goals on the named set.
+
+    The distilled student is left out here (training it is a benchmark's job, docs/benchmarks.md); the
+    stage itself is tested on a small torch model in test_stages.py.
+    """
     from rich.console import Console
 
     shutil.copytree(REPO / "examples" / "minilm", tmp_path / "ex",
                     ignore=shutil.ignore_patterns("out", "keys", "__pycache__"))
     console = Console(file=open(tmp_path / "log.txt", "w"), width=150)  # noqa: SIM115
-    report = run_build(tmp_path / "ex" / "edgepack.toml", console)
+    report = run_build(tmp_path / "ex" / "edgepack.toml", console,
+                       {"variants.build": ["onnx-fp32", "onnx-int8-dynamic"], "output.latency_runs": 20,
+                        "output.latency_rounds": 4})
     assert report["status"] == "ok", report["errors"]
+    assert report["metric"]["dataset"].startswith("minilm-heldout-200")
     int8 = variant(report, "onnx-int8-dynamic")
     assert int8["status"] == "shipped"
     assert int8["value"] >= 0.99             # mean cosine to the fp32 embeddings
-    assert int8["smaller_x"] >= 3.0
+    checks = {c["name"]: c for c in int8["checks"]}
+    assert checks["worst_cosine"]["passed"] and checks["worst_cosine"]["limit"] == 0.98
+    assert checks["nn_agreement"]["passed"] and checks["nn_agreement"]["limit"] == 0.9
+    assert int8["smaller_x"] >= 3.5
+    assert int8["quantization"]["weight_only_nodes"]     # sensitive nodes kept at fp32 activations
     runtimes = _verify_and_selftest(report, tmp_path / "ex" / "keys", tmp_path / "verified")
     assert runtimes == {"onnx-int8-dynamic": "onnxruntime", "onnx-fp32": "onnxruntime"}
