@@ -43,11 +43,33 @@ def run_example(spec: Path, tmp: Path) -> tuple[dict[str, Any], float]:
     if proc.returncode != 0:
         raise SystemExit(f"build of {spec} failed:\n{proc.stderr[-3000:]}")
     report = json.loads(proc.stdout)
+    report["bench_downloads"] = per_variant_downloads(Path(report["bundle"]["path"])) if report.get("bundle") else {}
     # CPU seconds of the build and its children (measurement processes included): unlike wall time, this
     # does not grow when other work shares the host's two cores.
     report["bench_cpu_seconds"] = round((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 1)
     report["bench_load_average"] = os.getloadavg()[0]
     return report, wall
+
+
+def per_variant_downloads(archive: Path) -> dict[str, dict[str, int]]:
+    """What a device of each profile downloads (bundles.verify.variant_files) against its model's size."""
+    import zipfile
+
+    from bundles.manifest import Manifest
+    from bundles.verify import variant_files
+
+    with zipfile.ZipFile(archive) as zf:
+        members = {i.filename: i.file_size for i in zf.infolist() if i.filename.startswith("targets/")}
+        prefix = next(m for m in members if m.endswith("/manifest.json")).rsplit("/", 1)[0] + "/"
+        manifest = Manifest.from_bytes(zf.read(prefix + "manifest.json"))
+    sizes = {m[len(prefix):]: n for m, n in members.items()}
+    out = {}
+    for profile, order in manifest.profiles.items():
+        vid = order[0]
+        need = variant_files(manifest, sizes, vid)
+        out[profile] = {"variant": vid, "bytes": sum(sizes[r] for r in need), "files": len(need),
+                        "model_bytes": sizes[manifest.variant(vid).file], "all_bytes": sum(sizes.values())}
+    return out
 
 
 def _metric(name: str, v: float | None) -> str:
@@ -154,6 +176,13 @@ def goals(reports: dict[str, tuple[dict[str, Any], float]]) -> list[str]:
     if st:
         out.append(f"| MiniLM student quality (reported) | mean cosine {st.get('value')}, worst "
                    f"{_check(st, 'worst_cosine')}, NN agreement {_check(st, 'nn_agreement')} | - |")
+    for label, r in (("digits", d), ("MiniLM", mm)):
+        for profile, dl in sorted((r.get("bench_downloads") or {}).items()):
+            ratio = dl["bytes"] / dl["model_bytes"]
+            goal = " (goal <= 1.1x)" if label == "MiniLM" else ""
+            out.append(f"| {label} {profile} device downloads only its variant{goal} | {dl['bytes']:,} bytes in "
+                       f"{dl['files']} files for the {dl['model_bytes']:,}-byte {dl['variant']} = {ratio:.3f}x "
+                       f"(whole bundle {dl['all_bytes']:,} bytes) | {ratio <= 1.1 if label == 'MiniLM' else '-'} |")
     for label, (r, wall) in (("digits", (d, dwall)), ("MiniLM", (mm, mwall))):
         cpu = r.get("bench_cpu_seconds")
         out.append(f"| {label} whole build <= 300 s | wall {wall:.1f} s (CPU {cpu} s, load average "
