@@ -86,10 +86,10 @@ def rename_graph(proto: Any, inputs: list[str], outputs: list[str]) -> None:
     """
     graph = proto.graph
     mapping: dict[str, str] = {}
-    for vi, new in zip(graph.input, inputs, strict=True):
-        mapping[vi.name] = new
-    for vi, new in zip(graph.output, outputs, strict=True):
-        mapping[vi.name] = new
+    for vi, name in zip(graph.input, inputs, strict=True):
+        mapping[vi.name] = name
+    for vi, name in zip(graph.output, outputs, strict=True):
+        mapping[vi.name] = name
     for i, init in enumerate(graph.initializer):
         mapping.setdefault(init.name, f"w{i}")
     counter = 0

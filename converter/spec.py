@@ -235,7 +235,7 @@ def parse_spec(raw: dict[str, Any], *, root: Path) -> BuildSpec:
     if unknown:
         raise SpecError(f"[variants] build lists unknown variants {unknown}; known: {list(VARIANT_IDS)}, "
                         f"each optionally prefixed with {sorted(p + '-' for p in PREFIXES)}")
-    stages = {sec: parse_stage(sec, raw[sec], root, task, metric, float(budget))
+    stages: dict[str, Any] = {sec: parse_stage(sec, raw[sec], root, task, metric, float(budget))
               for sec in ("prune", "distill") if sec in raw}
     for v in variants:
         prefix = split_variant(v)[0]

@@ -143,7 +143,7 @@ def keras_distill(teacher: Any, student: Any | None, stage: StageSpec, raw: np.n
 
     keras.utils.set_random_seed(stage.seed)
     derived = student is None
-    model = _keras_student(teacher, stage.width) if derived else student
+    model: Any = _keras_student(teacher, stage.width) if derived else student
     feats = featurize(raw)
     x = next(iter(feats.values()))
     soft = _keras_targets(teacher, feats)
@@ -225,7 +225,7 @@ def torch_prune(teacher: Any, stage: StageSpec, raw: np.ndarray, featurize: Feat
     zeros = sum(int((m.weight == 0).sum()) for m, _ in params)
     total = sum(m.weight.numel() for m, _ in params)
     for m, name in params:
-        prune.remove(m, name)
+        prune.remove(m, name)  # type: ignore[no-untyped-call]  # torch's prune module is untyped
     return module, {"method": "torch.nn.utils.prune.global_unstructured (L1), fine-tuned on the teacher's outputs",
                     "sparsity": round(zeros / total, 4), "pruned_tensors": len(params), "epochs": stage.epochs,
                     "final_loss": round(loss, 6), "samples": len(raw)}
@@ -273,7 +273,9 @@ def torch_distill(teacher: Any, student: Any | None, stage: StageSpec, raw: np.n
     else:
         how = stage.student or "given"
     loss = _torch_train(student, teacher, stage, raw, featurize, names, task)
-    count = lambda m: int(sum(p.numel() for p in m.parameters()))  # noqa: E731
+
+    def count(m: Any) -> int:
+        return int(sum(p.numel() for p in m.parameters()))
     return student, {"method": "distillation on the teacher's outputs (PyTorch, cosine loss for embeddings)",
                      "student": how, "teacher_params": count(teacher), "student_params": count(student),
                      "epochs": stage.epochs, "final_loss": round(loss, 6), "samples": len(raw)}
