@@ -90,14 +90,23 @@ def rename_graph(proto: Any, inputs: list[str], outputs: list[str]) -> None:
         mapping[vi.name] = name
     for vi, name in zip(graph.output, outputs, strict=True):
         mapping[vi.name] = name
-    for i, init in enumerate(graph.initializer):
-        mapping.setdefault(init.name, f"w{i}")
-    counter = 0
+    # tf2onnx stores small constant initializers in an order that varies between processes: number them by
+    # their first use in node order instead, and store them in that order
+    inits = {i.name for i in graph.initializer}
+    counter = used = 0
     for node in graph.node:
+        for inp in node.input:
+            if inp in inits and inp not in mapping:
+                mapping[inp] = f"w{used}"
+                used += 1
         for out in node.output:
             if out and out not in mapping:
                 mapping[out] = f"t{counter}"
                 counter += 1
+    for init in sorted(graph.initializer, key=lambda t: t.SerializeToString()):
+        if init.name not in mapping:  # unused: ordered by content
+            mapping[init.name] = f"w{used}"
+            used += 1
 
     def new(name: str) -> str:
         return mapping.get(name, name) if name else name
@@ -111,6 +120,12 @@ def rename_graph(proto: Any, inputs: list[str], outputs: list[str]) -> None:
             vi.name = new(vi.name)
     for init in graph.initializer:
         init.name = new(init.name)
+    ordered = sorted(graph.initializer, key=lambda t: int(t.name[1:]) if t.name[1:].isdigit() else -1)
+    copies = [type(t)() for t in ordered]
+    for dst, src in zip(copies, ordered, strict=True):
+        dst.CopyFrom(src)
+    del graph.initializer[:]
+    graph.initializer.extend(copies)
     for vi in [*graph.input, *graph.output]:
         dims = vi.type.tensor_type.shape.dim
         if dims and not dims[0].HasField("dim_value"):
