@@ -45,7 +45,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 # The example's real training settings (docs/benchmarks.md) shortened for CI: the behaviour under test is
 # the same (a pruned and a distilled model through the same gate, shipped when smaller and within budget).
-FAST = {"prune.epochs": 2, "distill.epochs": 25, "output.latency_runs": 40, "output.latency_rounds": 4}
+FAST = {"prune.epochs": 1, "distill.epochs": 20, "output.latency_runs": 40, "output.latency_rounds": 4}
 
 
 def test_digits_builds_verifies_and_golden_runs_on_onnxruntime_and_litert(digits: dict[str, Any]) -> None:
@@ -64,7 +64,7 @@ def test_digits_builds_verifies_and_golden_runs_on_onnxruntime_and_litert(digits
     student = variant(report, "student-tflite-int8")
     assert student["vs_base"]["variant"] == "tflite-int8" and student["vs_base"]["smaller_x"] >= 2.0
     assert report["stages"]["distill"]["student_params"] < report["stages"]["distill"]["teacher_params"] / 3
-    assert report["stages"]["prune"]["sparsity"] == 0.6
+    assert report["stages"]["prune"]["sparsity"] == pytest.approx(0.6, abs=0.01)
     # each Pi profile prefers the smallest tflite-int8-kind variant that passed the gate
     passing = [v for v in report["variants"] if v["id"].endswith("tflite-int8") and v["drop"] is not None
                and v["drop"] <= 0.005 and all(c["passed"] for c in v["checks"])]
@@ -97,9 +97,12 @@ def test_minilm_builds_within_goals(tmp_path: Path) -> None:
     shutil.copytree(REPO / "examples" / "minilm", tmp_path / "ex",
                     ignore=shutil.ignore_patterns("out", "keys", "__pycache__"))
     console = Console(file=open(tmp_path / "log.txt", "w"), width=150)  # noqa: SIM115
+    # the nodes the calibration search picks (docs/benchmarks.md), named here to keep the test short; the
+    # search itself is tested in test_mixed_precision.py
+    nodes = [r"layer\.[0-4]/intermediate/", r"layer\.[13]/output/dense", r"layer\.[345]/attention/self/value"]
     report = run_build(tmp_path / "ex" / "edgepack.toml", console,
                        {"variants.build": ["onnx-fp32", "onnx-int8-dynamic"], "output.latency_runs": 20,
-                        "output.latency_rounds": 4})
+                        "output.latency_rounds": 4, "variants.onnx-int8-dynamic.weight_only_nodes": nodes})
     assert report["status"] == "ok", report["errors"]
     assert report["metric"]["dataset"].startswith("minilm-heldout-200")
     int8 = variant(report, "onnx-int8-dynamic")
@@ -109,6 +112,6 @@ def test_minilm_builds_within_goals(tmp_path: Path) -> None:
     assert checks["worst_cosine"]["passed"] and checks["worst_cosine"]["limit"] == 0.98
     assert checks["nn_agreement"]["passed"] and checks["nn_agreement"]["limit"] == 0.9
     assert int8["smaller_x"] >= 3.5
-    assert int8["quantization"]["weight_only_nodes"]     # sensitive nodes kept at fp32 activations
+    assert len(int8["quantization"]["weight_only_nodes"]) == 10   # sensitive nodes kept at fp32 activations
     runtimes = _verify_and_selftest(report, tmp_path / "ex" / "keys", tmp_path / "verified")
     assert runtimes == {"onnx-int8-dynamic": "onnxruntime", "onnx-fp32": "onnxruntime"}
