@@ -18,6 +18,7 @@ from typing import Any
 import tomllib
 
 from converter.errors import SpecError
+from converter.metrics import CheckSpec
 from converter.profiles import BUILTIN_PROFILES, Profile, profile_from_dict
 
 VARIANT_IDS = (
@@ -85,6 +86,11 @@ class BuildSpec:
     keys_dir: Path | None
     out_dir: Path
     latency_runs: int
+    latency_rounds: int = 10
+    checks: CheckSpec = field(default_factory=CheckSpec)
+    evaluation_name: str | None = None
+    stages: dict[str, Any] = field(default_factory=dict)
+    """``prune`` / ``distill`` -> :class:`converter.stage_spec.StageSpec` (only the configured ones)."""
     strict: bool = False
     create_keys: bool = False
 
@@ -219,11 +225,23 @@ def parse_spec(raw: dict[str, Any], *, root: Path) -> BuildSpec:
     if not isinstance(budget, (int, float)) or budget < 0:
         raise SpecError(f"[evaluation] budget must be a number >= 0, found {budget!r}")
 
+    checks = parse_checks(ev, task, metric, float(budget))
+
     var_t = _table(raw, "variants")
     variants = tuple(var_t.get("build", ["onnx-fp32", "onnx-int8"]))
-    unknown = [v for v in variants if v not in VARIANT_IDS]
+    from converter.stage_spec import PREFIXES, parse_stage, split_variant
+
+    unknown = [v for v in variants if split_variant(v)[1] not in VARIANT_IDS]
     if unknown:
-        raise SpecError(f"[variants] build lists unknown variants {unknown}; known: {list(VARIANT_IDS)}")
+        raise SpecError(f"[variants] build lists unknown variants {unknown}; known: {list(VARIANT_IDS)}, "
+                        f"each optionally prefixed with {sorted(p + '-' for p in PREFIXES)}")
+    stages: dict[str, Any] = {sec: parse_stage(sec, raw[sec], root, task, metric, float(budget))
+              for sec in ("prune", "distill") if sec in raw}
+    for v in variants:
+        prefix = split_variant(v)[0]
+        if prefix and PREFIXES[prefix] not in stages:
+            raise SpecError(f"[variants] build lists {v!r} but there is no [{PREFIXES[prefix]}] section to make "
+                            f"the {prefix} model", fix=f"add [{PREFIXES[prefix]}] or drop {v!r}")
     if not variants:
         raise SpecError("[variants] build is empty", fix='list at least "onnx-fp32"')
     options = {k: dict(v) for k, v in var_t.items() if k != "build" and isinstance(v, dict)}
@@ -268,7 +286,38 @@ def parse_spec(raw: dict[str, Any], *, root: Path) -> BuildSpec:
         profiles=tuple(profiles),
         keys_dir=resolve_path(signing["keys"], root) if signing.get("keys") else None,
         out_dir=resolve_path(str(out.get("dir", "out")), root),
-        latency_runs=int(out.get("latency_runs", 50)),
+        latency_runs=int(out.get("latency_runs", 200)),
+        latency_rounds=int(out.get("latency_rounds", 10)),
         strict=bool(out.get("strict", False)),
         create_keys=bool(signing.get("create", False)),
+        checks=checks,
+        stages=stages,
+        evaluation_name=str(ev["name"]) if ev.get("name") else None,
+    )
+
+
+def _limit(table: dict[str, Any], key: str, default: float | None, lo: float, hi: float) -> float | None:
+    value = table.get(key, default)
+    if value is None or value is False:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise SpecError(f"[evaluation] {key} must be a number in [{lo}, {hi}] (or false to switch it off), "
+                        f"found {value!r}")
+    return float(value)
+
+
+def parse_checks(ev: dict[str, Any], task: str, metric: str, budget: float) -> CheckSpec:
+    """The task-matched checks of ``[evaluation]``, with defaults that follow the task.
+
+    Embeddings gated on cosine: the worst sample may lose at most twice the mean budget
+    (``min_cosine = 1 - 2 * budget``) and 90 % of the samples must keep their nearest neighbour.
+    Classifiers gated on accuracy or F1 with labels: no class may lose more than 5 points.
+    """
+    emb = task == "embedding" and metric == "cosine"
+    cls = task == "classification" and metric in ("accuracy", "f1")
+    return CheckSpec(
+        min_cosine=_limit(ev, "min_cosine", max(0.0, 1 - 2 * budget) if emb else None, -1.0, 1.0),
+        p5_cosine=_limit(ev, "p5_cosine", None, -1.0, 1.0),
+        nn_agreement=_limit(ev, "nn_agreement", 0.9 if emb else None, 0.0, 1.0),
+        class_budget=_limit(ev, "class_budget", 0.05 if cls else None, 0.0, 1.0),
     )

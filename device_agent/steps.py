@@ -17,10 +17,12 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from tuf.api.metadata import Root
 
+from bundles.verify import MANIFEST
 from device_agent import AGENT_VERSION
 from device_agent.clock import Clock, iso
 from device_agent.config import AgentConfig
@@ -344,14 +346,7 @@ class UpdateSteps:
         if self.store.slot_dir(p.slot).exists() and not staging.exists():
             return Outcome(Event.DOWNLOADED)  # moved into its slot before a restart: verification re-checks it
         lim = self.config.limits
-        total = sum(f.length for f in p.files.values())
-        if total > lim.max_bundle_bytes:
-            exc = UpdateRefused("bundle is larger than limits.max_bundle_bytes", code="too_large",
-                                detail={"limit": lim.max_bundle_bytes})
-            return self._fail_update(rec, exc, "verification_failed", "download")
-        refusal = self._check_space(rec, total)
-        if refusal is not None:
-            return refusal
+        total = sum(f.length for f in p.files.values())  # until the manifest says which files this device needs
         deadline = Deadline(self.clock, lim.download_deadline_s, "bundle download")
         if self.next_checkin < self.clock.monotonic():  # after a restart: the next check-in is one interval away
             self.next_checkin = self.clock.monotonic() + self.poll_interval_s
@@ -368,14 +363,20 @@ class UpdateSteps:
             if self.heartbeat >= self.next_checkin or self.inbox.take("notify") is not None:
                 self._check_in_while_downloading(rec)
 
+        # Per-variant download: the manifest first (hash-checked like every file), then only the files of the
+        # variant this device will run plus the shared ones (bundles.verify.variant_files).
+        order = [MANIFEST] if MANIFEST in p.files else []
         try:
-            for rel, info in sorted(p.files.items()):
+            need: set[str] | None = None
+            while order:
+                rel = order.pop(0)
+                info = p.files[rel]
                 tf = target_file(p.name, p.version, rel, info)
                 dest = staging / rel
-                if cached(dest, tf):
-                    continue
                 url = target_url(self.image.targets_url, tf, hash_prefix=self.image.consistent_snapshot)
                 for attempt in range(1, lim.download_attempts + 1):
+                    if cached(dest, tf):
+                        break
                     try:
                         with translated(f"download of {rel}"):
                             download_target(self.transport, url, dest, tf, deadline,
@@ -388,6 +389,18 @@ class UpdateSteps:
                                     lim.download_attempts, exc)
                         if attempt == lim.download_attempts:
                             raise
+                if need is None:  # the manifest just arrived: which variant, which files, do they fit
+                    need = self._variant_files(p, staging)
+                    total = sum(p.files[r].length for r in need)
+                    if total > lim.max_bundle_bytes:
+                        raise UpdateRefused("this device's files of the bundle are larger than "
+                                            "limits.max_bundle_bytes", code="too_large",
+                                            detail={"limit": lim.max_bundle_bytes, "bytes": total})
+                    refusal = self._check_space(rec, total)
+                    if refusal is not None:
+                        return refusal
+                    # the space check may have deleted partial files, the manifest with them: fetch it again
+                    order = ([] if (staging / MANIFEST).is_file() else [MANIFEST]) + sorted(need - {MANIFEST})
         except _Superseded as sup:
             log.info("the server assigned something else during the download (%s); considering it", sup)
             return Outcome(Event.RETRY, Change(pending=None), retry_in=0.0)
@@ -409,6 +422,8 @@ class UpdateSteps:
                                event=Event.RETRY)
         except UpdateRefused as exc:
             return self._fail_update(rec, exc, "verification_failed", "download")
+        except InstallFailed as exc:
+            return self._fail_update(rec, exc, "install_failed", "download")
         self.timings["download_s"] = time.perf_counter() - t0
         detail = {"bytes": fetched, "seconds": round(self.timings["download_s"], 3)}
         return Outcome(Event.DOWNLOADED, Change(attempts=None), [("downloaded", p.target(), detail)])
@@ -469,6 +484,15 @@ class UpdateSteps:
         if a.bundle is None or (a.bundle.get("name"), a.bundle.get("version")) != (p.name, p.version):
             raise _Superseded(f"now {a.bundle and a.bundle.get('version')}, was {p.version}")
 
+    def _variant_files(self, p: Pending, directory: Path) -> set[str]:
+        """Read the (hash-verified) manifest, choose this device's variant, return the files it needs."""
+        from bundles.verify import variant_files, verified_manifest
+
+        with translated(f"{p.name} {p.version}"):
+            manifest = verified_manifest(directory, self.image.targets, p.name, p.version)
+            variant, _ = choose_variant(manifest, self.config.hardware_id, self.runtimes)
+            return variant_files(manifest, p.files, variant.id)
+
     def _warm(self, rec: StateRecord) -> None:
         active = rec.active
         hint = active.runtime if active is not None else next(iter(self.runtimes), None)
@@ -496,7 +520,7 @@ class UpdateSteps:
 
     # ---- VERIFYING -------------------------------------------------------------------------------------------
     def _verifying(self, rec: StateRecord) -> Outcome:
-        from bundles.verify import verify_directory
+        from bundles.verify import variant_files, verified_manifest, verify_directory
 
         p = rec.pending
         assert p is not None
@@ -509,13 +533,17 @@ class UpdateSteps:
             leftover.unlink()
         try:
             with translated(f"{p.name} {p.version}"):
+                manifest = verified_manifest(src, self.image.targets, p.name, p.version)
+                variant, why = choose_variant(manifest, self.config.hardware_id, self.runtimes)
                 vb = verify_directory(src, self.image.targets, p.name, p.version, trust=self.image.trust,
-                                      hardware_id=self.config.hardware_id, agent_version=AGENT_VERSION)
+                                      hardware_id=self.config.hardware_id, agent_version=AGENT_VERSION,
+                                      variant=variant.id)
+            # full verification of the whole bundle, whatever this device downloaded of it
             signed = {rel: (t.length, t.hashes.get("sha256")) for rel, t in vb.files.items()}
             if signed != {rel: (f.length, f.sha256) for rel, f in p.files.items()}:
                 raise UpdateRefused("the verified files differ from the assignment's (mix-and-match?)",
                                     code="AssignmentError")
-            variant, why = choose_variant(vb.manifest, self.config.hardware_id, self.runtimes)
+            held = {rel: p.files[rel] for rel in variant_files(vb.manifest, p.files, variant.id)}
         except AgentError as exc:
             return self._fail_update(rec, exc, "verification_failed" if isinstance(exc, UpdateRefused)
                                      else "install_failed", "verify")
@@ -525,7 +553,9 @@ class UpdateSteps:
         self._verified_slot = p.slot
         log.info("variant for %s %s: %s", p.name, p.version, why)
         self.timings["verify_s"] = time.perf_counter() - t0
-        return Outcome(Event.VERIFIED, Change(pending=replace(p, variant=variant.id, runtime=variant.runtime)),
+        # from here on the bundle is the files this device holds: the worker re-hashes exactly these
+        return Outcome(Event.VERIFIED, Change(pending=replace(p, variant=variant.id, runtime=variant.runtime,
+                                                              files=held)),
                        [("verified", p.target(), {"variant": variant.id, "runtime": variant.runtime, "why": why})])
 
     # ---- SELFTEST --------------------------------------------------------------------------------------------
