@@ -135,7 +135,8 @@ def finish(spec: BuildSpec, report: dict[str, Any], results: list[VariantResult]
     files.update(pipeline.resources())
     files["golden.npz"] = golden.to_bytes()
     files["reference_stats.json"] = dumps(reference_stats(ev, ref_outs[out_names.index(report["metric"]["output"])],
-                                                          spec.task, report["metric"]))
+                                                          spec.task, report["metric"], first_input=inputs[0][0],
+                                                          output_name=report["metric"]["output"]))
     files["measurements.json"] = dumps({"host": _host(), "timings_s": report["timings"],
                                         "variants": {r.id: r.latency for r in results if r.latency}})
     report["manifest"] = manifest

@@ -80,9 +80,19 @@ def edgepack_version() -> str:
 
 
 def reference_stats(features: dict[str, np.ndarray], ref_out: np.ndarray, task: str,
-                    metric: dict[str, Any]) -> dict[str, Any]:
-    """What the fp32 model saw and said on the evaluation set: the baseline for drift telemetry."""
+                    metric: dict[str, Any], *, first_input: str | None = None,
+                    output_name: str = "output") -> dict[str, Any]:
+    """What the fp32 model saw and said on the evaluation set: the baseline for drift telemetry.
+
+    ``drift`` is the profile devices count their inputs against (bundles/drift.py): the first model input's
+    values (or token lengths for text), and the embedding norm for embedding models.
+    """
+    from bundles.drift import build_profile
+
     stats: dict[str, Any] = {"features": {}, "metric": metric, "samples": len(ref_out)}
+    first = first_input if first_input in features else next(iter(sorted(features)), None)
+    if first is not None:
+        stats["drift"] = build_profile(features, {output_name: ref_out}, first_input=first, task=task).to_dict()
     for name, arr in sorted(features.items()):
         a = arr.astype(np.float64)
         stats["features"][name] = {"mean": r6(a.mean()), "std": r6(a.std()), "min": r6(a.min()),
