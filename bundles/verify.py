@@ -10,6 +10,12 @@ Two entry points share one checker:
 
 Both return a :class:`VerifiedBundle` whose ``directory`` holds exactly the signed files, and whose manifest
 was parsed only after every file was verified.
+
+**Per variant.** A device runs one variant, so it needs every file of the bundle except the model files of
+the other variants (:func:`variant_files`). ``verify_directory(..., variant=ID)`` verifies such a directory
+with the same guarantees: the manifest is read only after its own signed hash matched; then the directory
+must hold exactly the files of that variant (none missing, no other variant's model, nothing unsigned),
+each matching its signed length and hash under this bundle's name and version.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -55,6 +61,8 @@ class VerifiedBundle:
     """Bundle-relative path -> its signed target info."""
     content_digest: str
     targets_version: int
+    variant: str | None = None
+    """The one variant whose files the directory holds (per-variant download), or None: all of them."""
 
     @property
     def name(self) -> str:
@@ -111,7 +119,19 @@ def _check_manifest_target(files: Mapping[str, TargetFile], name: str, version: 
     return rc
 
 
-def _finish(directory: Path, files: Mapping[str, TargetFile], targets_version: int) -> VerifiedBundle:
+def variant_files(manifest: Manifest, signed: Iterable[str], variant_id: str) -> set[str]:
+    """The bundle files a device running ``variant_id`` needs: all signed files but other variants' models.
+
+    Raises:
+        ManifestError: the manifest has no variant ``variant_id``.
+    """
+    manifest.variant(variant_id)
+    others = {v.file for v in manifest.variants if v.id != variant_id} - {manifest.variant(variant_id).file}
+    return set(signed) - others
+
+
+def _finish(directory: Path, files: Mapping[str, TargetFile], targets_version: int,
+            variant: str | None = None) -> VerifiedBundle:
     """Parse the (now verified) manifest and cross-check it with the signed file list."""
     manifest = Manifest.from_bytes((directory / MANIFEST).read_bytes())
     custom = files[MANIFEST].custom
@@ -123,7 +143,7 @@ def _finish(directory: Path, files: Mapping[str, TargetFile], targets_version: i
     missing = manifest.referenced_files() - set(files)
     if missing:
         raise MissingFileError("the manifest references files that are not signed", path=sorted(missing)[0])
-    return VerifiedBundle(directory, manifest, dict(files), content_digest(files), targets_version)
+    return VerifiedBundle(directory, manifest, dict(files), content_digest(files), targets_version, variant)
 
 
 def _write_verified(dest: Path, rel: str, target: TargetFile, chunks_source: BundleArchive, member: str) -> None:
@@ -242,30 +262,58 @@ def verify_directory(
     trust: TrustStore | None = None,
     hardware_id: str | None = None,
     agent_version: str | None = None,
+    variant: str | None = None,
 ) -> VerifiedBundle:
     """Verify files already on disk (downloaded as individual targets) against verified targets metadata.
 
     ``targets`` must come from a verified source (a :class:`TrustStore` or python-tuf's updater). Extra files
-    in ``directory`` are refused as well as missing or altered ones.
+    in ``directory`` are refused as well as missing or altered ones. With ``variant``, the directory must hold
+    exactly :func:`variant_files` of that variant (the manifest is verified and read first to know them).
     """
     signed_targets = targets.signed if isinstance(targets, Metadata) else targets
     signed = bundle_targets(signed_targets, name, version)
     if not signed:
         raise MissingFileError("no signed files for this bundle", path=f"{name}/{version}")
     present = {str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() or p.is_symlink()}
+    _check_manifest_target(signed, name, version, trust, hardware_id, agent_version)
+    expected = set(signed)
+    if variant is not None:
+        _verify_one(directory, MANIFEST, signed)
+        expected = variant_files(Manifest.from_bytes((directory / MANIFEST).read_bytes()), signed, variant)
+        for rel in sorted((present & set(signed)) - expected):
+            raise UnsignedFileError(f"file belongs to another variant than {variant!r}", path=rel,
+                                    expected=sorted(expected))
     for rel in sorted(present - set(signed)):
         raise UnsignedFileError("file is not listed in the signed metadata", path=rel)
-    for rel in sorted(set(signed) - present):
+    for rel in sorted(expected - present):
         raise MissingFileError("signed file is missing", path=rel)
-    _check_manifest_target(signed, name, version, trust, hardware_id, agent_version)
-    for rel, target in sorted(signed.items()):
-        path = directory / rel
-        if path.is_symlink():
-            raise UnsignedFileError("symlinks are never trusted", path=rel)
-        with open(path, "rb") as fh:
-            try:
-                target.verify_length_and_hashes(fh)
-            except LengthOrHashMismatchError as exc:
-                raise DigestMismatchError(f"file does not match its signed length and hash: {exc}",
-                                          path=rel) from exc
-    return _finish(directory, signed, signed_targets.version)
+    for rel in sorted(expected):
+        _verify_one(directory, rel, signed)
+    return _finish(directory, signed, signed_targets.version, variant)
+
+
+def verified_manifest(directory: Path, targets: Metadata[Targets] | Targets, name: str, version: str) -> Manifest:
+    """Parse ``directory/manifest.json`` only after it matched its signed length and hash.
+
+    For a device that must read the manifest to know which variant, and so which files, it needs.
+    """
+    signed_targets = targets.signed if isinstance(targets, Metadata) else targets
+    signed = bundle_targets(signed_targets, name, version)
+    if MANIFEST not in signed:
+        raise MissingFileError("the signed metadata lists no manifest for this bundle",
+                               path=f"{name}/{version}/{MANIFEST}")
+    _verify_one(directory, MANIFEST, signed)
+    return Manifest.from_bytes((directory / MANIFEST).read_bytes())
+
+
+def _verify_one(directory: Path, rel: str, signed: Mapping[str, TargetFile]) -> None:
+    path = directory / rel
+    if path.is_symlink():
+        raise UnsignedFileError("symlinks are never trusted", path=rel)
+    if not path.is_file():
+        raise MissingFileError("signed file is missing", path=rel)
+    with open(path, "rb") as fh:
+        try:
+            signed[rel].verify_length_and_hashes(fh)
+        except LengthOrHashMismatchError as exc:
+            raise DigestMismatchError(f"file does not match its signed length and hash: {exc}", path=rel) from exc

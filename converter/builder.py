@@ -37,6 +37,7 @@ from converter.package import VariantResult, r6
 from converter.report import fmt_delta, print_table, write_reports
 from converter.sources import LoadedModel, load_model
 from converter.spec import BuildSpec
+from converter.stage_spec import PREFIXES, split_variant
 
 
 class _Steps:
@@ -58,6 +59,13 @@ class _Steps:
         finally:
             self.timings[name] = round(time.perf_counter() - t0, 3)
             self.progress.update(task, completed=total)
+
+
+def _dataset_name(spec: BuildSpec) -> str:
+    """How the report names the evaluation set: its declared name, else where it comes from."""
+    ds = spec.evaluation
+    where = f"factory {ds.factory}" if ds.factory else f"file {ds.path.name if ds.path else '?'}"
+    return f"{spec.evaluation_name} ({where})" if spec.evaluation_name else where
 
 
 def _batch(raw: np.ndarray) -> Any:
@@ -238,12 +246,14 @@ def _fit(spec: BuildSpec, pipeline: Any, report: dict[str, Any]) -> Any:
     return pipeline
 
 
-def _build_variant(vid: str, loaded: LoadedModel, base: bytes | None, base_error: ConverterError | None,
-                   work: Path, cal: dict[str, np.ndarray], cal_ref: list[np.ndarray], out_idx: int,
-                   options: dict[str, Any], out_names: list[str]) -> tuple[bytes, dict[str, Any]]:
+def _build_variant(spec: BuildSpec, vid: str, loaded: LoadedModel, base: bytes | None,
+                   base_error: ConverterError | None, work: Path, cal: dict[str, np.ndarray],
+                   cal_ref: list[np.ndarray], out_idx: int, options: dict[str, Any], out_names: list[str],
+                   gate: tuple[float, metrics.CheckSpec]) -> tuple[bytes, dict[str, Any]]:
     from converter import onnx_variants as ov
+    from converter.stage_spec import split_variant
 
-    fmt, precision = vid.split("-", 1)
+    fmt, precision = split_variant(vid)[1].split("-", 1)
     if fmt == "onnx":
         if base is None:
             err = base_error or loaded.onnx_error or ConversionError("no ONNX model to start from")
@@ -254,10 +264,57 @@ def _build_variant(vid: str, loaded: LoadedModel, base: bytes | None, base_error
             return ov.to_fp16(base, options)
         if precision == "int8":
             return ov.to_int8_static(base, work, cal, cal_ref[out_idx], options, out_idx)
-        return ov.to_int8_dynamic(base, work, options)
+        from converter.mixed_precision import gate_on
+
+        return ov.to_int8_dynamic(base, work, options, cal=cal, output_index=out_idx,
+                                  gate=gate_on(gate[1], spec.task, spec.metric, gate[0]))
     from converter import tflite_variants
 
     return tflite_variants.convert(loaded, precision, cal, options, (list(cal), out_names))
+
+
+def _run_stage(spec: BuildSpec, stage: Any, prefix: str, loaded: LoadedModel, pipeline: Any,
+               cal: dict[str, np.ndarray], work: Path
+               ) -> tuple[LoadedModel, bytes | None, ConverterError | None, dict[str, Any]]:
+    """Train one stage's model from the input model and load it like ``[model]`` (see converter.stages)."""
+    from converter.errors import DataError
+    from converter.sources import from_object, load_callable
+    from converter.spec import DataSpec
+    from converter.stages import StageError, run_stage
+
+    model = loaded.keras_model if loaded.kind == "keras" else loaded.torch_module
+    if model is None:
+        raise StageError(f"[{stage.kind}] needs the Keras or PyTorch model object; the input is {loaded.kind}",
+                         fix=f"give the original Keras/PyTorch model, or drop the {prefix}-* variants")
+    d = stage.data
+    raw, labels = load_raw(DataSpec(path=d.path, factory=d.factory, raw_key=d.raw_key, label_key=d.label_key,
+                                    limit=d.limit), spec, DataError)
+
+    def featurize(batch: np.ndarray) -> dict[str, np.ndarray]:
+        return transform(pipeline, batch, DataError)
+
+    student = load_callable(stage.student, spec.root)(model) if stage.kind == "distill" and stage.student else None
+    try:
+        obj, info = run_stage(stage, loaded.kind, model, student, raw, labels, featurize, list(cal), spec.task)
+    except ConverterError:
+        raise
+    except Exception as exc:  # foreign training errors are translated once, here
+        raise StageError(f"[{stage.kind}] training failed: {type(exc).__name__}: {str(exc)[:300]}",
+                         fix=f"check [{stage.kind}] (data, student, learning_rate)") from exc
+    derived = from_object(spec, obj, cal)
+    base: bytes | None = None
+    error: ConverterError | None = None
+    if derived.onnx_bytes is not None and any(
+            v.startswith(prefix + "-onnx") for v in spec.variants):
+        from converter.onnx_variants import preprocess
+
+        sub = work / f"stage-{prefix}"
+        sub.mkdir(exist_ok=True)
+        try:
+            base = preprocess(derived.onnx_bytes, sub)
+        except ConverterError as exc:
+            error = exc
+    return derived, base, error, info
 
 
 def _run(spec: BuildSpec, report: dict[str, Any], work: Path, steps: _Steps, dry_run: bool,
@@ -298,11 +355,13 @@ def _run(spec: BuildSpec, report: dict[str, Any], work: Path, steps: _Steps, dry
         ref_value = metrics.evaluate(spec.metric, ref_outs[out_idx], ref_outs[out_idx], labels,
                                      top_k=spec.top_k, names=spec.labels)
     report["metric"] = {"name": spec.metric, "reference": r6(ref_value), "budget": spec.budget,
-                        "samples": len(ev_raw), "output": out_names[out_idx], "output_chosen_by": why}
+                        "samples": len(ev_raw), "output": out_names[out_idx], "output_chosen_by": why,
+                        "dataset": _dataset_name(spec), "checks": {
+                            k: v for k, v in vars(spec.checks).items() if v is not None}}
 
     base: bytes | None = None
     base_error: ConverterError | None = None
-    if any(v.startswith("onnx") for v in spec.variants) and loaded.onnx_bytes is not None:
+    if any(split_variant(v)[1].startswith("onnx") for v in spec.variants) and loaded.onnx_bytes is not None:
         with steps.step("onnx pre-process"):
             try:
                 from converter.onnx_variants import preprocess
@@ -311,28 +370,70 @@ def _run(spec: BuildSpec, report: dict[str, Any], work: Path, steps: _Steps, dry
             except ConverterError as exc:
                 base_error = exc
 
+    models: dict[str, tuple[LoadedModel | None, bytes | None, ConverterError | None]] = {
+        "": (loaded, base, base_error)}
+    report["stages"] = {}
+    for prefix in sorted({split_variant(v)[0] for v in spec.variants} - {""}):
+        stage = spec.stages[PREFIXES[prefix]]
+        with steps.step(f"{stage.kind}: train + export"):
+            t = time.perf_counter()
+            try:
+                derived, d_base, d_error, info = _run_stage(spec, stage, prefix, loaded, pipeline, cal, work)
+                models[prefix] = (derived, d_base, d_error)
+                report["stages"][stage.kind] = {"status": "ok", **info}
+            except ConverterError as exc:
+                models[prefix] = (None, None, exc)
+                report["stages"][stage.kind] = {"status": "failed", "error": exc.to_dict()}
+            report["stages"][stage.kind]["seconds"] = round(time.perf_counter() - t, 2)
+
     results: list[VariantResult] = []
     with steps.step("variants: build + evaluate", total=len(spec.variants)) as advance:
         for vid in spec.variants:
-            fmt, precision = vid.split("-", 1)
-            res = VariantResult(vid, fmt, "int8" if precision.startswith("int8") else precision)
+            prefix, base_id = split_variant(vid)
+            fmt, precision = base_id.split("-", 1)
+            res = VariantResult(vid, fmt, "int8" if precision.startswith("int8") else precision, prefix=prefix)
+            stage = spec.stages.get(PREFIXES[prefix]) if prefix else None
+            budget = stage.budget if stage is not None and stage.budget is not None else spec.budget
+            checkspec = stage.checks if stage is not None and stage.checks is not None else spec.checks
             t = time.perf_counter()
             try:
-                res.data, res.quantization = _build_variant(vid, loaded, base, base_error, work, cal,
-                                                            cal_ref, out_idx, spec.variant_options.get(vid, {}),
-                                                            out_names)
+                m_loaded, m_base, m_error = models[prefix]
+                if m_loaded is None:
+                    assert m_error is not None
+                    raise type(m_error)(m_error.message, step=m_error.step, variant=vid, fix=m_error.fix)
+                options = spec.variant_options.get(vid, spec.variant_options.get(base_id, {}))
+                res.data, res.quantization = _build_variant(spec, vid, m_loaded, m_base, m_error, work, cal,
+                                                            cal_ref, out_idx, options, out_names, (budget, checkspec))
                 res.outputs = run_variant(fmt, res.data, ev)
                 value = metrics.evaluate(spec.metric, res.outputs[out_idx], ref_outs[out_idx], labels,
                                          top_k=spec.top_k, names=spec.labels)
-                g = metrics.gate(spec.metric, value, ref_value, spec.budget)
-                res.value, res.delta, res.drop, res.passed = g.value, g.delta, g.drop, g.passed
+                g = metrics.gate(spec.metric, value, ref_value, budget)
+                found = metrics.checks(checkspec, spec.task, res.outputs[out_idx], ref_outs[out_idx], labels,
+                                       spec.labels)
+                res.checks = [c.to_dict() for c in found]
+                failed = [c for c in found if not c.passed]
+                res.value, res.delta, res.drop = g.value, g.delta, g.drop
+                res.passed = g.passed and not failed
+                main = metrics.gate(spec.metric, value, ref_value, spec.budget).passed and all(
+                    c.passed for c in metrics.checks(spec.checks, spec.task, res.outputs[out_idx],
+                                                     ref_outs[out_idx], labels, spec.labels))
+                res.main_gate = res.passed and main
+                where = f"[{stage.kind}] budget" if stage is not None and stage.budget is not None else "budget"
                 if not g.passed:
                     raise AccuracyBudgetError(
                         f"{vid} loses {fmt_delta(spec.metric, g.drop).lstrip('+')} of {spec.metric} against the "
-                        f"fp32 original; the budget is {fmt_delta(spec.metric, g.budget).lstrip('+')}, so it is "
-                        f"{fmt_delta(spec.metric, g.over_by).lstrip('+')} over", variant=vid,
+                        f"fp32 original; the {where} is {fmt_delta(spec.metric, g.budget).lstrip('+')}, so it "
+                        f"is {fmt_delta(spec.metric, g.over_by).lstrip('+')} over", variant=vid,
                         fix="try other quantization settings (per_channel, calibration_method, more calibration "
-                        "data, nodes_to_exclude) or raise [evaluation] budget if the loss is acceptable")
+                        "data, nodes_to_exclude), train the stage longer, or raise the budget if the loss is "
+                        "acceptable")
+                if failed:
+                    raise AccuracyBudgetError(
+                        f"{vid} passes the {spec.metric} budget but fails " + "; ".join(
+                            f"{c.name} {c.value:.4g} (limit {c.limit:.4g}{', ' + c.detail if c.detail else ''})"
+                            for c in failed), variant=vid,
+                        fix="try other quantization settings (keep sensitive nodes in higher precision, "
+                        "per_channel, more calibration data) or relax the check under [evaluation]")
             except ConverterError as exc:
                 if exc.variant is None:
                     exc.variant = vid

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from converter.errors import BundleOutputError, ConverterError
-from converter.measure import measure
+from converter.measure import measure_interleaved, paired_ratio
 from converter.package import (
     VariantResult,
     build_manifest,
@@ -23,32 +24,57 @@ from converter.spec import BuildSpec
 
 def _measure_all(spec: BuildSpec, results: list[VariantResult], ev: dict[str, np.ndarray], work: Path,
                  steps: Any) -> None:
+    """Latency and memory of every built variant, in interleaved rounds (see converter.measure)."""
     built = [r for r in results if r.data is not None]
     sample = work / "sample.npz"
     np.savez(sample, **{k: v[:1] for k, v in ev.items()})  # type: ignore[arg-type]  # numpy stub: kwargs are arrays
-    with steps.step("measure latency + memory", total=len(built)) as advance:
-        for r in built:
-            path = work / f"measure-{r.id}.{r.format}"
-            path.write_bytes(r.data or b"")
-            try:
-                r.latency = measure(r.format, path, sample, spec.latency_runs)
-            except Exception as exc:  # a measurement failure is reported, not fatal
-                r.latency = None
-                r.quantization = {**r.quantization, "measure_error": str(exc)[:300]}
-            advance()
+    models = {}
+    for r in built:
+        path = work / f"measure-{r.id}.{r.format}"
+        path.write_bytes(r.data or b"")
+        models[r.id] = (r.format, path)
+    with steps.step("measure latency + memory (interleaved rounds)"):
+        figures, errors = measure_interleaved(models, sample, spec.latency_runs, spec.latency_rounds)
+    for r in built:
+        r.latency = figures.get(r.id)
+        if r.id in errors:  # a measurement failure is reported, not fatal
+            r.quantization = {**r.quantization, "measure_error": errors[r.id]}
 
 
 def _variant_row(r: VariantResult, status: str, results: dict[str, VariantResult]) -> dict[str, Any]:
     fp32 = results.get(f"{r.format}-fp32")
     row: dict[str, Any] = {"id": r.id, "format": r.format, "runtime": r.runtime, "precision": r.precision,
                            "status": status, "value": r.value, "delta": r.delta, "drop": r.drop,
-                           "size_bytes": len(r.data) if r.data is not None else None, "latency": r.latency,
-                           "quantization": r.quantization, "build_seconds": r.build_seconds, "error": r.error}
+                           "checks": r.checks, "size_bytes": len(r.data) if r.data is not None else None,
+                           "latency": r.latency, "quantization": r.quantization, "build_seconds": r.build_seconds,
+                           "error": r.error}
+    if r.data is not None:
+        row["compressed_bytes"] = len(zlib.compress(r.data, 9))  # what a zip/deflate transfer would carry
     if fp32 is not None and fp32.data is not None and r.data is not None:
         row["smaller_x"] = round(len(fp32.data) / len(r.data), 3)
-        if fp32.latency and r.latency:
-            row["speedup_x"] = round(fp32.latency["p50_ms"] / r.latency["p50_ms"], 3)
+        ratio = paired_ratio(fp32.latency, r.latency)
+        if ratio is not None:
+            row["speedup_x"], row["speedup_range"] = ratio["x"], [ratio["min"], ratio["max"]]
+    if r.prefix:
+        row["stage"] = r.prefix
+        row["main_gate"] = r.main_gate
+        base = results.get(r.id[len(r.prefix) + 1:])  # the input model's variant of the same kind
+        if base is not None and base.data is not None and r.data is not None:
+            row["vs_base"] = {"variant": base.id, "smaller_x": round(len(base.data) / len(r.data), 3)}
+            ratio = paired_ratio(base.latency, r.latency)
+            if ratio is not None:
+                row["vs_base"].update(speedup_x=ratio["x"], speedup_range=[ratio["min"], ratio["max"]])
     return row
+
+
+def _measured_note(r: VariantResult, by_id: dict[str, VariantResult]) -> str | None:
+    """The speed of ``r`` against fp32 of its format as this build measured it, for profile notes."""
+    fp32 = by_id.get(f"{r.format}-fp32")
+    ratio = paired_ratio(fp32.latency, r.latency) if fp32 is not None and fp32 is not r else None
+    if ratio is None:
+        return None
+    return (f"{ratio['x']:.2f}x the speed of {r.format}-fp32 (per-round range {ratio['min']:.2f}-"
+            f"{ratio['max']:.2f}x), which says nothing about the target's CPU")
 
 
 def finish(spec: BuildSpec, report: dict[str, Any], results: list[VariantResult], pipeline: Any, loaded: Any,
@@ -59,14 +85,14 @@ def finish(spec: BuildSpec, report: dict[str, Any], results: list[VariantResult]
     from converter.runners import run_variant
 
     _measure_all(spec, results, ev, work, steps)
-    candidates = [Candidate(r.id, r.runtime, r.precision, r.passed and r.data is not None, len(r.data or b""),
-                            (r.latency or {}).get("p50_ms")) for r in results]
+    by_id = {r.id: r for r in results}
+    candidates = [Candidate(r.id, r.runtime, r.precision, r.main_gate and r.data is not None, len(r.data or b""),
+                            (r.latency or {}).get("p50_ms"), _measured_note(r, by_id)) for r in results]
     decisions = {p.name: decide(p, candidates) for p in spec.profiles}
     report["profiles"] = {n: {"ship": list(d.ship), "excluded": d.excluded} for n, d in decisions.items()}
     order: list[str] = []
     for d in decisions.values():
         order += [v for v in d.ship if v not in order]
-    by_id = {r.id: r for r in results}
     for r in results:
         status = "failed" if r.data is None else "refused" if not r.passed else \
             "shipped" if r.id in order else "passed"
@@ -109,7 +135,8 @@ def finish(spec: BuildSpec, report: dict[str, Any], results: list[VariantResult]
     files.update(pipeline.resources())
     files["golden.npz"] = golden.to_bytes()
     files["reference_stats.json"] = dumps(reference_stats(ev, ref_outs[out_names.index(report["metric"]["output"])],
-                                                          spec.task, report["metric"]))
+                                                          spec.task, report["metric"], first_input=inputs[0][0],
+                                                          output_name=report["metric"]["output"]))
     files["measurements.json"] = dumps({"host": _host(), "timings_s": report["timings"],
                                         "variants": {r.id: r.latency for r in results if r.latency}})
     report["manifest"] = manifest

@@ -271,19 +271,17 @@ def to_int8_static(base: bytes, work: Path, cal: dict[str, np.ndarray], referenc
     return data, info
 
 
-def to_int8_dynamic(base: bytes, work: Path, options: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
-    """Dynamic int8 (weights int8, activations uint8 quantized per inference): for transformers."""
+def _dynamic(src_bytes: bytes, work: Path, options: dict[str, Any], exclude: list[str]) -> bytes:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    check_quantizable(base, "onnx-int8-dynamic")
     src, dst = work / "dyn-base.onnx", work / "dyn.onnx"
-    src.write_bytes(base)
+    src.write_bytes(src_bytes)
     ops = list(options.get("op_types_to_quantize", DYNAMIC_DEFAULT_OPS))
-    per_channel = bool(options.get("per_channel", False))
     try:
-        quantize_dynamic(str(src), str(dst), op_types_to_quantize=ops, per_channel=per_channel,
+        quantize_dynamic(str(src), str(dst), op_types_to_quantize=ops,
+                         per_channel=bool(options.get("per_channel", False)),
                          reduce_range=bool(options.get("reduce_range", False)), weight_type=QuantType.QInt8,
-                         nodes_to_exclude=options.get("nodes_to_exclude"),
+                         nodes_to_exclude=[*(options.get("nodes_to_exclude") or []), *exclude],
                          extra_options=options.get("extra_options"))
     except Exception as exc:
         raise QuantizationError(f"quantize_dynamic failed: {type(exc).__name__}: {exc}",
@@ -292,6 +290,45 @@ def to_int8_dynamic(base: bytes, work: Path, options: dict[str, Any]) -> tuple[b
                                 ) from exc
     data = dst.read_bytes()
     _check_loads(data, "onnx-int8-dynamic", QuantizationError)
-    return data, {"method": "dynamic", "format": "QOperator", "activations": "uint8 (per inference)",
-                  "weights": "int8", "per_channel": per_channel, "op_types": ops,
-                  "nodes_excluded": list(options.get("nodes_to_exclude") or [])}
+    return data
+
+
+def to_int8_dynamic(base: bytes, work: Path, options: dict[str, Any], *, cal: dict[str, np.ndarray] | None = None,
+                    output_index: int = 0, gate: Any = None
+                    ) -> tuple[bytes, dict[str, Any]]:
+    """Dynamic int8 (weights int8, activations uint8 quantized per inference): for transformers.
+
+    ``weight_only_nodes`` (a list of node-name patterns, or ``"auto"``) keeps the named MatMuls at
+    8-bit weights with fp32 activations (``converter.mixed_precision``); "auto" needs the calibration
+    data and the build's gate.
+    """
+    from converter import mixed_precision as mp
+
+    check_quantizable(base, "onnx-int8-dynamic")
+    ops = list(options.get("op_types_to_quantize", DYNAMIC_DEFAULT_OPS))
+    per_channel = bool(options.get("per_channel", False))
+    info: dict[str, Any] = {"method": "dynamic", "format": "QOperator", "activations": "uint8 (per inference)",
+                            "weights": "int8", "per_channel": per_channel, "op_types": ops,
+                            "nodes_excluded": list(options.get("nodes_to_exclude") or [])}
+    choice = options.get("weight_only_nodes")
+    if not choice:
+        return _dynamic(base, work, options, []), info
+    import onnx
+
+    names = mp.quantizable_matmuls(onnx.load_from_string(base))
+    if choice == "auto":
+        if cal is None or gate is None:
+            raise QuantizationError("weight_only_nodes = \"auto\" needs calibration data",
+                                    variant="onnx-int8-dynamic", fix="give [calibration] samples")
+        data, nodes, search = mp.search(
+            base, work, lambda model, nodes: _dynamic(model, work, options, nodes), cal, output_index,
+            gate, len(base), float(options.get("min_smaller_x", 3.5)), int(options.get("max_weight_only_nodes", 12)))
+        info["weight_only_search"] = search
+    else:
+        nodes = mp.select([str(p) for p in choice], names)
+        data = _dynamic(mp.weight_only(base, nodes), work, options, nodes)
+    info.update(weight_only_nodes=nodes, weight_only={"op": "com.microsoft.MatMulNBits", "bits": 8,
+                                                      "block_size": 32, "accuracy_level": 4,
+                                                      "activations": "fp32"})
+    _check_loads(data, "onnx-int8-dynamic", QuantizationError)
+    return data, info

@@ -32,12 +32,17 @@ class VariantResult:
     id: str
     format: str
     precision: str
+    prefix: str = ""
+    """``""`` for the input model's variants, ``pruned`` / ``student`` for a stage's."""
+    main_gate: bool = False
+    """Passed the build's own gate ([evaluation]), not only a stage's looser one: may ship automatically."""
     data: bytes | None = None
     quantization: dict[str, Any] = field(default_factory=dict)
     value: float | None = None
     delta: float | None = None
     drop: float | None = None
     passed: bool = False
+    checks: list[dict[str, Any]] = field(default_factory=list)
     latency: dict[str, Any] | None = None
     build_seconds: float = 0.0
     error: dict[str, Any] | None = None
@@ -75,9 +80,19 @@ def edgepack_version() -> str:
 
 
 def reference_stats(features: dict[str, np.ndarray], ref_out: np.ndarray, task: str,
-                    metric: dict[str, Any]) -> dict[str, Any]:
-    """What the fp32 model saw and said on the evaluation set: the baseline for drift telemetry."""
+                    metric: dict[str, Any], *, first_input: str | None = None,
+                    output_name: str = "output") -> dict[str, Any]:
+    """What the fp32 model saw and said on the evaluation set: the baseline for drift telemetry.
+
+    ``drift`` is the profile devices count their inputs against (bundles/drift.py): the first model input's
+    values (or token lengths for text), and the embedding norm for embedding models.
+    """
+    from bundles.drift import build_profile
+
     stats: dict[str, Any] = {"features": {}, "metric": metric, "samples": len(ref_out)}
+    first = first_input if first_input in features else next(iter(sorted(features)), None)
+    if first is not None:
+        stats["drift"] = build_profile(features, {output_name: ref_out}, first_input=first, task=task).to_dict()
     for name, arr in sorted(features.items()):
         a = arr.astype(np.float64)
         stats["features"][name] = {"mean": r6(a.mean()), "std": r6(a.std()), "min": r6(a.min()),
@@ -113,7 +128,7 @@ def build_manifest(spec: BuildSpec, shipped: list[VariantResult], profiles: dict
         "version": spec.version,
         "release_counter": spec.release_counter,
         "hardware_ids": hw,
-        "compatibility": {"platforms": platforms, "runtimes": {r: MIN_RUNTIME[r] for r in runtimes},
+        "compatibility": {"platforms": platforms, "runtimes": {r: _min_runtime(r, shipped) for r in runtimes},
                           "min_agent_version": "0.1.0"},
         "io": {"inputs": [_tensor(t) for t in inputs], "outputs": [_tensor(t) for t in outputs],
                "labels": list(spec.labels) if spec.labels else None, "task": spec.task},
@@ -124,7 +139,7 @@ def build_manifest(spec: BuildSpec, shipped: list[VariantResult], profiles: dict
             {"id": v.id, "file": v.file, "format": v.format, "runtime": v.runtime, "precision": v.precision,
              "quantization": v.quantization,
              "metric": {"name": spec.metric, "value": r6(v.value or 0.0), "delta": r6(v.delta or 0.0),
-                        "budget": spec.budget},
+                        "budget": spec.budget, "checks": {c["name"]: c["value"] for c in v.checks}},
              "size_bytes": len(v.data or b"")}
             for v in shipped
         ],
@@ -132,6 +147,13 @@ def build_manifest(spec: BuildSpec, shipped: list[VariantResult], profiles: dict
         "provenance": {"edgepack_version": edgepack_version(), "packages": package_versions(),
                        "input_model_sha256": input_sha, "build_spec_sha256": spec_sha},
     }
+
+
+def _min_runtime(runtime: str, shipped: list[VariantResult]) -> str:
+    """8-bit ``MatMulNBits`` (weight-only nodes) has CPU kernels since onnxruntime 1.22 (PR #24491)."""
+    if runtime == "onnxruntime" and any(v.quantization.get("weight_only_nodes") for v in shipped):
+        return ">=1.22"
+    return MIN_RUNTIME[runtime]
 
 
 def golden_tolerances(shipped: list[VariantResult], golden_outputs: dict[str, list[np.ndarray]]

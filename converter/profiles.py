@@ -51,6 +51,8 @@ class Candidate:
     passed: bool
     size_bytes: int
     latency_p50_ms: float | None
+    measured: str | None = None
+    """What this build measured about the variant (e.g. its speed against fp32), quoted in notes."""
 
 
 @dataclass(frozen=True)
@@ -143,37 +145,47 @@ def decide(profile: Profile, candidates: list[Candidate]) -> ProfileDecision:
     """Choose the variants ``profile`` ships, best first. Pure: no I/O, no clock.
 
     Rules, in order: a variant must have passed the accuracy gate, run on one of the
-    profile's runtimes, appear in its preference list, fit ``max_model_bytes``, and be fp16
-    only if the profile has fp16 compute. The survivors are ordered by preference (or by
+    profile's runtimes, appear in its preference list (a stage's ``pruned-``/``student-``
+    variant ranks where its kind does), fit ``max_model_bytes``, and be fp16 only if the
+    profile has fp16 compute. The survivors are ordered by preference, then by file size (or by
     measured latency in 10 % buckets, ties by preference, when ``use_host_latency``). The
     profile ships the first one and, if that is not fp32, the best fp32 one as a fallback.
     """
+    from converter.stage_spec import split_variant
+
     excluded: dict[str, str] = {}
     eligible: list[Candidate] = []
+    rank = {vid: i for i, vid in enumerate(profile.preference)}
+    for c in candidates:
+        if c.id not in rank and split_variant(c.id)[1] in rank:
+            rank[c.id] = rank[split_variant(c.id)[1]]
     for c in candidates:
         if not c.passed:
-            excluded[c.id] = "refused by the accuracy gate or failed to build"
+            excluded[c.id] = "refused by the accuracy gate, failed to build, or passed only a stage's own budget"
         elif c.runtime not in profile.runtimes:
             excluded[c.id] = f"runtime {c.runtime} is not on {profile.name}"
-        elif c.id not in profile.preference:
+        elif c.id not in rank:
             excluded[c.id] = f"not in {profile.name}'s preference list"
         elif c.precision == "fp16" and not profile.fp16_compute:
-            excluded[c.id] = f"fp16 is slower than fp32 on {profile.name}'s CPU; no fp16 compute"
+            excluded[c.id] = (f"{profile.name} declares no fp16 compute (fp16_compute = false): its runtimes "
+                              "upcast fp16 on the CPU" + (f"; measured on the build host: {c.measured}"
+                                                          if c.measured else ""))
         elif profile.max_model_bytes is not None and c.size_bytes > profile.max_model_bytes:
             excluded[c.id] = f"{c.size_bytes} bytes exceed {profile.name}'s max_model_bytes"
         else:
             eligible.append(c)
-    rank = {vid: i for i, vid in enumerate(profile.preference)}
     if profile.use_host_latency and eligible and all(c.latency_p50_ms for c in eligible):
         fastest = min(c.latency_p50_ms or 0.0 for c in eligible)
 
-        def key(c: Candidate) -> tuple[int, int]:
+        def key(c: Candidate) -> tuple[int, int, int, str]:
             ratio = (c.latency_p50_ms or fastest) / fastest
-            return (math.floor(math.log(ratio) / math.log(1.1) + 1e-9), rank[c.id])
+            return (math.floor(math.log(ratio) / math.log(1.1) + 1e-9), rank[c.id], c.size_bytes, c.id)
 
         ordered = sorted(eligible, key=key)
     else:
-        ordered = sorted(eligible, key=lambda c: rank[c.id])
+        # same kind of variant from a stage (pruned-, student-) and the input model: the smaller file first
+        # (sizes are deterministic, so the manifest stays host-independent); equal size keeps the original
+        ordered = sorted(eligible, key=lambda c: (rank[c.id], c.size_bytes, split_variant(c.id)[0] != "", c.id))
     ship: list[str] = []
     if ordered:
         ship.append(ordered[0].id)

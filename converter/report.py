@@ -36,6 +36,35 @@ def _ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
+_CHECK_LABEL = {"worst_cosine": "worst cos", "p5_cosine": "p5 cos", "nn_agreement": "NN agree",
+                "class_accuracy_drop": "worst class loses"}
+
+
+def fmt_check(c: dict[str, Any]) -> str:
+    """``worst cos 0.9871 >= 0.98 ok``: one task-matched check, compact."""
+    name, value, limit = c["name"], c["value"], c["limit"]
+    if name == "nn_agreement":
+        text = f"{value * 100:.1f}% >= {limit * 100:.0f}%"
+    elif name == "class_accuracy_drop":
+        text = f"{value * 100:.1f} pt <= {limit * 100:.1f} pt"
+    else:
+        text = f"{value:.4f} >= {limit:.4f}"
+    return f"{_CHECK_LABEL.get(name, name)} {text} {'ok' if c['passed'] else 'FAILED'}"
+
+
+def _latency(lat: dict[str, Any]) -> str:
+    spread = lat.get("spread_ms")
+    text = f"{lat['p50_ms']:.3f} / {lat['p95_ms']:.3f}"
+    return text + (f" [{spread[0]:.3f}-{spread[1]:.3f}]" if spread else "")
+
+
+def _speedup(v: dict[str, Any]) -> str:
+    x, rng = v.get("speedup_x"), v.get("speedup_range")
+    if x is None:
+        return "-"
+    return f"{x:.2f}x" + (f" [{rng[0]:.2f}-{rng[1]:.2f}]" if rng else "")
+
+
 def rows(report: dict[str, Any]) -> list[list[str]]:
     """One row per variant, shared by the terminal table and the markdown report."""
     metric = report.get("metric", {}).get("name", "")
@@ -44,14 +73,27 @@ def rows(report: dict[str, Any]) -> list[list[str]]:
         lat = v.get("latency") or {}
         out.append([
             v["id"], v["status"], fmt_metric(metric, v.get("value")), fmt_delta(metric, v.get("delta")),
-            _size(v.get("size_bytes")), _ratio(v.get("smaller_x")),
-            "-" if not lat else f"{lat['p50_ms']:.3f} / {lat['p95_ms']:.3f}", _ratio(v.get("speedup_x")),
-            _size(lat.get("model_rss_bytes")) if lat else "-",
+            "; ".join(fmt_check(c) for c in v.get("checks") or []) or "-",
+            _size(v.get("size_bytes")), _size(v.get("compressed_bytes")), _ratio(v.get("smaller_x")),
+            "-" if not lat else _latency(lat), _speedup(v),
+            _size(lat.get("model_rss_bytes")) if lat else "-", _vs_base(v),
         ])
     return out
 
 
-HEADERS = ["variant", "status", "metric", "delta", "size", "smaller", "p50/p95 ms", "speed-up", "peak mem"]
+def _vs_base(v: dict[str, Any]) -> str:
+    base = v.get("vs_base")
+    if not base:
+        return "-"
+    text = f"{base['smaller_x']:.2f}x smaller"
+    if base.get("speedup_x") is not None:
+        lo, hi = base["speedup_range"]
+        text += f", {base['speedup_x']:.2f}x [{lo:.2f}-{hi:.2f}] speed"
+    return f"{text} vs {base['variant']}"
+
+
+HEADERS = ["variant", "status", "metric", "delta", "checks", "size", "deflated", "smaller",
+           "p50/p95 ms [round spread]", "speed-up [range]", "peak mem", "stage variant vs original"]
 
 
 def preprocessing_line(report: dict[str, Any]) -> str:
@@ -108,7 +150,8 @@ def markdown(report: dict[str, Any]) -> str:
     metric = report.get("metric", {})
     name = metric.get("name", "")
     lines = [f"# Build report: {report['name']} {report['version']}", "",
-             f"Status: **{report['status']}**. Metric: {name} on {metric.get('samples')} evaluation samples; "
+             f"Status: **{report['status']}**. Metric: {name} on {metric.get('samples')} evaluation samples "
+             f"({metric.get('dataset', 'evaluation set')}); "
              f"fp32 original {fmt_metric(name, metric.get('reference'))}; budget: at most "
              f"{fmt_delta(name, metric.get('budget', 0.0)).lstrip('+')} loss.", "",
              "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
@@ -116,13 +159,22 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", preprocessing_line(report)]
     if metric.get("output_chosen_by"):
         lines.append(f"The metric reads the model output `{metric.get('output')}` ({metric['output_chosen_by']}).")
-    lines += ["", "Sizes and speed-ups are against the fp32 variant of the same format; latency is one "
-              "sample per call, one thread, on the build host; peak memory is what loading and running "
-              "the model added to a fresh process.", "", "## Profiles", ""]
+    lines += ["", "Sizes and speed-ups are against the fp32 variant of the same format. Latency: one sample "
+              "per call, one thread, on the build host, every variant in its own process, timed in "
+              "interleaved rounds; the bracket is the range of the per-round medians. A speed-up is the "
+              "median of the per-round ratios to fp32, with their range. Peak memory is what loading and "
+              "running the model added to a fresh process. Checks are task-matched gates on the same "
+              "evaluation set (see the variant's error when one fails).", "", "## Profiles", ""]
     for pname, prof in report.get("profiles", {}).items():
         lines.append(f"- **{pname}**: ships {', '.join(prof['ship']) or 'nothing'} (first = preferred)")
         for vid, why in sorted(prof.get("excluded", {}).items()):
             lines.append(f"  - not {vid}: {why}")
+    stages = report.get("stages") or {}
+    if stages:
+        lines += ["", "## Stages", ""]
+        for kind, info in stages.items():
+            details = ", ".join(f"{k} {v}" for k, v in sorted(info.items()) if k not in ("status", "error"))
+            lines.append(f"- **{kind}**: {info.get('status')}; {details}")
     problems = [v for v in report.get("variants", []) if v.get("error")] + [
         {"id": "build", "error": e} for e in report.get("errors", [])]
     if problems:

@@ -1,6 +1,7 @@
 """Load the input model and turn it into the fp32 ONNX reference every variant starts from.
 
-Inputs: an ``.onnx`` file; a Keras ``.keras`` file or TF SavedModel (TFLite variants are
+Inputs: an ``.onnx`` file; a Keras ``.keras`` file (exported with Keras' own
+``model.export(format="onnx")``, tf2onnx underneath: ADR 0003) or TF SavedModel (TFLite variants are
 converted from these directly); a PyTorch ``nn.Module`` from a factory (exported with the
 TorchScript-based ``torch.onnx.export``, which needs no onnxscript); a scikit-learn estimator
 from a factory (skl2onnx). Heavy libraries are imported inside the functions that need them.
@@ -34,6 +35,7 @@ class LoadedModel:
     keras_model: Any = None
     saved_model_dir: Path | None = None
     onnx_error: ModelInputError | None = None
+    torch_module: Any = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -137,23 +139,35 @@ def load_model(spec: BuildSpec, features: dict[str, np.ndarray]) -> LoadedModel:
     raise ModelInputError(f"unknown model format {kind!r}")
 
 
+def from_object(spec: BuildSpec, obj: Any, features: dict[str, np.ndarray]) -> LoadedModel:
+    """Load a model object made during the build (a pruned model, a student) like ``[model]`` would be."""
+    m = spec.model
+    kind = _detect(obj, None)
+    if kind == "keras":
+        return _from_keras(obj, None, list(features), list(m.output_names or ["output"]), m.opset, features)
+    if kind == "torch":
+        return _from_torch(obj, list(features), list(m.output_names or ["output"]), m.opset, m.dynamic_axes,
+                           features)
+    raise ModelInputError(f"a build stage returned a {kind} model; stages make Keras or PyTorch models")
+
+
 def _from_keras(obj: Any, path: Path | None, names: list[str], outs: list[str], opset: int,
                 features: dict[str, np.ndarray]) -> LoadedModel:
-    from converter.keras_onnx import keras_to_onnx
+    from converter.keras_export import keras_to_onnx
 
     prepare_tensorflow()
     import keras
 
     model = obj if obj is not None else keras.models.load_model(path)
-    if len(names) != 1:
-        raise ModelInputError(f"a Keras model takes one input; preprocessing produces {names}")
     sha = _sha256_path(path) if path is not None else _keras_weights_sha(model)
     try:
-        data = keras_to_onnx(model, input_name=names[0], output_name=outs[0], opset=opset)
+        data = keras_to_onnx(model, input_names=names, output_names=outs, opset=opset)
     except ModelInputError as exc:
         return LoadedModel("keras", None, sha, keras_model=model, onnx_error=exc)
-    expected = np.asarray(model(features[names[0]][:64], training=False))
-    verify_against(data, {names[0]: features[names[0]][:64]}, expected, "keras")
+    check = {n: features[n][:64] for n in names}
+    expected = model([check[n] for n in names] if len(names) > 1 else check[names[0]], training=False)
+    expected = expected[0] if isinstance(expected, (list, tuple)) else expected
+    verify_against(data, check, np.asarray(expected), "keras")
     return LoadedModel("keras", data, sha, keras_model=model)
 
 
@@ -192,7 +206,7 @@ def _from_torch(module: Any, names: list[str], outs: list[str], opset: int,
     for key, tensor in sorted(module.state_dict().items()):
         h.update(key.encode())
         h.update(tensor.detach().cpu().numpy().tobytes())
-    return LoadedModel("torch", data, h.hexdigest())
+    return LoadedModel("torch", data, h.hexdigest(), torch_module=module)
 
 
 def _from_sklearn(est: Any, names: list[str], outs: list[str], opset: int,

@@ -18,6 +18,7 @@ from typing import Any
 import tomllib
 
 from converter.errors import SpecError
+from converter.metrics import CheckSpec
 from converter.profiles import BUILTIN_PROFILES, Profile, profile_from_dict
 
 VARIANT_IDS = (
@@ -42,12 +43,15 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "preprocessing": ("input", "output", "steps", "resources", "opset"),
     "fit": DATA_KEYS,
     "calibration": DATA_KEYS,
-    "evaluation": (*DATA_KEYS, "metric", "top_k", "budget", "output", "golden_count"),
+    "evaluation": (*DATA_KEYS, "metric", "top_k", "budget", "output", "golden_count", "name", "class_budget",
+                   "min_cosine", "nn_agreement", "p5_cosine"),
     "variants": ("build", *VARIANT_IDS),
     "targets": ("profiles",),
     "profiles": (),  # user-defined profile names; each table is checked by profile_from_dict
     "signing": ("keys", "expires_days", "create"),
-    "output": ("dir", "latency_runs", "strict"),
+    "output": ("dir", "latency_runs", "latency_rounds", "strict"),
+    "prune": (),  # the optional model stages: their keys are checked by converter.stage_spec
+    "distill": (),
 }
 """Every section of edgepack.toml and its keys; anything else is refused (a typo must not be ignored)."""
 
@@ -58,7 +62,8 @@ VARIANT_OPTIONS: dict[str, tuple[str, ...]] = {
     "onnx-fp32": (),
     "onnx-fp16": ("op_block_list",),
     "onnx-int8": _INT8_STATIC,
-    "onnx-int8-dynamic": ("per_channel", "reduce_range", "op_types_to_quantize", "nodes_to_exclude", "extra_options"),
+    "onnx-int8-dynamic": ("per_channel", "reduce_range", "op_types_to_quantize", "nodes_to_exclude", "extra_options",
+                          "weight_only_nodes", "min_smaller_x", "max_weight_only_nodes"),
     "tflite-fp32": _TFLITE,
     "tflite-fp16": _TFLITE,
     "tflite-int8": _TFLITE,
@@ -118,6 +123,11 @@ class BuildSpec:
     keys_dir: Path | None
     out_dir: Path
     latency_runs: int
+    latency_rounds: int = 10
+    checks: CheckSpec = field(default_factory=CheckSpec)
+    evaluation_name: str | None = None
+    stages: dict[str, Any] = field(default_factory=dict)
+    """``prune`` / ``distill`` -> :class:`converter.stage_spec.StageSpec` (only the configured ones)."""
     strict: bool = False
     create_keys: bool = False
 
@@ -193,15 +203,19 @@ def check_key(parts: list[str], origin: str = "") -> None:
     section = parts[0]
     if section not in SECTIONS:
         raise _unknown("section", f"[{section}]", [f"[{k}]" for k in SECTIONS], origin)
-    if len(parts) < 2 or section == "profiles":
+    if len(parts) < 2 or section in ("profiles", "prune", "distill"):
         return
     key = parts[1]
     if section in ("preprocessing", "model") and key in ("resources", "dynamic_axes"):
         return  # free-form tables: resource file names, model input/output names
+    if section == "variants" and key != "build":
+        from converter.stage_spec import split_variant
+
+        key = split_variant(key)[1]  # a stage's variant (pruned-onnx-int8) takes its base variant's options
     if key not in SECTIONS[section]:
         raise _unknown(f"[{section}] key", key, SECTIONS[section], origin)
     if section == "variants" and key != "build" and len(parts) > 2 and parts[2] not in VARIANT_OPTIONS[key]:
-        raise _unknown(f"[variants.{key}] option", parts[2], VARIANT_OPTIONS[key], origin)
+        raise _unknown(f"[variants.{parts[1]}] option", parts[2], VARIANT_OPTIONS[key], origin)
 
 
 def check_keys(raw: dict[str, Any]) -> None:
@@ -211,6 +225,8 @@ def check_keys(raw: dict[str, Any]) -> None:
             raise _unknown("section", f"[{section}]", [f"[{k}]" for k in SECTIONS])
         if not isinstance(table, dict):
             raise SpecError(f"[{section}] must be a table, found {type(table).__name__} {table!r}")
+        if section in ("profiles", "prune", "distill"):
+            continue  # checked where they are parsed (profile_from_dict, converter.stage_spec)
         for key, value in table.items():
             check_key([section, key])
             if section == "variants" and key != "build":
@@ -346,14 +362,26 @@ def parse_spec(raw: dict[str, Any], *, root: Path) -> BuildSpec:
         raise SpecError(f"[evaluation] top_k and golden_count must be >= 1, found {top_k}, {golden}")
     metric_output = _get(ev, "evaluation", "output", str, None, "the name of a model output")
 
+    checks = parse_checks(ev, task, metric, float(budget))
+
     var_t = _table(raw, "variants")
     build_list = var_t.get("build", ["onnx-fp32", "onnx-int8"])
     if not isinstance(build_list, list):
         raise SpecError(f"[variants] build must be a list of variant ids, found {build_list!r}")
     variants = tuple(build_list)
-    unknown = [v for v in variants if v not in VARIANT_IDS]
+    from converter.stage_spec import PREFIXES, parse_stage, split_variant
+
+    unknown = [v for v in variants if split_variant(v)[1] not in VARIANT_IDS]
     if unknown:
-        raise SpecError(f"[variants] build lists unknown variants {unknown}; known: {list(VARIANT_IDS)}")
+        raise SpecError(f"[variants] build lists unknown variants {unknown}; known: {list(VARIANT_IDS)}, "
+                        f"each optionally prefixed with {sorted(p + '-' for p in PREFIXES)}")
+    stages: dict[str, Any] = {sec: parse_stage(sec, raw[sec], root, task, metric, float(budget))
+              for sec in ("prune", "distill") if sec in raw}
+    for v in variants:
+        prefix = split_variant(v)[0]
+        if prefix and PREFIXES[prefix] not in stages:
+            raise SpecError(f"[variants] build lists {v!r} but there is no [{PREFIXES[prefix]}] section to make "
+                            f"the {prefix} model", fix=f"add [{PREFIXES[prefix]}] or drop {v!r}")
     if not variants:
         raise SpecError("[variants] build is empty", fix='list at least "onnx-fp32"')
     options = {k: dict(v) for k, v in var_t.items() if k != "build" and isinstance(v, dict)}
@@ -378,7 +406,7 @@ def parse_spec(raw: dict[str, Any], *, root: Path) -> BuildSpec:
     out = _table(raw, "output")
     keys = _get(signing, "signing", "keys", str, None, "a key directory path")
     expires = _get(signing, "signing", "expires_days", int, 365, "a whole number of days")
-    runs = _get(out, "output", "latency_runs", int, 50, "a whole number >= 1")
+    runs = _get(out, "output", "latency_runs", int, 200, "a whole number >= 1")
     if expires < 1 or runs < 1:
         raise SpecError(f"[signing] expires_days and [output] latency_runs must be >= 1, found {expires}, {runs}")
     out_dir = _get(out, "output", "dir", str, "out", "a directory path")
@@ -407,8 +435,39 @@ def parse_spec(raw: dict[str, Any], *, root: Path) -> BuildSpec:
         keys_dir=resolve_path(keys, root) if keys else None,
         out_dir=resolve_path(out_dir, root),
         latency_runs=runs,
+        latency_rounds=_get(out, "output", "latency_rounds", int, 10, "a whole number >= 1"),
         strict=_get(out, "output", "strict", bool, False, "true or false"),
         create_keys=_get(signing, "signing", "create", bool, False, "true or false"),
+        checks=checks,
+        stages=stages,
+        evaluation_name=str(ev["name"]) if ev.get("name") else None,
+    )
+
+
+def _limit(table: dict[str, Any], key: str, default: float | None, lo: float, hi: float) -> float | None:
+    value = table.get(key, default)
+    if value is None or value is False:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise SpecError(f"[evaluation] {key} must be a number in [{lo}, {hi}] (or false to switch it off), "
+                        f"found {value!r}")
+    return float(value)
+
+
+def parse_checks(ev: dict[str, Any], task: str, metric: str, budget: float) -> CheckSpec:
+    """The task-matched checks of ``[evaluation]``, with defaults that follow the task.
+
+    Embeddings gated on cosine: the worst sample may lose at most twice the mean budget
+    (``min_cosine = 1 - 2 * budget``) and 90 % of the samples must keep their nearest neighbour.
+    Classifiers gated on accuracy or F1 with labels: no class may lose more than 5 points.
+    """
+    emb = task == "embedding" and metric == "cosine"
+    cls = task == "classification" and metric in ("accuracy", "f1")
+    return CheckSpec(
+        min_cosine=_limit(ev, "min_cosine", max(0.0, 1 - 2 * budget) if emb else None, -1.0, 1.0),
+        p5_cosine=_limit(ev, "p5_cosine", None, -1.0, 1.0),
+        nn_agreement=_limit(ev, "nn_agreement", 0.9 if emb else None, 0.0, 1.0),
+        class_budget=_limit(ev, "class_budget", 0.05 if cls else None, 0.0, 1.0),
     )
 
 

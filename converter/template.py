@@ -60,17 +60,43 @@ budget = 0.005               # largest loss allowed, in the metric's units (0.00
 # output = "probabilities"   # which model output the metric reads; needed only when it is ambiguous (by
                              # default: the only output, or for classification the only 2-D float one,
                              # e.g. skl2onnx's "probabilities" next to "label")
+# name = "held-out 2026-05"  # how the report names this evaluation set
+# class_budget = 0.05        # classifiers: largest loss of any single class (default 0.05; false = off)
+# min_cosine = 0.98          # embeddings: worst sample's cosine to fp32 (default 1 - 2 * budget)
+# nn_agreement = 0.9         # embeddings: share keeping their nearest neighbour (default 0.9)
+# p5_cosine = 0.99           # embeddings: 5th-percentile cosine (off by default)
 golden_count = 8             # evaluation samples stored as golden vectors for the device self-test
+
+# Optional training stages (Keras or PyTorch models). Their variants are the usual ids with a prefix:
+# "pruned-onnx-int8", "student-tflite-int8", ... and are gated against the fp32 original like any other.
+# [prune]                    # magnitude pruning (unstructured), fine-tuned on the data
+# data = { factory = "recipe.py:training" }   # raw samples (+ labels when present)
+# sparsity = 0.5
+# epochs = 5
+# learning_rate = 0.001
+# [distill]                  # a smaller student trained on the teacher's outputs (no labels needed)
+# data = { path = "unlabeled.npz" }
+# width = 0.5                # Keras: channels/units of every layer but the output, times this
+# keep_layers = [0, 2, 4]    # PyTorch: entries of the model's largest layer list to keep
+# student = "recipe.py:student"   # or a function taking the teacher and returning the student
+# epochs = 20
+# budget = 0.01              # the student's own gate (reported; ships only within [evaluation] budget)
 
 [variants]
 # onnx-fp32 | onnx-fp16 | onnx-int8 (static QDQ) | onnx-int8-dynamic (transformers)
 # tflite-fp32 | tflite-fp16 | tflite-int8 (need a Keras or SavedModel input)
+# each optionally prefixed pruned- or student- (needs [prune] / [distill])
 build = ["onnx-fp32", "onnx-int8"]
 
 [variants.onnx-int8]
 per_channel = "auto"         # auto builds both and keeps the one closer to fp32 on the calibration set
 calibration_method = "minmax"   # minmax | entropy | percentile
 # nodes_to_exclude = []      # leave nodes in fp32 (an op that cannot be quantized)
+
+# [variants.onnx-int8-dynamic]
+# per_channel = true
+# weight_only_nodes = "auto" # sensitive MatMuls: 8-bit weights, fp32 activations, until the gates pass
+# min_smaller_x = 3.5        # ... while the model stays this much smaller than fp32
 
 [targets]
 profiles = ["rpi4", "rpi5", "x86-kiosk"]
@@ -88,5 +114,6 @@ expires_days = 365
 
 [output]
 dir = "out"                  # bundle, build-report.json, build-report.md
-latency_runs = 50
+latency_runs = 200             # timed calls per variant in all ...
+latency_rounds = 10            # ... in interleaved rounds: every variant runs in every round
 '''

@@ -107,6 +107,17 @@ class LimitsConfig:
     backoff_max_s: float = 300.0
     outbox_max_messages: int = 10_000
     outbox_max_bytes: int = 64 * 1024 * 1024
+    disk_reserve_bytes: int = 4 * 1024 * 1024
+    """Kept free on the state directory's file system (state file, outbox, metadata): a bundle that does not
+    fit next to it is not downloaded (``install_failed``, reason ``disk_full``) until space returns."""
+    download_stalled_after: int = 3
+    """Failed download attempts of one bundle (deadline, network, server errors) before ``install_failed``
+    (reason ``download_stalled``) is reported; the agent keeps retrying with exponential backoff."""
+    boot_loop_limit: int = 3
+    """Agent boots tolerated in one state of one update (verifying, activating, ...) before the update is
+    abandoned as a boot loop (the trial has its own limit, ``trial.max_restarts``)."""
+    clock_tolerance_s: float = 300.0
+    """How far the device clock may be behind the newest signed time the agent accepted (server skew)."""
 
 
 @dataclass(frozen=True)

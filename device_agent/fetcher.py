@@ -34,13 +34,16 @@ class DeadlineFetcher(FetcherInterface):
     """python-tuf fetcher with an overall deadline (set :attr:`deadline` before each refresh)."""
 
     def __init__(self, transport: Transport, clock: Clock, *, socket_timeout_s: float = 30.0,
-                 chunk_bytes: int = 64 * 1024, headers: dict[str, str] | None = None) -> None:
+                 chunk_bytes: int = 64 * 1024, headers: dict[str, str] | None = None,
+                 progress: Callable[[], None] | None = None) -> None:
         self.transport = transport
         self.clock = clock
         self.socket_timeout_s = socket_timeout_s
         self.chunk_bytes = chunk_bytes
         self.headers = dict(headers or {})
         self.deadline = Deadline(clock, None)
+        self.progress = progress
+        """Called for each chunk received (the agent's watchdog heartbeat)."""
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         return self._chunks(url)
@@ -56,6 +59,8 @@ class DeadlineFetcher(FetcherInterface):
                     raise tuf_exc.DownloadHTTPError(f"HTTP {resp.status} for {url}", resp.status)
                 for chunk in resp.chunks:
                     yield chunk
+                    if self.progress is not None:
+                        self.progress()
                     if self.deadline.remaining() <= 0:
                         raise tuf_exc.SlowRetrievalError(
                             f"{url}: overall deadline of {self.deadline.seconds} s passed")
@@ -80,11 +85,14 @@ def open_updater(metadata_dir: Path, metadata_url: str, fetcher: FetcherInterfac
 
 
 def target_url(base_url: str, target: TargetFile, *, hash_prefix: bool) -> str:
-    """URL of a target; with consistent snapshots the basename is prefixed with its hash (TUF 5.7.3)."""
+    """URL of a target; with consistent snapshots the basename is prefixed with a hash (TUF 5.7.3).
+
+    The hash is the first one the metadata lists, as python-tuf's ``Updater.download_target`` picks it (a
+    repository with consistent snapshots stores each target under every listed hash)."""
     path = target.path
     if hash_prefix:
         dirname, sep, basename = path.rpartition("/")
-        digest = target.hashes.get("sha256") or next(iter(target.hashes.values()))
+        digest = next(iter(target.hashes.values()))
         path = f"{dirname}{sep}{digest}.{basename}"
     return base_url.rstrip("/") + "/" + path
 

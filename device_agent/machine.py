@@ -26,12 +26,14 @@ from device_agent import AGENT_VERSION
 from device_agent.clock import Clock, SystemClock
 from device_agent.config import AgentConfig
 from device_agent.connection import http_transport, mqtt_publisher
-from device_agent.errors import ConfigError
+from device_agent.errors import ConfigError, StorageError
+from device_agent.guards import loop_verdict, retry_delay
 from device_agent.inbox import Inbox
 from device_agent.outbox import Outbox
+from device_agent.reporting import Reporter
 from device_agent.server import ServerClient
 from device_agent.serving import Serving
-from device_agent.states import Event, State, next_state
+from device_agent.states import UPDATE_STATES, Event, State, next_state
 from device_agent.steps import Outcome, UpdateSteps
 from device_agent.store import Pending, StateRecord, Store
 from device_agent.supervisor import Supervisor, WorkerSupervisor
@@ -61,7 +63,7 @@ class Agent:
         self.image = ImageRepository(self.store.tuf, self.store.trust, image_url, config.path(config.trust.image_root),
                                      self.transport, self.clock, socket_timeout_s=config.limits.socket_timeout_s,
                                      deadline_s=config.limits.download_deadline_s,
-                                     max_metadata_bytes=config.limits.max_metadata_bytes)
+                                     max_metadata_bytes=config.limits.max_metadata_bytes, progress=self._beat)
         with translated("director root"):
             director_root = Metadata[Root].from_bytes(config.path(config.trust.director_root).read_bytes()).signed
         self.stop_flag = threading.Event()
@@ -78,7 +80,8 @@ class Agent:
             self.store.bundles, threads=config.worker.threads, memory_limit_mb=config.worker.memory_limit_mb,
             start_timeout_s=config.worker.start_timeout_s, restart_backoff_max_s=config.worker.restart_backoff_max_s,
             max_input_dims=config.telemetry.max_input_dims)
-        self.serving = Serving(config, clock=self.clock, supervisor=self.supervisor, telemetry=self.telemetry,
+        self.reporter = Reporter(self.telemetry)
+        self.serving = Serving(config, clock=self.clock, supervisor=self.supervisor, reporter=self.reporter,
                                inbox=self.inbox, stop_flag=self.stop_flag, record=lambda: self.record)
         self.supervisor.on_crash = self.serving.on_crash
         self.updates = UpdateSteps(
@@ -87,6 +90,10 @@ class Agent:
             runtimes=self.runtimes, supervisor=self.supervisor, inbox=self.inbox, stop_flag=self.stop_flag,
             window=self.serving.window,
             poll_interval_s=float(self.enrollment.get("poll_interval_s") or config.server.poll_interval_s))
+        self._hold_until = 0.0
+        """While the state file cannot be written: no step before this (monotonic)."""
+        self._storage_failures = 0
+        self._storage_reported = False
 
     # ---- setup -------------------------------------------------------------------------------------------
     @property
@@ -101,6 +108,9 @@ class Agent:
     @property
     def window(self) -> WindowStats:
         return self.serving.window
+
+    def _beat(self) -> None:
+        self.updates.heartbeat = self.clock.monotonic()
 
     @property
     def heartbeat(self) -> float:
@@ -134,25 +144,39 @@ class Agent:
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def boot(self) -> None:
-        """Resume after a (re)start: serve a verified bundle, then continue the persisted step."""
+        """Resume after a (re)start: count the boot, serve a verified bundle, then continue the persisted step.
+
+        The boot is counted in the persisted record first, before anything that could kill the agent runs:
+        a step that kills it on every boot is then caught by the loop guard (:meth:`step`)."""
         if self.credential is None:
             raise ConfigError(f"device {self.config.device_id} is not enrolled: no credential at "
                               f"{self.config.path(self.config.server.credential_file)}; run `edgepack-agent enroll`")
         rec = self.record
+        booted = rec.evolve(state=next_state(rec.state, Event.BOOT))
+        if rec.state in UPDATE_STATES and rec.pending is not None:
+            booted = booted.evolve(pending=rec.pending.booted(rec.state))
+        self._save(booted)
         keep = {r.slot for r in (rec.active, rec.previous) if r} | ({rec.pending.slot} if rec.pending else set())
         removed = self.store.prune(keep)
         if removed:
             log.info("removed leftovers of interrupted updates: %s", removed)
         self.telemetry.start()
-        self.serving.serve_at_boot(rec)
-        booted = rec.evolve(state=next_state(rec.state, Event.BOOT))
-        if rec.state is State.TRIAL and rec.pending is not None:
-            booted = booted.evolve(pending=rec.pending.booted(State.TRIAL))
-        self._persist(booted)
+        self.serving.serve_at_boot(self.record)
         serving = self.record.serving()
         log.info("agent %s booted in state %s, serving %s", self.config.device_id, self.record.state.value,
                  serving.ident() if serving else None)
         self.serving.start_windows()
+        self._pause()
+
+    def _save(self, record: StateRecord) -> bool:
+        """Persist ``record``; when the disk refuses, keep it in memory, report, and say False."""
+        try:
+            self._persist(record)
+        except StorageError as exc:
+            self._cannot_save(exc, record.state)
+            self.record = record
+            return False
+        return True
 
     def run(self) -> None:
         """Act until :meth:`stop`. Call :meth:`boot` first."""
@@ -171,12 +195,20 @@ class Agent:
     def _persist(self, record: StateRecord) -> None:
         self.store.save(record)
         self.record = record
+        if self._storage_failures:
+            log.info("the state directory accepts writes again")
+            self._storage_failures = 0
+            self._storage_reported = False
+            self.updates.storage_error = None
+        self.reporter.flush()
 
     # ---- stepping ----------------------------------------------------------------------------------------
     def ready(self) -> bool:
         """True when :meth:`step` would act at once: in IDLE the check-in is due or a notice is queued, in
         TRIAL the period is over or a crash is queued; every other state always. For schedulers that step
         many agents from a few threads (the fleet simulator)."""
+        if self._hold_until > self.clock.monotonic():
+            return False
         return self.updates.ready(self.record)
 
     def drain(self, kind: str) -> int:
@@ -190,12 +222,16 @@ class Agent:
         """Run the current state's step, persist the next state, emit its events."""
         rec = self.record
         state = rec.state
-        limit = self.config.trial.max_restarts
-        if state is State.TRIAL and rec.pending is not None and rec.pending.trial_boots > limit:
-            outcome: Outcome | None = self.updates._trial_failed(
-                "restarts", {"boots": rec.pending.trial_boots, "limit": limit})
-        else:
-            outcome = self.updates.run(rec)
+        hold = self._hold_until - self.clock.monotonic()
+        if hold > 0:  # the state file could not be written: wait, then run the (idempotent) step again
+            self.updates.heartbeat = self.clock.monotonic()
+            self.clock.wait(self.stop_flag, min(hold, 1.0))
+            return state
+        verdict = None
+        if rec.pending is not None:
+            verdict = loop_verdict(state, rec.pending.boots, limit=self.config.limits.boot_loop_limit,
+                                   trial_limit=self.config.trial.max_restarts)
+        outcome = self.updates.abandon(rec, verdict) if verdict is not None else self.updates.run(rec)
         if outcome is None:
             return state
         return self._apply(rec, outcome)
@@ -205,7 +241,10 @@ class Agent:
         new = next_state(state, outcome.event)
         before = rec.pending or outcome.change.get("pending", rec)
         rollout = before.rollout_id if isinstance(before, Pending) else None
-        self._persist(outcome.change.apply(rec, new))
+        try:
+            self._persist(outcome.change.apply(rec, new))
+        except StorageError as exc:
+            return self._persist_failed(rec, outcome, exc)
         if new is not state:
             log.info("state %s --%s--> %s", state.value, outcome.event.value, new.value)
         if outcome.retry_in is not None:
@@ -213,9 +252,60 @@ class Agent:
         elif new is State.IDLE and state is not State.IDLE:
             self.updates.next_checkin = 0.0  # report the outcome at once
         for name, target, detail in outcome.events:
-            self.telemetry.event(name, target=target, detail=detail, rollout_id=rollout)
+            self.reporter.event(name, target=target, detail=detail, rollout_id=rollout)
         self._pause()
         return new
+
+    def _persist_failed(self, rec: StateRecord, outcome: Outcome, exc: StorageError) -> State:
+        """The disk refused the new record: the old one stays on disk and in memory (so the step runs again).
+
+        An update that has not been activated yet gives way first: its files are deleted (they are likely
+        what filled the disk), it is reported as ``install_failed`` (``disk_full``) and retried after a
+        backoff. Otherwise the agent keeps serving, reports the error at check-in and tries again later."""
+        if rec.pending is not None and rec.state in (State.DOWNLOADING, State.VERIFYING, State.SELFTEST):
+            freed = self.updates.disk_full(rec, exc, "persist")
+            gave_way = freed.change.apply(rec, next_state(rec.state, freed.event))
+            try:
+                self._persist(gave_way)
+            except StorageError as again:
+                exc = again
+                self.record = gave_way  # its files are gone: go on from IDLE in memory (a restart re-checks them)
+            else:
+                return self._after_freeing(rec, freed)
+        self._cannot_save(exc, self.record.state)
+        target = next((t for _, t, _ in outcome.events if t), None) or (rec.pending.target() if rec.pending else None)
+        if target is not None and not self._storage_reported:  # an install is failing: the rollout gate must know
+            self._storage_reported = True
+            assert self.updates.storage_error is not None
+            self.reporter.event("install_failed", target=target, detail={**self.updates.storage_error})
+        return rec.state
+
+    def _after_freeing(self, rec: StateRecord, freed: Outcome) -> State:
+        self.updates.storage_error = None
+        self._storage_failures = 0
+        assert freed.retry_in is not None
+        self.updates.next_checkin = self.clock.monotonic() + freed.retry_in
+        rollout = rec.pending.rollout_id if rec.pending else None
+        for name, target, detail in freed.events:
+            self.reporter.event(name, target=target, detail=detail, rollout_id=rollout)
+        log.info("state %s --%s--> %s (disk full)", rec.state.value, freed.event.value, self.record.state.value)
+        return self.record.state
+
+    def _cannot_save(self, exc: StorageError, state: State) -> None:
+        self._storage_failures += 1
+        lim = self.config.limits
+        delay = retry_delay(self._storage_failures, initial_s=lim.backoff_initial_s, max_s=lim.backoff_max_s)
+        free, total = self.store.disk()
+        self.updates.storage_error = {**exc.as_detail(), "phase": "persist", "state": state.value,
+                                      "free_bytes": free, "total_bytes": total,
+                                      "message": f"{exc.message}; the last saved state is kept and the last good "
+                                                 f"model keeps serving; trying again in {delay:.0f} s"}
+        log.error("cannot save the state (%s); still serving; trying again in %.1f s", exc.message, delay)
+        now = self.clock.monotonic()
+        if state is State.IDLE:
+            self.updates.next_checkin = now + delay  # the check-in reports the error meanwhile
+        else:
+            self._hold_until = now + delay
 
     def _pause(self) -> None:
         if self.config.debug.step_delay_s:

@@ -21,10 +21,11 @@ from device_agent.clock import Clock
 from device_agent.config import AgentConfig
 from device_agent.errors import WorkerError
 from device_agent.inbox import Inbox
+from device_agent.reporting import Reporter
 from device_agent.states import State
 from device_agent.store import BundleRef, StateRecord
 from device_agent.supervisor import WorkerSupervisor
-from device_agent.telemetry import Telemetry, WindowStats
+from device_agent.telemetry import WindowStats
 
 log = logging.getLogger("edgepack-agent")
 
@@ -36,12 +37,12 @@ def error_body(code: str, message: str) -> bytes:
 class Serving:
     """The serving side of one device."""
 
-    def __init__(self, config: AgentConfig, *, clock: Clock, supervisor: WorkerSupervisor, telemetry: Telemetry,
+    def __init__(self, config: AgentConfig, *, clock: Clock, supervisor: WorkerSupervisor, reporter: Reporter,
                  inbox: Inbox, stop_flag: threading.Event, record: Callable[[], StateRecord]) -> None:
         self.config = config
         self.clock = clock
         self.supervisor = supervisor
-        self.telemetry = telemetry
+        self.reporter = reporter
         self.inbox = inbox
         self.stop_flag = stop_flag
         self.record = record
@@ -62,7 +63,7 @@ class Serving:
                 return
             except WorkerError as exc:
                 log.error("cannot serve %s %s at boot: %s", ref.name, ref.version, exc)
-                self.telemetry.event("install_failed", target=ref.ident(), detail={**exc.as_detail(),
+                self.reporter.event("install_failed", target=ref.ident(), detail={**exc.as_detail(),
                                                                                     "phase": "boot"})
         if first is not None:
             log.error("no verified bundle can be served")
@@ -76,7 +77,7 @@ class Serving:
         """Called from the worker's monitor thread: count, report, hand the decision to the acting thread."""
         self.window.crash()
         phase = "trial" if self.record().state is State.TRIAL else "serving"
-        self.telemetry.event("crash", target=ref.ident() if ref else None, detail={**err.as_detail(), "phase": phase})
+        self.reporter.event("crash", target=ref.ident() if ref else None, detail={**err.as_detail(), "phase": phase})
         self.inbox.put("crash", dict(err.detail))
 
     def _windows(self) -> None:
@@ -93,7 +94,7 @@ class Serving:
             stats = None
         if stats:
             window["input_stats"] = stats
-        return self.telemetry.window(window)
+        return self.reporter.window(window)
 
     # ---- local API -----------------------------------------------------------------------------------------
     def predict(self, body: bytes) -> tuple[int, bytes]:

@@ -10,7 +10,9 @@ It follows the suite's client protocol (CLIENT-CLI.md)::
 Exit code 0 on success, 1 on any failure. Metadata is stored under non-versioned names (``root.json``,
 ``timestamp.json``, ...). Metadata goes through :class:`~device_agent.fetcher.DeadlineFetcher` and
 targets through :func:`~device_agent.fetcher.download_target`, exactly as in the daemon; a target already in
-the target directory with matching hashes is not downloaded again.
+the target directory with matching hashes is not downloaded again. Like python-tuf's ngclient, targets are
+fetched as ``<dir>/<hash>.<basename>`` when the trusted root sets ``consistent_snapshot`` (TUF 5.7.3), by
+plain path otherwise.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from urllib import parse
+
+from tuf.api.metadata import Metadata, Root
 
 from device_agent.clock import SystemClock
 from device_agent.fetcher import DeadlineFetcher, cached, download_target, open_updater, target_url
@@ -55,11 +59,16 @@ def _updater(args: argparse.Namespace, with_targets: bool):  # type: ignore[no-u
     clock = SystemClock()
     fetcher = DeadlineFetcher(Urllib3Transport(), clock)
     fetcher.deadline = Deadline(clock, args.deadline, "metadata refresh")
-    # prefix_targets_with_hash=False: the conformance repository serves targets by plain path.
+    # Targets are downloaded by download_target below, not by python-tuf; it follows consistent_snapshot.
     return open_updater(args.metadata_dir, args.metadata_url, fetcher, bootstrap=None,
                         target_dir=args.target_dir if with_targets else None,
                         target_url=args.target_base_url if with_targets else None,
                         prefix_targets_with_hash=False), fetcher
+
+
+def _trusted_root(metadata_dir: Path) -> Root:
+    """The root python-tuf trusts after its refresh (it keeps the newest verified one as ``root.json``)."""
+    return Metadata[Root].from_bytes((metadata_dir / "root.json").read_bytes()).signed
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError("download needs --target-name, --target-base-url and --target-dir")
             updater, fetcher = _updater(args, with_targets=True)
             updater.refresh()
+            hash_prefix = bool(_trusted_root(args.metadata_dir).consistent_snapshot)
             args.target_dir.mkdir(parents=True, exist_ok=True)
             for name in args.target_name:
                 info = updater.get_targetinfo(name)
@@ -86,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
                 dest = args.target_dir / parse.quote(info.path, "")
                 if cached(dest, info):
                     continue
-                url = target_url(args.target_base_url, info, hash_prefix=False)
+                url = target_url(args.target_base_url, info, hash_prefix=hash_prefix)
                 download_target(fetcher.transport, url, dest, info, Deadline(fetcher.clock, args.deadline),
                                 socket_timeout_s=fetcher.socket_timeout_s)
             return 0

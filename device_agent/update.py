@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,14 +81,16 @@ class ImageRepository:
 
     def __init__(self, metadata_dir: Path, trust_dir: Path, url: str, pinned_root: Path, transport: Transport,
                  clock: Clock, *, socket_timeout_s: float = 30.0, deadline_s: float = 300.0,
-                 max_metadata_bytes: int = 5_000_000, headers: dict[str, str] | None = None) -> None:
+                 max_metadata_bytes: int = 5_000_000, headers: dict[str, str] | None = None,
+                 progress: Callable[[], None] | None = None) -> None:
         self.metadata_dir = metadata_dir
         self.url = url if url.endswith("/") else url + "/"
         self.pinned_root = pinned_root
         self.clock = clock
         self.deadline_s = deadline_s
         self.max_metadata_bytes = max_metadata_bytes
-        self.fetcher = DeadlineFetcher(transport, clock, socket_timeout_s=socket_timeout_s, headers=headers)
+        self.fetcher = DeadlineFetcher(transport, clock, socket_timeout_s=socket_timeout_s, headers=headers,
+                                       progress=progress)
         with translated("trusted image root"):
             self.trust = TrustStore.open(trust_dir, initial_root=pinned_root)
 

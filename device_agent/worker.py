@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from bundles.drift import DriftCounter, DriftProfile
 from bundles.errors import BundleError, PreprocessingError
 from bundles.golden import Golden, check_features, check_outputs, tolerances
 from bundles.manifest import Manifest, TensorSpec
@@ -61,6 +62,20 @@ class BadRequest(Exception):
     """The prediction request does not fit the model; answered with HTTP 400."""
 
 
+def _drift_counter(manifest: Manifest, directory: Path) -> DriftCounter | None:
+    """Counts inputs into the bundle's drift profile (bundles/drift.py), when it has one. A profile this agent
+    cannot read only costs the drift statistics, never the model: it is reported to stderr and skipped."""
+    if not manifest.reference_stats:
+        return None
+    try:
+        ref = json.loads((directory / manifest.reference_stats).read_bytes())
+        profile = ref.get("drift") if isinstance(ref, dict) else None
+        return DriftCounter(DriftProfile.from_dict(profile)) if isinstance(profile, dict) else None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"worker: drift profile of the bundle not usable, no drift counts: {exc}", file=sys.stderr)
+        return None
+
+
 def _check_feature(spec: TensorSpec, value: np.ndarray) -> None:
     if value.ndim != len(spec.shape):
         raise BadRequest(f"input {spec.name!r} has {value.ndim} dimensions after preprocessing; the model expects "
@@ -86,6 +101,7 @@ class Worker:
         self.ident: dict[str, Any] = {}
         self.max_dims = 128
         self._stats: dict[str, Any] | None = None
+        self._drift: DriftCounter | None = None
 
     # ---- ops ---------------------------------------------------------------------------------------------
     def load(self, msg: Mapping[str, Any]) -> dict[str, Any]:
@@ -107,6 +123,7 @@ class Worker:
         self.ident = dict(msg["ident"])
         self.max_dims = int(msg.get("max_input_dims", 128))
         self._stats = None
+        self._drift = _drift_counter(manifest, directory)
         t_end = time.perf_counter()
         return {"hash_ms": (t_hash - t0) * 1e3, "session_ms": (t_end - t_hash) * 1e3,
                 "inputs": list(self.runner.input_names), "pid": os.getpid()}
@@ -177,6 +194,8 @@ class Worker:
             raise BadRequest(f"the runtime refused the input: {exc}") from None
         classes = self._classes(outputs)
         self._observe(features[self.runner.input_names[0]])
+        if self._drift is not None:
+            self._drift.observe(features, outputs)
         answer: dict[str, Any] = {"prediction_id": prediction_id, "model": self.ident,
                                   "outputs": {k: np.asarray(v).tolist() for k, v in outputs.items()}}
         if classes is not None:
@@ -219,7 +238,11 @@ class Worker:
         def r(a: Any) -> list[float]:
             return [round(float(v), 6) for v in a]
 
-        return {"count": int(s["samples"]), "mean": r(mean), "std": r(std), "min": r(s["min"]), "max": r(s["max"])}
+        out = {"count": int(s["samples"]), "mean": r(mean), "std": r(std), "min": r(s["min"]), "max": r(s["max"])}
+        hist = self._drift.take() if self._drift is not None else None
+        if hist is not None:
+            out["hist"] = hist
+        return out
 
     # ---- loop --------------------------------------------------------------------------------------------
     def handle(self, msg: Mapping[str, Any]) -> dict[str, Any]:

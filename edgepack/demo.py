@@ -190,8 +190,11 @@ def demo(
         console.print(f"broker: {broker.kind} at {broker.url} (MQTT {broker.protocol}, accounts: {broker.auth})")
         server = _local.start_server(data_dir=work / "server", keys_dir=keys.directory, broker=broker,
                                      tls_files=tls_files, poll_interval_s=2, gate_interval_s=0.5,
-                                     default_min_soak_s=soak, default_min_devices=1)
+                                     default_min_soak_s=soak, default_min_devices=1, gate_history_interval_s=2.0)
         console.print(f"update server: {server.url} (SQLite in {work / 'server'}); API docs {server.url}/docs")
+        console.print(f"[bold]dashboard: {server.url}/ui/[/]  (sign in with the admin token {server.token}; "
+                      "the rollouts below halt there live; the certificate is from the demo's local CA "
+                      f"{tls_files.ca_cert}, which your browser does not know: accept it or import the CA)")
 
         console.rule("[bold]2. edgepack build: the digits CNN (Keras -> ONNX fp32 / int8), signed")
         base_path = build_digits(keys_dir=keys.directory, out_dir=work / "build", profiles=[HARDWARE],
@@ -250,6 +253,7 @@ def demo(
             rolled_back = _wait_fleet(fleet, "1.1.0", 120)
 
         _summary(console, outcomes, fleet, server, rolled_back, time.monotonic() - t_start)
+        _check_dashboard(console, server, outcomes)
         expected = [("1.0.0", "completed"), ("1.1.0", "completed"), ("1.2.0", "rolled_back"),
                     ("1.3.0", "rolled_back")]
         got = [(o.version, o.state) for o in outcomes]
@@ -328,12 +332,30 @@ def _summary(console: Console, outcomes: list[Outcome], fleet: list[Any], server
     console.print(f"fleet now serves {escape(str(dict(versions)))}; bad versions rolled back: {rolled_back}; "
                   f"demo took {seconds:.0f} s")
     console.print("\nWhere to look (while it runs, with --keep):")
+    console.print(f"  dashboard:      {server.url}/ui/     (sign in with the admin token below)")
+    console.print(f"  metrics:        {server.url}/metrics (Prometheus; Bearer token)")
     console.print(f"  API and docs:   {server.url}/docs     (admin token: {server.token}; CA {server.ca_file})")
     ca = f"EDGEPACK_CA_FILE={server.ca_file} " if server.ca_file else ""
     console.print(f"  devices:        {ca}edgepack devices list --server {server.url} --token {server.token}")
     for o in outcomes:
         console.print(f"  rollout {o.version}: {ca}edgepack rollout status {o.rollout_id} --server {server.url} "
                       f"--token {server.token}")
+
+
+def _check_dashboard(console: Console, server: Any, outcomes: list[Outcome]) -> None:
+    """The dashboard's rollout pages show each halted rollout with the gate that halted it."""
+    import httpx
+
+    shown = []
+    for o in outcomes:
+        breached = [g["name"] for g in o.gates if g.get("status") == "breached"]
+        if o.state not in ("halted", "rolled_back") or not breached:
+            continue
+        page = httpx.get(f"{server.url}/ui/rollouts/{o.rollout_id}", timeout=30,
+                         headers={"Authorization": f"Bearer {server.token}"},
+                         verify=str(server.ca_file) if server.ca_file else True)
+        shown.append(page.status_code == 200 and all(f'<td class="gate-name">{g}</td>' in page.text for g in breached))
+    console.print(f"dashboard pages show the halted rollouts and their gates: {'ok' if all(shown) else 'NO'}")
 
 
 def register(app: typer.Typer) -> None:

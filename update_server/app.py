@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -24,13 +25,18 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import delete, text
 
 from bundles.keys import OnlineKeys
-from update_server.api import admin_api, device_api, docs, errors, tuf_api
+from update_server import ui
+from update_server.api import admin_api, device_api, docs, errors, metrics_api, tuf_api
 from update_server.broker import make_accounts
 from update_server.context import ServerContext
 from update_server.db import is_unavailable, make_engine, make_sessionmaker, migrate
+from update_server.metrics import HttpMetricsMiddleware
 from update_server.models import TelemetrySeen
 from update_server.services import rollouts
 from update_server.services.common import ensure_locks, lock
+from update_server.services.health import prune as prune_health
+from update_server.services.health import record_evaluation
+from update_server.services.health_views import FleetCollector
 from update_server.settings import Settings
 from update_server.storage import make_storage
 from update_server.tuf_repo import ImageRepository
@@ -104,7 +110,9 @@ def prepare_database(ctx: ServerContext) -> None:
 
 def evaluate_all(ctx: ServerContext) -> None:
     for rollout_id in rollouts.active_rollout_ids(ctx):
-        rollouts.evaluate(ctx, rollout_id)
+        t0 = time.perf_counter()
+        decision = rollouts.evaluate(ctx, rollout_id)
+        record_evaluation(ctx, rollout_id, decision, time.perf_counter() - t0)
 
 
 def maintain_repository(ctx: ServerContext) -> None:
@@ -114,6 +122,7 @@ def maintain_repository(ctx: ServerContext) -> None:
         ctx.repo.refresh(session, now)
     with ctx.sessions() as session, session.begin():
         session.execute(delete(TelemetrySeen).where(TelemetrySeen.received_at < now - SEEN_RETENTION))
+        prune_health(session, now)
 
 
 def create_app(settings: Settings | None = None, *, background: bool = True) -> FastAPI:
@@ -162,6 +171,11 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
     app.include_router(device_api.router)
     app.include_router(admin_api.router)
     app.include_router(tuf_api.router)
+    ui.install(app)
+    if settings.metrics_enabled:
+        app.add_middleware(HttpMetricsMiddleware, metrics=ctx.metrics)
+        app.include_router(metrics_api.router)
+        ctx.metrics.extra.append(FleetCollector(ctx, ttl_s=settings.metrics_cache_s))
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

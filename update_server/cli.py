@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -67,8 +69,6 @@ def serve(config: Path | None = ConfigOpt,
           workers: int | None = typer.Option(None, help="Worker processes (EDGEPACK_WORKERS)."),
           log_level: str = typer.Option("info")) -> None:
     """Serve the HTTP API (HTTPS with tls_cert/tls_key), the TUF repository, the gate loop and the MQTT ingester."""
-    import uvicorn
-
     settings = _settings(config, host=host, port=port, workers=workers)
     for key, value in (("EDGEPACK_HOST", settings.host), ("EDGEPACK_PORT", settings.port)):
         os.environ[key] = str(value)
@@ -85,6 +85,33 @@ def serve(config: Path | None = ConfigOpt,
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+    metrics_dir = _multiprocess_metrics_dir()
+    try:
+        _run(settings, log_level)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _multiprocess_metrics_dir() -> Path | None:
+    """A fresh, empty directory for prometheus-client's multiprocess mode, set before any worker (or
+    prometheus_client) starts, so /metrics sums every worker (update_server/metrics.py). An operator's own
+    PROMETHEUS_MULTIPROC_DIR is used (and emptied: stale files would count a dead process forever)."""
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        path = Path(given)
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob("*.db"):
+            stale.unlink()
+        return None
+    path = Path(tempfile.mkdtemp(prefix="edgepack-metrics-"))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    return path
+
+
+def _run(settings: Settings, log_level: str) -> None:
+    import uvicorn
+
     cert = str(settings.tls_cert) if settings.tls_cert else None
     tls_key = str(settings.tls_key) if settings.tls_key else None
     if settings.workers > 1:

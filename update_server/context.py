@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -14,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from bundles.keys import OnlineKeys
 from update_server.broker import BrokerAccounts
+from update_server.metrics import Counters, Metrics
 from update_server.settings import Settings
 from update_server.storage import BlobStorage
 from update_server.tuf_repo import ImageRepository
@@ -21,22 +20,6 @@ from update_server.tuf_repo import ImageRepository
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
-
-
-class Counters:
-    """Thread-safe counters (ingest drops, duplicates, ...) exposed at /api/v1/admin/stats."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts: Counter[str] = Counter()
-
-    def add(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self._counts[name] += n
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._counts)
 
 
 Notify = Callable[[Iterable[str]], None]
@@ -55,6 +38,12 @@ class ServerContext:
     """PostgreSQL only: ``pg_fast.CheckinPool``, async connections for the check-in UPDATE."""
     broker: BrokerAccounts | None = None
     """Devices' broker accounts (update_server/broker/); None: no broker configured."""
-    counters: Counters = field(default_factory=Counters)
+    metrics: Metrics = field(default_factory=Metrics)
+    """Prometheus metrics of this process (summed over workers at /metrics); ``counters`` is their seam."""
     notify: Notify = lambda devices: None
     clock: Callable[[], datetime] = utcnow
+
+    @property
+    def counters(self) -> Counters:
+        """Where every part of the server counts occurrences by name (``update_server.metrics``)."""
+        return self.metrics.counters

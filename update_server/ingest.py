@@ -128,6 +128,7 @@ class Ingester:
                         new = write_batch(session, messages, self.membership, self.ctx.clock())
                     self.ctx.counters.add("telemetry_ingested", new)
                     self.ctx.counters.add("telemetry_duplicates", len(messages) - new)
+                    self.ctx.metrics.ingest_committed(messages, self.ctx.clock())
                     break
                 except Exception as exc:  # keep the ingester alive whatever happens to one batch
                     if is_unavailable(exc):

@@ -106,6 +106,7 @@ class Bundle(Base):
 
 class Device(Base):
     __tablename__ = "devices"
+    __table_args__ = (Index("ix_devices_active", "active_name", "active_version"),)
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
     hardware_id: Mapped[str] = mapped_column(String(64))
     credential_hash: Mapped[str] = mapped_column(String(64), unique=True)
@@ -266,3 +267,93 @@ class TelemetryAggregate(Base):
 
 
 LATENCY_COLUMNS = tuple(f"lat_{i}" for i in range(N_LATENCY_BUCKETS))
+HIST_DTYPE = "<i8"
+"""How drift counts are stored (``input_hist``): flat little-endian int64."""
+
+
+class VersionHealth(Base):
+    """Model health per (bundle name, version, time bucket): what the dashboard charts and the drift checks read.
+
+    Two resolutions: ``resolution`` 60 (minute buckets, for the last hours; pruned after two days) and 3600
+    (hour buckets, kept). Input histograms (drift) are kept at the hour resolution only. Written by
+    ``services.health.record_windows`` in the ingester's transaction, from de-duplicated messages only.
+    """
+
+    __tablename__ = "version_health"
+    __table_args__ = (UniqueConstraint("bundle_name", "bundle_version", "resolution", "bucket_start",
+                                       name="uq_version_health"),
+                      Index("ix_version_health_model", "bundle_name", "resolution", "bucket_start"))
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    bundle_name: Mapped[str] = mapped_column(String(128))
+    bundle_version: Mapped[str] = mapped_column(String(64))
+    resolution: Mapped[int]
+    bucket_start: Mapped[datetime]
+    windows: Mapped[int] = mapped_column(BigInteger, default=0)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    errors: Mapped[int] = mapped_column(BigInteger, default=0)
+    crashes: Mapped[int] = mapped_column(BigInteger, default=0)
+    feedback_count: Mapped[int] = mapped_column(BigInteger, default=0)
+    feedback_correct: Mapped[int] = mapped_column(BigInteger, default=0)
+    # latency histogram over LATENCY_BOUNDS_MS (+ overflow), as columns so charts sum them in SQL
+    lat_0: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_1: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_2: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_3: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_4: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_5: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_6: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_7: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_8: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_9: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_10: Mapped[int] = mapped_column(BigInteger, default=0)
+    classes: Mapped[dict[str, Any]]
+    """Predicted class -> count."""
+    input_samples: Mapped[int] = mapped_column(BigInteger, default=0)
+    input_profile: Mapped[str | None] = mapped_column(String(32))
+    input_hist: Mapped[bytes | None] = mapped_column(LargeBinary)
+    """Counts per reference bin of every drift feature one after the other (bundles/drift.py), as little-endian
+    int64 (``HIST_DTYPE``): a week of hour buckets is read and summed without parsing; hour buckets only."""
+
+
+class DeviceDrift(Base):
+    """A device's input histograms per bundle version since it started reporting them (drift per device)."""
+
+    __tablename__ = "device_drift"
+    __table_args__ = (UniqueConstraint("device_id", "bundle_name", "bundle_version", name="uq_device_drift"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(128))
+    bundle_name: Mapped[str] = mapped_column(String(128))
+    bundle_version: Mapped[str] = mapped_column(String(64))
+    input_profile: Mapped[str] = mapped_column(String(32))
+    input_samples: Mapped[int] = mapped_column(BigInteger, default=0)
+    input_hist: Mapped[bytes] = mapped_column(LargeBinary)
+    """Like ``VersionHealth.input_hist``."""
+    first_at: Mapped[datetime]
+    last_at: Mapped[datetime]
+
+
+class GateSample(Base):
+    """A rollout's gate values at one evaluation, kept every ``gate_history_interval_s`` and at each change of a
+    gate's status: the history the dashboard charts (the gate loop itself keeps only the last decision)."""
+
+    __tablename__ = "gate_history"
+    __table_args__ = (Index("ix_gate_history_rollout", "rollout_id", "at"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    rollout_id: Mapped[str] = mapped_column(String(32))
+    at: Mapped[datetime]
+    phase: Mapped[int]
+    verdict: Mapped[str] = mapped_column(String(16))
+    gates: Mapped[list[Any]]
+    """``decision_view(...)["gates"]`` as it was."""
+
+
+class DriftReference(Base):
+    """A bundle version's drift profile (from its ``reference_stats.json``), copied from storage once so the gate
+    loop and the dashboard read it with the rest of the data. ``profile`` is None when the bundle has none."""
+
+    __tablename__ = "drift_references"
+    bundle_name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    bundle_version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    digest: Mapped[str | None] = mapped_column(String(32))
+    profile: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    loaded_at: Mapped[datetime]

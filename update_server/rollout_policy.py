@@ -19,7 +19,9 @@ neither passes nor blocks):
 * ``error_rate``: errors / requests on the target (needs ``min_requests``);
 * ``accuracy``: feedback correct / feedback count on the target, against an absolute floor;
 * ``accuracy_drop``: control accuracy minus target accuracy, against ``max_accuracy_drop``;
-* ``p95_latency_regression``: target p95 / control p95 - 1 from merged histograms.
+* ``p95_latency_regression``: target p95 / control p95 - 1 from merged histograms;
+* ``input_drift`` (off unless ``max_input_drift`` is set): the target's worst per-feature PSI against the
+  bundle's reference inputs (``update_server.drift``).
 
 The control group is the rollout's devices while on another version than the target (docs/server.md).
 """
@@ -33,6 +35,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Any
+
+from update_server.drift import InputDrift
 
 LATENCY_BOUNDS_MS: tuple[float, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
@@ -128,6 +132,8 @@ class GateSpec:
     max_p95_latency_regression: float | None = 0.25
     min_requests: int = 100
     min_feedback: int = 50
+    max_input_drift: float | None = None
+    min_drift_samples: int = 1000
     require_data: tuple[str, ...] = ()
     """Gates that must have data (not ``no_data``) before a phase may advance, e.g. ("accuracy_drop",):
     without it a phase that soaked too briefly to collect labels could advance on gates that never counted."""
@@ -141,7 +147,7 @@ class GateSpec:
 
 
 GATE_NAMES = ("install_failure_rate", "crash_rate", "error_rate", "accuracy", "accuracy_drop",
-              "p95_latency_regression")
+              "p95_latency_regression", "input_drift")
 
 
 @dataclass(frozen=True)
@@ -201,6 +207,8 @@ class RolloutStats:
     """Devices in each phase that reported a window on the target."""
     target: GroupStats
     control: GroupStats
+    drift: InputDrift | None = None
+    """The target's input drift since the rollout started (None when not gathered)."""
 
 
 class GateStatus(enum.Enum):
@@ -280,7 +288,8 @@ def _rate(name: str, num: int, den: int, limit: float | None, *, min_den: int = 
     return GateResult(name, status, round(value, 6), limit, "<=", f"{num}/{den} {what}")
 
 
-def evaluate_gates(gates: GateSpec, target: GroupStats, control: GroupStats) -> tuple[GateResult, ...]:
+def evaluate_gates(gates: GateSpec, target: GroupStats, control: GroupStats, *,
+                   drift: InputDrift | None = None) -> tuple[GateResult, ...]:
     """Every gate's value against its threshold."""
     results = [
         _rate("install_failure_rate", target.failed_devices, target.devices_with_events,
@@ -329,7 +338,20 @@ def evaluate_gates(gates: GateSpec, target: GroupStats, control: GroupStats) -> 
         results.append(GateResult("p95_latency_regression",
                                   GateStatus.BREACHED if value > limit else GateStatus.OK,
                                   round(value, 6), limit, "<=", f"p95 control {p_c:.2f} ms, target {p_t:.2f} ms"))
+    results.append(_drift_gate(gates, drift))
     return tuple(results)
+
+
+def _drift_gate(gates: GateSpec, drift: InputDrift | None) -> GateResult:
+    limit = gates.max_input_drift
+    if limit is None:
+        return GateResult("input_drift", GateStatus.OFF, None, None, "<=")
+    if drift is None or drift.value is None or drift.samples < gates.min_drift_samples:
+        why = drift.reason if drift is not None and drift.reason else \
+            f"{drift.samples if drift else 0}/{gates.min_drift_samples} samples"
+        return GateResult("input_drift", GateStatus.NO_DATA, None, limit, "<=", why)
+    return GateResult("input_drift", GateStatus.BREACHED if drift.value > limit else GateStatus.OK,
+                      round(drift.value, 6), limit, "<=", f"worst feature {drift.worst}, {drift.samples} samples")
 
 
 def required_devices(spec: RolloutSpec, stats: RolloutStats, phase: int) -> tuple[int, int]:
@@ -342,7 +364,7 @@ def required_devices(spec: RolloutSpec, stats: RolloutStats, phase: int) -> tupl
 def decide(spec: RolloutSpec, stats: RolloutStats, now: datetime) -> Decision:
     """What to do with a rollout now. Pure: same inputs, same decision."""
     progress = stats.progress
-    gates = evaluate_gates(spec.gates, stats.target, stats.control)
+    gates = evaluate_gates(spec.gates, stats.target, stats.control, drift=stats.drift)
     if progress.state not in (RolloutState.RUNNING, RolloutState.PAUSED):
         return Decision(Verdict.NONE, f"rollout is {progress.state.value}", gates)
     breached = [g for g in gates if g.status is GateStatus.BREACHED]

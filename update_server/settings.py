@@ -92,6 +92,18 @@ class Settings(BaseSettings):
     default_min_devices: int = 5
     gate_interval_s: float = 1.0
 
+    # --- metrics, dashboard, drift (docs/dashboard.md)
+    metrics_enabled: bool = Field(True, description="/metrics and the HTTP metrics middleware")
+    metrics_public: bool = Field(False, description="serve /metrics without an API token (private networks only)")
+    gate_history_interval_s: float = Field(30.0, description="gate values are kept for the charts this often "
+                                                                "(and at every change of a gate's status)")
+    drift_threshold: float = Field(0.25, gt=0, description="input drift (PSI) that raises the fleet alert for a "
+                                                             "version at 100 %")
+    drift_window_s: float = Field(24 * 3600.0, gt=0, description="the drift alert looks at this recent window")
+    drift_min_samples: int = Field(1000, ge=1, description="inputs a drift statistic needs before it counts")
+    metrics_cache_s: float = Field(10.0, ge=0, description="fleet figures at /metrics are re-read from the database "
+                                                            "at most this often")
+
     @field_validator("mqtt_protocol")
     @classmethod
     def _mqtt_protocol(cls, value: str) -> str:

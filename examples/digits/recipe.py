@@ -29,6 +29,12 @@ def calibration() -> tuple[np.ndarray, None]:
     return x[order[:200]], None
 
 
+def training() -> tuple[np.ndarray, np.ndarray]:
+    """The 1200 training images (raw) and labels: pruning fine-tunes on them, distillation uses the images only."""
+    x, y, order = _split()
+    return x[order[:N_TRAIN]], y[order[:N_TRAIN]]
+
+
 def evaluation() -> tuple[np.ndarray, np.ndarray]:
     """The 597 held-out images and labels."""
     x, y, order = _split()

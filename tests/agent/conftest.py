@@ -208,3 +208,121 @@ def agent_process(tmp_path: Path, fake_server: FakeUpdateServer,
         if p.proc is not None and p.proc.poll() is None:
             p.proc.kill()
             p.proc.wait()
+
+
+class RestartAlways:
+    """systemd's ``Restart=always`` around an :class:`AgentProcess`: restarts it whenever it exits.
+
+    ``exits`` lists the exit codes seen (a crash on boot shows up here); ``before_start`` runs before each
+    (re)start (a test that kills the agent on every boot hooks in there)."""
+
+    def __init__(self, agent: AgentProcess, *, delay_s: float = 0.2) -> None:
+        import threading
+
+        self.agent = agent
+        self.delay_s = delay_s
+        self.exits: list[int] = []
+        self.starts = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="restart-always", daemon=True)
+
+    def __enter__(self) -> RestartAlways:
+        self.agent.start(wait=False)
+        self.starts = 1
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.02):
+            proc = self.agent.proc
+            if proc is not None and proc.poll() is not None:
+                self.exits.append(proc.returncode)
+                if self._stop.wait(self.delay_s):
+                    return
+                self.agent.start(wait=False)
+                self.starts += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        if self.agent.proc is not None and self.agent.proc.poll() is None:
+            self.agent.proc.kill()
+            self.agent.proc.wait()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
+    """``small_disk(size_bytes)``: a real tmpfs of that size mounted as the agent's state directory
+    (``tmp_path / "state"``), unmounted at teardown. Needs root (``mount -t tmpfs``): skipped without it,
+    a failure in CI (.ci/run runs as root)."""
+    import os
+    import subprocess
+
+    from tests.support.services import service_missing
+
+    mounted: list[Path] = []
+
+    def mount(size: int) -> Path:
+        if os.geteuid() != 0:
+            service_missing("root (to mount a small tmpfs as a full disk)")
+        path = tmp_path / "state"
+        path.mkdir(exist_ok=True)
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            service_missing(f"mount -t tmpfs ({r.stderr.strip()})")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill_disk(directory: Path, *, leave: int = 0) -> Path:
+    """Write ``directory/filler`` until only ``leave`` bytes stay free (0: until the disk says ENOSPC)."""
+    import errno
+    import shutil
+
+    filler = directory / "filler"
+    with open(filler, "ab") as fh:
+        while True:
+            room = shutil.disk_usage(directory).free - leave
+            if room <= 0:
+                break
+            try:
+                fh.write(b"\0" * min(room, 1 << 20))
+                fh.flush()
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                break
+    return filler
+
+
+def process_events(state_dir: Path) -> list[dict[str, Any]]:
+    """Telemetry events a running agent process has written to its outbox (read without touching it)."""
+    events = []
+    for path in sorted((state_dir / "outbox").glob("[0-9]*-event-*.json")):
+        try:
+            events.append(json.loads(path.read_bytes()))
+        except (OSError, ValueError):
+            continue  # sent and deleted meanwhile
+    return events
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0, agent: AgentProcess | None = None) -> Any:
+    """Poll ``check`` until it returns something truthy; fail with ``what`` (and the agent's log) otherwise."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+        except OSError:
+            value = None
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}\n{agent.log_tail() if agent else ''}")

@@ -44,6 +44,9 @@ class FakeUpdateServer:
         self.requests: list[tuple[str, str]] = []
         self.fail_targets = 0
         self.poll_interval_s = 3600.0
+        self.last_checkin: dict[str, Any] = {}
+        self.checkin_delay_s = 0.0
+        """A hung server: each check-in is answered only after this long."""
         self.lock = threading.Lock()
         self._sign_repo()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -185,6 +188,8 @@ class FakeUpdateServer:
                 if self.headers.get("Authorization") != f"Bearer {server.credential}":
                     return self._send(401, json.dumps({"error": {"code": "unauthorized", "message": "bad"}}).encode())
                 server.last_checkin = json.loads(body)
+                if server.checkin_delay_s:
+                    time.sleep(server.checkin_delay_s)
                 data = server.assignments.get(m.group(1))
                 self._send(200, json.dumps({"assignment": data.decode() if data else None,
                                             "poll_interval_s": server.poll_interval_s,

@@ -72,3 +72,23 @@ def test_too_large_and_no_model(fake_server: FakeUpdateServer, make_agent: Calla
             assert err.value.status == 413
     finally:
         api.close()
+
+
+def test_a_refused_feedback_leaves_the_prediction_id_for_the_corrected_call(agent: Agent) -> None:
+    api = LocalApi(agent, "127.0.0.1:0").start()
+    images, labels = digits_data()
+    try:
+        with AgentClient(api.address) as client:
+            answer = client.predict(images[:2].tolist())
+            with pytest.raises(ApiError) as err:
+                client.feedback(answer["prediction_id"], str(labels[0]))  # one label for a batch of two
+            assert err.value.status == 400 and "expected 2 label(s)" in err.value.message
+            assert "stays valid" in err.value.message
+            fb = client.feedback(answer["prediction_id"], [str(x) for x in labels[:2]])  # the corrected retry
+            assert len(fb["correct"]) == 2
+            with pytest.raises(ApiError) as err:
+                client.feedback(answer["prediction_id"], [str(x) for x in labels[:2]])
+            assert err.value.status == 404  # an accepted feedback uses the id up
+        assert agent.window.take(agent.clock.now())["feedback"]["count"] == 2  # the refused call counted nothing
+    finally:
+        api.close()

@@ -132,7 +132,7 @@ def variant(report: dict[str, Any], vid: str) -> dict[str, Any]:
     return next(v for v in report["variants"] if v["id"] == vid)
 
 
-KERAS_SIN_RECIPE = '''
+KERAS_UNCONVERTIBLE_RECIPE = '''
 import numpy as np
 
 def _split():
@@ -142,14 +142,16 @@ def _split():
     return d.images.astype(np.float32), d.target.astype(np.int64), order
 
 def model():
-    # A Lambda(sin) layer: no ONNX translation in edgepack, no int8 kernel in TFLite.
+    # A Lambda layer with Bucketize (tf2onnx has no ONNX equivalent) and sin (TFLite has no int8 kernel).
     from converter.sources import prepare_tensorflow
-    prepare_tensorflow()
+    tf = prepare_tensorflow()
     import keras
     keras.utils.set_random_seed(0)
     x, y, order = _split()
+    def odd(t):
+        return tf.math.sin(t) + tf.cast(tf.raw_ops.Bucketize(input=t, boundaries=[0.5]), tf.float32)
     m = keras.Sequential([keras.Input((64,), name="x"), keras.layers.Dense(32, activation="relu"),
-                          keras.layers.Lambda(lambda t: keras.ops.sin(t)),
+                          keras.layers.Lambda(odd),
                           keras.layers.Dense(10, activation="softmax")])
     m.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
     m.fit(x[order[:1200]].reshape(-1, 64) / 16.0, y[order[:1200]], epochs=3, verbose=0)

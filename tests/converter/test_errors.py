@@ -9,7 +9,7 @@ import pytest
 
 from converter.errors import SpecError
 from converter.spec import load_spec
-from tests.converter.conftest import KERAS_SIN_RECIPE, run_build, variant, write_project
+from tests.converter.conftest import KERAS_UNCONVERTIBLE_RECIPE, run_build, variant, write_project
 
 STEPS_NO_RESHAPE = [{"op": "scale", "multiply": 0.0625}, {"op": "cast", "dtype": "float32"}]
 STEPS_FLOAT64 = [{"op": "scale", "multiply": 0.0625}, {"op": "reshape", "shape": [64]},
@@ -90,13 +90,13 @@ def test_mistakes_are_refused_before_the_long_build(mlp_project, quiet_console, 
 def test_unconvertible_model_and_unquantizable_op_other_variants_still_build(tmp_path: Path,
                                                                            quiet_console) -> None:
     spec = write_project(tmp_path / "p", variants='["onnx-fp32", "tflite-fp32", "tflite-int8"]', budget=0.05)
-    (spec.parent / "recipe.py").write_text(KERAS_SIN_RECIPE)
+    (spec.parent / "recipe.py").write_text(KERAS_UNCONVERTIBLE_RECIPE)
     report = run_build(spec, quiet_console, {"model.format": "keras", "model.output_names": ["probabilities"],
                                              "targets.profiles": ["rpi4"]})
     onnx = variant(report, "onnx-fp32")
     assert onnx["status"] == "failed"
     assert onnx["error"]["type"] == "ModelInputError" and onnx["error"]["step"] == "load-model"
-    assert "Lambda" in onnx["error"]["message"] and ".onnx" in onnx["error"]["fix"]
+    assert "Bucketize" in onnx["error"]["message"] and ".onnx" in onnx["error"]["fix"]
     int8 = variant(report, "tflite-int8")
     assert int8["status"] == "failed"
     assert int8["error"]["type"] == "QuantizationError" and int8["error"]["step"] == "quantize"

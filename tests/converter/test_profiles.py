@@ -47,7 +47,18 @@ def test_builtin_profiles(profile: str, candidates: list, ship: tuple) -> None:
 
 def test_fp16_excluded_with_reason_on_cpu_profiles() -> None:
     d = decide(BUILTIN_PROFILES["rpi5"], cands(*ALL))
-    assert "fp16 is slower" in d.excluded["onnx-fp16"]
+    assert "no fp16 compute" in d.excluded["onnx-fp16"]
+
+
+def test_the_fp16_note_quotes_what_this_build_measured_not_a_fixed_claim() -> None:
+    """A note must not say "fp16 is slower" in a report that measured it faster (issue 14)."""
+    from converter.profiles import Candidate
+
+    fast = Candidate("onnx-fp16", "onnxruntime", "fp16", True, 10, 1.0,
+                     measured="1.67x the speed of onnx-fp32 (per-round range 1.50-1.80x)")
+    d = decide(BUILTIN_PROFILES["x86-kiosk"], [*cands(("onnx-fp32", True)), fast])
+    note = d.excluded["onnx-fp16"]
+    assert "1.67x the speed of onnx-fp32" in note and "slower" not in note
 
 
 def test_user_profile_with_fp16_compute_prefers_fp16() -> None:

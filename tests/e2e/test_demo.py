@@ -34,6 +34,8 @@ def _check_outcome(out: str, broker: str) -> None:
         assert re.search(r"broker: mosquitto at mqtts://127\.0\.0\.1:\d+ \(MQTT 5, accounts: dynsec\)", out)
     else:  # said loudly: amqtt has no accounts in the demo
         assert "WITHOUT accounts" in out and "accounts: none" in out
+    assert re.search(r"dashboard: https://127\.0\.0\.1:\d+/ui/", out)
+    assert "dashboard pages show the halted rollouts and their gates: ok" in out
 
 
 class Demo:

@@ -233,3 +233,19 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         with contextlib.suppress(Exception):
             pg.stop()
         shutil.rmtree(pg.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def dashboard_scenario(session_keys: KeyStore, digits_bundles: dict[str, BundleInfo], session_broker: Any,
+                       tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The dashboard's small real scenario (tests/server/dashboard_scenario.py), built once per worker and shared
+    by the browser and monitoring tests: a rollout halted by its crash gate, one running, telemetry flowing."""
+    from tests.server.dashboard_scenario import build
+
+    scenario = build(session_keys, digits_bundles, tmp_path_factory.mktemp("dashboard"), session_broker)
+    try:
+        yield scenario
+    finally:
+        for device in scenario.devices:
+            device.close()
+        scenario.live.stop()

@@ -53,6 +53,17 @@ def digits_onnx(quality: str = "good") -> bytes:
     return bytes(onx.SerializeToString())
 
 
+@functools.cache
+def reference_profile() -> dict[str, Any]:
+    """The drift profile of the digits bundles (bundles/drift.py): deciles of each of the 64 scaled pixels of the
+    held-out images, as the converter would write it into reference_stats.json."""
+    from bundles.drift import build_profile
+
+    images, _ = digits_data()
+    test_x = images[1200:].reshape(-1, 64) / 16.0
+    return build_profile({"input": test_x}, {}, first_input="input", task="classification").to_dict()
+
+
 def digits_pipeline_spec() -> dict[str, Any]:
     from bundles.preprocessing import Pipeline
     from bundles.preprocessing.array_ops import Cast, Reshape, Scale
@@ -112,7 +123,7 @@ def make_digits_bundle(
         "provenance": {"edgepack_version": "0.1.0", "input_model_sha256": hashlib.sha256(model).hexdigest()},
     }
     stats = {"count": len(test_x), "mean": test_x.mean(axis=0).round(6).tolist(),
-             "std": test_x.std(axis=0).round(6).tolist()}
+             "std": test_x.std(axis=0).round(6).tolist(), "drift": reference_profile()}
     files = {
         "models/digits.fp32.onnx": model,
         "preprocessing.json": json.dumps(spec, sort_keys=True).encode(),

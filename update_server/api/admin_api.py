@@ -216,7 +216,8 @@ def revoke_token(token_id: str, ctx: CtxDep, token: Admin) -> Response:
 
 @router.get("/admin/stats", tags=["admin"])
 def stats(ctx: CtxDep, _: Viewer) -> dict[str, Any]:
-    """This replica's counters (telemetry ingested, duplicates, drops by reason, notices sent)."""
+    """This replica's counters, summed over its worker processes (telemetry ingested, duplicates, drops by
+    reason, notices sent); the same figures as /metrics."""
     return {"counters": ctx.counters.snapshot()}
 
 

@@ -14,8 +14,11 @@ from sqlalchemy.orm import Session
 
 from update_server.models import LATENCY_COLUMNS, Rollout, RolloutDevice, TelemetryAggregate
 from update_server.rollout_policy import GroupStats, Progress, RolloutState, RolloutStats
+from update_server.services.health_views import version_drift
 
 TA, RD = TelemetryAggregate, RolloutDevice
+DRIFT_TTL_S = 5.0
+"""The drift gate's value is reused this long (it sums many histograms; drift moves slowly)."""
 
 
 def _count_if(cond: Any) -> Any:
@@ -50,5 +53,11 @@ def gather_stats(session: Session, rollout: Rollout) -> RolloutStats:
                TA.bundle_version == rollout.target_version, TA.windows > 0)
         .group_by(RD.phase_index))}
     progress = Progress(RolloutState(rollout.state), rollout.current_phase, rollout.phase_started_at)
+    gates = rollout.spec.get("gates") or {}
+    drift = None
+    if gates.get("max_input_drift") is not None:  # the input_drift gate is on: the target's drift since the start
+        drift = version_drift(session, rollout.model_name, rollout.target_version, rollout.started_at,
+                              int(gates.get("min_drift_samples") or 1), ttl_s=DRIFT_TTL_S)
     return RolloutStats(progress=progress, members_by_phase=members, reporting_by_phase=reporting,
-                        target=_group(session, rollout, target=True), control=_group(session, rollout, target=False))
+                        target=_group(session, rollout, target=True), control=_group(session, rollout, target=False),
+                        drift=drift)

@@ -31,6 +31,7 @@ from update_server.models import (
     TelemetrySeen,
     UTCDateTime,
 )
+from update_server.services.health import record_windows
 from update_server.services.membership import ACTIVE
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class Window(_Model):
     crashes: int = Field(0, ge=0)
     latency_ms: Latency | None = None
     feedback: Feedback | None = None
+    predicted_classes: dict[str, Any] | None = None  # checked by services.health (dashboard, drift)
+    input_stats: dict[str, Any] | None = None
 
 
 class Telemetry(_Model):
@@ -261,6 +264,7 @@ def write_batch(session: Session, messages: Sequence[Telemetry], membership: Mem
         session.connection().execute(stmt, [aggs[k] for k in sorted(aggs)])
     if events:
         session.connection().execute(insert(cast(Table, TelemetryEvent.__table__)), events)
+    record_windows(session, [unique[i] for i in sorted(new_ids)], now)  # dashboard and drift buckets
     return len(new_ids)
 
 
