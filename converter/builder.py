@@ -24,10 +24,14 @@ from converter import metrics
 from converter.data import check_features, load_raw, make_pipeline, model_inputs, transform
 from converter.errors import (
     AccuracyBudgetError,
+    BundleOutputError,
     CalibrationDataError,
     ConversionError,
     ConverterError,
     EvaluationDataError,
+    FitDataError,
+    ModelInputError,
+    SpecError,
 )
 from converter.package import VariantResult, r6
 from converter.report import fmt_delta, print_table, write_reports
@@ -79,7 +83,7 @@ def build(spec: BuildSpec, *, console: Any = None, dry_run: bool = False, spec_s
     if console is None:
         console = Console(stderr=True)
         if not console.is_terminal:
-            console = Console(stderr=True, width=150)
+            console = Console(stderr=True, width=240, soft_wrap=True)
     t0 = time.perf_counter()
     report: dict[str, Any] = {"name": spec.name, "version": spec.version, "status": "running", "variants": [],
                               "errors": [], "profiles": {}, "bundle": None, "timings": {}}
@@ -87,6 +91,7 @@ def build(spec: BuildSpec, *, console: Any = None, dry_run: bool = False, spec_s
     work = Path(tempfile.mkdtemp(prefix=".edgepack-work-", dir=spec.out_dir))
     steps = _Steps(console, report["timings"])
     try:
+        preflight(spec, dry_run=dry_run)
         with steps.progress:
             _run(spec, report, work, steps, dry_run, spec_sha256, dump_dir)
         if report["bundle"] is None and not dry_run:
@@ -102,6 +107,143 @@ def build(spec: BuildSpec, *, console: Any = None, dry_run: bool = False, spec_s
         write_reports(report, spec.out_dir)
     print_table(report, console)
     return report
+
+
+def preflight(spec: BuildSpec, *, dry_run: bool = False) -> None:
+    """Check, before the long steps, what can be checked cheaply: files, factories, fit data, signing keys.
+
+    A wrong path or a missing key directory must not cost a whole build (conversion, quantization,
+    evaluation and measurement) before it is reported.
+    """
+    from converter.data import make_pipeline, needs_fit
+
+    def factory_file(ref: str | None, key: str, err: type[ConverterError]) -> None:
+        if ref:
+            file_part = (spec.root / ref.partition(":")[0]).resolve()
+            if not file_part.is_file():
+                raise err(f"[{key}] factory file {str(file_part)!r} not found",
+                          fix=f"fix factory under [{key}] (a path relative to edgepack.toml, then :function)")
+
+    if spec.model.path is not None and not spec.model.path.exists():
+        raise ModelInputError(f"[model] path {str(spec.model.path)!r} does not exist",
+                              fix="point [model] path at your model file (relative to edgepack.toml) or use --model")
+    factory_file(spec.model.factory, "model", ModelInputError)
+    data_sets = [("calibration", spec.calibration, CalibrationDataError),
+                 ("evaluation", spec.evaluation, EvaluationDataError)]
+    if spec.fit is not None:
+        data_sets.append(("fit", spec.fit, FitDataError))
+    for key, ds, err in data_sets:
+        if ds.path is not None and not ds.path.is_file():
+            raise err(f"[{key}] path {str(ds.path)!r} does not exist",
+                      fix=f"fix path under [{key}] (relative to edgepack.toml)")
+        factory_file(ds.factory, key, err)
+    learning = needs_fit(make_pipeline(spec))
+    if learning and spec.fit is None:
+        raise SpecError(f"[preprocessing] {', '.join(learning)} learn their parameters from data, but there is no "
+                        "[fit] data set", step="preprocessing",
+                        fix='add a [fit] section with training data (path = "train.npz" or factory = '
+                        '"recipe.py:train_data"); the calibration and evaluation sets are not for fitting')
+    if dry_run:
+        return
+    _check_keys(spec)
+
+
+def _check_keys(spec: BuildSpec) -> None:
+    from bundles.errors import BundleError
+    from bundles.keys import KeyStore
+
+    if spec.keys_dir is None:
+        raise BundleOutputError("no signing keys configured", fix="set [signing] keys = \"DIR\" (create it with "
+                                "`edgepack keys init --out DIR`) or pass --keys DIR; --dry-run skips signing")
+    if not (spec.keys_dir / "trust" / "root.json").is_file():
+        if spec.create_keys:
+            return  # created when signing (examples only)
+        raise BundleOutputError(
+            f"no key directory at {str(spec.keys_dir)!r} ([signing] keys, relative to edgepack.toml)",
+            fix=f"create it with `edgepack keys init --out {spec.keys_dir}`, or point [signing] keys (or --keys) "
+            "at the key directory you already have")
+    try:
+        summary = KeyStore.load(spec.keys_dir).role_summary()["targets"]
+    except (BundleError, OSError, ValueError) as exc:
+        raise BundleOutputError(f"the key directory {str(spec.keys_dir)!r} is unusable: {exc}",
+                                fix="point [signing] keys (or --keys) at a directory made by `edgepack keys init`"
+                                ) from exc
+    if len(summary["present_here"]) < summary["threshold"]:
+        raise BundleOutputError(
+            f"signing a bundle needs {summary['threshold']} targets key(s) but {str(spec.keys_dir)!r} has "
+            f"{len(summary['present_here'])}", fix="sign on the workstation that holds the offline targets keys "
+            "(private/), not with a copy of online/")
+
+
+def choose_output(spec: BuildSpec, out_names: list[str], ref_outs: list[Any]) -> tuple[int, str]:
+    """Which model output the metric reads, and why: ``[evaluation] output`` when set, else the one output
+    that fits the task (a classifier exported by skl2onnx has ``label`` and ``probabilities``: the class
+    scores are the 2-D float one). Ambiguity is an error naming the key, never a guess."""
+    pairs = list(zip(out_names, ref_outs, strict=False))
+    out_names = [n for n, _ in pairs]
+    tensors = {n: o for n, o in pairs if isinstance(o, np.ndarray) and o.dtype.kind != "O"}
+    shapes = {n: (f"{o.dtype}{list(o.shape)}" if n in tensors else "sequence of maps") for n, o in pairs}
+    fix = f"set [evaluation] output to one of {out_names}"
+    if spec.metric_output:
+        if spec.metric_output not in out_names:
+            raise EvaluationDataError(f"[evaluation] output {spec.metric_output!r} is not a model output {out_names}",
+                                      fix="name one of the model's outputs")
+        name = spec.metric_output
+        if name not in tensors:
+            raise EvaluationDataError(f"output {name!r} is a {shapes[name]}, not a tensor (scikit-learn's ZipMap?)",
+                                      fix="export with skl2onnx option zipmap=False, or " + fix)
+        return out_names.index(name), "[evaluation] output"
+    if len(out_names) == 1:
+        name = out_names[0]
+        if name not in tensors:
+            raise EvaluationDataError(f"the model's only output {name!r} is a {shapes[name]}, not a tensor",
+                                      fix="export with skl2onnx option zipmap=False (class scores as a tensor)")
+        return 0, "the model's only output"
+    floats = [n for n, o in tensors.items() if o.dtype.kind == "f"]
+    if spec.task == "classification":
+        fits = [n for n in floats if tensors[n].ndim == 2 and tensors[n].shape[1] >= 2]
+        want = "2-D float class scores"
+    else:
+        fits = floats
+        want = "float values"
+    if len(fits) == 1:
+        others = ", ".join(f"{n} {shapes[n]}" for n in out_names if n != fits[0])
+        return out_names.index(fits[0]), f"the only output with {want} (others: {others})"
+    if not fits and len(tensors) < len(out_names):
+        fix = ("export the model with skl2onnx's options={'zipmap': False}, which gives the class scores as a "
+               "tensor, then " + fix)
+    raise EvaluationDataError(
+        f"the model has {len(out_names)} outputs ({', '.join(f'{n} {shapes[n]}' for n in out_names)}) and "
+        f"{'none' if not fits else len(fits)} of them hold {want}: which one should the {spec.metric} read?",
+        fix=fix)
+
+
+def _check_labels(spec: BuildSpec, name: str, out: np.ndarray) -> None:
+    if spec.labels is None or spec.task != "classification" or out.ndim != 2:
+        return
+    if out.shape[1] != len(spec.labels):
+        raise SpecError(f"[task] labels names {len(spec.labels)} classes but the model's output {name!r} has "
+                        f"{out.shape[1]}", step="evaluate",
+                        fix=f"list exactly {out.shape[1]} class names, in output order, in [task] labels")
+
+
+def _fit(spec: BuildSpec, pipeline: Any, report: dict[str, Any]) -> Any:
+    """Fit the preprocessing's learning ops on ``[fit]`` (training data); the report says on what."""
+    from converter.data import needs_fit
+
+    learning = needs_fit(pipeline)
+    info: dict[str, Any] = {"learned": learning, "fitted_on": None}
+    if spec.fit is not None:
+        fit_raw, _ = load_raw(spec.fit, spec, FitDataError)
+        source = str(spec.fit.path) if spec.fit.path else spec.fit.factory
+        info.update(fitted_on="fit", source=source, samples=len(fit_raw))
+        if learning:
+            pipeline = pipeline.fit(_batch(fit_raw))
+            if (spec.fit.path, spec.fit.factory) == (spec.evaluation.path, spec.evaluation.factory):
+                info["warning"] = ("[fit] is the evaluation set: the preprocessing has seen the data it is scored "
+                                   "on, so the measured metric is optimistic")
+    report["preprocessing"] = info
+    return pipeline
 
 
 def _build_variant(spec: BuildSpec, vid: str, loaded: LoadedModel, base: bytes | None,
@@ -180,9 +322,8 @@ def _run(spec: BuildSpec, report: dict[str, Any], work: Path, steps: _Steps, dry
     from converter.runners import run_onnx, run_variant
 
     with steps.step("preprocessing + data"):
-        pipeline = make_pipeline(spec)
+        pipeline = _fit(spec, make_pipeline(spec), report)
         cal_raw, _ = load_raw(spec.calibration, spec, CalibrationDataError)
-        pipeline = pipeline.fit(_batch(cal_raw))
         cal = transform(pipeline, cal_raw, CalibrationDataError)
         ev_raw, labels = load_raw(spec.evaluation, spec, EvaluationDataError)
         ev = transform(pipeline, ev_raw, EvaluationDataError)
@@ -209,15 +350,12 @@ def _run(spec: BuildSpec, report: dict[str, Any], work: Path, steps: _Steps, dry
             out_names = list(spec.model.output_names or ["output"])
             tfl, _ = tflite_variants.convert(loaded, "fp32", None, {}, (list(cal), out_names))
             ref_outs, cal_ref = run_variant("tflite", tfl, ev), run_variant("tflite", tfl, cal)
-        if spec.metric_output:
-            if spec.metric_output not in out_names:
-                raise EvaluationDataError(f"[evaluation] output {spec.metric_output!r} is not a model output "
-                                          f"{out_names}", fix="name one of the model's outputs")
-            out_idx = out_names.index(spec.metric_output)
+        out_idx, why = choose_output(spec, out_names, ref_outs)
+        _check_labels(spec, out_names[out_idx], ref_outs[out_idx])
         ref_value = metrics.evaluate(spec.metric, ref_outs[out_idx], ref_outs[out_idx], labels,
                                      top_k=spec.top_k, names=spec.labels)
     report["metric"] = {"name": spec.metric, "reference": r6(ref_value), "budget": spec.budget,
-                        "samples": len(ev_raw), "output": out_names[out_idx],
+                        "samples": len(ev_raw), "output": out_names[out_idx], "output_chosen_by": why,
                         "dataset": _dataset_name(spec), "checks": {
                             k: v for k, v in vars(spec.checks).items() if v is not None}}
 

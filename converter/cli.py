@@ -48,10 +48,9 @@ def build_command(
     dump_files: Path | None = typer.Option(None, "--dump-files", help="Also write the bundle's files to DIR."),
 ) -> None:
     """Convert, quantize, evaluate and sign a model bundle from an edgepack.toml."""
-    from rich.console import Console
-
     from converter.builder import build
     from converter.spec import load_spec
+    from edgepack._console import cli_console, plain
 
     overrides: dict[str, Any] = {}
     for key, value in (("model.path", model), ("output.dir", out), ("signing.keys", keys),
@@ -67,13 +66,11 @@ def build_command(
     if strict:
         overrides["output.strict"] = True
     overrides.update(_parse_set(set_))
-    console = Console(stderr=True)
-    if not console.is_terminal:
-        console = Console(stderr=True, width=150)
+    console = cli_console(stderr=True)
     try:
         spec = load_spec(config, overrides)
     except ConverterError as exc:
-        console.print(f"[red]error[/] {exc}")
+        console.print(f"[red]error[/] {plain(exc)}")
         raise typer.Exit(2) from exc
     path = config / "edgepack.toml" if config.is_dir() else config
     report = build(spec, console=console, dry_run=dry_run,
@@ -86,9 +83,13 @@ def build_command(
 
 def init_command(
     directory: Path = typer.Argument(Path("."), help="Where to write edgepack.toml."),
+    keys: Path | None = typer.Option(None, "--keys", help="Your key directory (edgepack keys init --out DIR): "
+                                     "the template's [signing] keys points at it. Default: DIRECTORY/keys."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing edgepack.toml."),
 ) -> None:
     """Write a commented edgepack.toml template."""
+    import os
+
     from converter.template import TEMPLATE
 
     target = directory / "edgepack.toml"
@@ -96,7 +97,14 @@ def init_command(
         typer.echo(f"{target} exists; pass --force to overwrite", err=True)
         raise typer.Exit(2)
     directory.mkdir(parents=True, exist_ok=True)
-    target.write_text(TEMPLATE, encoding="utf-8")
+    text = TEMPLATE
+    if keys is not None:
+        rel = Path(os.path.relpath(keys.resolve(), directory.resolve())).as_posix()
+        text = text.replace('keys = "keys"  ', f'keys = "{rel}"  '.ljust(len('keys = "keys"  ')), 1)
+        if not (keys / "trust" / "root.json").is_file():
+            typer.echo(f"note: {keys} is not a key directory yet; create it with: edgepack keys init --out {keys}",
+                       err=True)
+    target.write_text(text, encoding="utf-8")
     typer.echo(f"wrote {target}; edit [model], [preprocessing], [calibration] and [evaluation], then "
                f"run: edgepack build -c {target}")
 
@@ -109,7 +117,7 @@ def register(app: typer.Typer) -> None:
 
 def main() -> None:
     """Standalone entry point (``python -m converter.cli``), same commands."""
-    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
     register(app)
     app()
 

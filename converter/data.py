@@ -106,6 +106,11 @@ def make_pipeline(spec: BuildSpec) -> Any:
                         fix="see docs for the preprocessing ops and their arguments") from exc
 
 
+def needs_fit(pipeline: Any) -> list[str]:
+    """Names of the pipeline's ops that still have parameters to learn from data (e.g. standard_scale)."""
+    return [f"{step.name} (steps[{i}])" for i, step in enumerate(pipeline.steps) if not step.fitted]
+
+
 def library_spec(table: dict[str, Any], resources: dict[str, bytes]) -> dict[str, Any]:
     """Translate the friendly TOML form into the preprocessing library's spec.
 

@@ -11,6 +11,7 @@ in the report and goes on with the other variants; only errors that concern ever
     ├── SpecError              edgepack.toml (or a command-line override) is invalid
     ├── ModelInputError        the input model cannot be found, loaded or exported to ONNX
     ├── DataError              calibration or evaluation data is unusable
+    │   ├── FitDataError           the [fit] (training) data cannot be read
     │   ├── CalibrationDataError   wrong shape / dtype / empty calibration set
     │   └── EvaluationDataError    empty evaluation set, labels that do not match
     ├── ConversionError        one variant failed to convert (ONNX fp16, TFLite, ...)
@@ -74,6 +75,12 @@ class DataError(ConverterError):
     """Calibration or evaluation data is unusable."""
 
     default_step = "data"
+
+
+class FitDataError(DataError):
+    """The ``[fit]`` data set (training data the preprocessing learns from) cannot be read."""
+
+    default_step = "fit-data"
 
 
 class CalibrationDataError(DataError):

@@ -66,6 +66,48 @@ def _check_loads(data: bytes, variant: str, err: type[ConversionError] | type[Qu
         raise err(f"onnxruntime cannot load the {variant} model: {what}", variant=variant, fix=fix) from exc
 
 
+def dedupe_opset_imports(proto: Any) -> None:
+    """Keep one opset import per domain (the highest). skl2onnx can list the default domain twice, which
+    onnxruntime runs but its quantizer refuses ("Failed to find proper ai.onnx domain")."""
+    best: dict[str, int] = {}
+    for imp in proto.opset_import:
+        domain = "" if imp.domain == "ai.onnx" else imp.domain
+        best[domain] = max(best.get(domain, 0), imp.version)
+    if len(best) == len(proto.opset_import):
+        return
+    del proto.opset_import[:]
+    for domain, version in best.items():
+        imp = proto.opset_import.add()
+        imp.domain, imp.version = domain, version
+
+
+WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Gather", "Attention", "LSTM", "GRU",
+                        "EmbedLayerNormalization"})
+"""Operators whose weights int8 quantization shrinks and speeds up."""
+
+
+def check_quantizable(base: bytes, variant: str) -> None:
+    """Refuse int8 for a model with nothing int8 can quantize, naming what it is made of.
+
+    scikit-learn models converted by skl2onnx are often ``ai.onnx.ml`` operators (LinearClassifier,
+    TreeEnsembleClassifier, ...) that have no int8 form in onnxruntime; "quantizing" them would ship the
+    fp32 model under an int8 name.
+    """
+    import onnx
+
+    nodes = onnx.load_from_string(base).graph.node
+    if any(n.op_type in WEIGHT_OPS for n in nodes):
+        return
+    ml = sorted({n.op_type for n in nodes if n.domain == "ai.onnx.ml"})
+    ops = sorted({n.op_type for n in nodes})
+    what = (f"its work is done by ai.onnx.ml operators ({', '.join(ml)}), which have no int8 form in onnxruntime"
+            if ml else f"it has no {'/'.join(sorted(WEIGHT_OPS))} operator (it has {', '.join(ops)})")
+    raise QuantizationError(
+        f"nothing in this model can be quantized to int8: {what}", variant=variant,
+        fix=f"drop {variant} from [variants] build and ship onnx-fp32 (such models are small and fast in fp32); "
+        "int8 pays for neural networks (Conv, MatMul, Gemm, embeddings)")
+
+
 def preprocess(fp32: bytes, work: Path) -> bytes:
     """ORT's ``quant_pre_process`` on the fp32 reference; the base of every ONNX variant."""
     import onnx
@@ -90,6 +132,7 @@ def preprocess(fp32: bytes, work: Path) -> bytes:
         os.chdir(cwd)
     proto = onnx.load(str(dst))
     proto.producer_name, proto.producer_version = "edgepack", ""
+    dedupe_opset_imports(proto)
     data = proto.SerializeToString()
     _check_loads(data, "onnx-fp32", ConversionError)
     return bytes(data)
@@ -195,6 +238,7 @@ def to_int8_static(base: bytes, work: Path, cal: dict[str, np.ndarray], referenc
     if not cal or len(next(iter(cal.values()))) == 0:
         raise CalibrationDataError("the calibration set is empty", variant="onnx-int8",
                                    fix="give [calibration] at least ~100 representative samples")
+    check_quantizable(base, "onnx-int8")
     base_path = work / "int8-base.onnx"
     base_path.write_bytes(base)
     choice = options.get("per_channel", "auto")
@@ -260,6 +304,7 @@ def to_int8_dynamic(base: bytes, work: Path, options: dict[str, Any], *, cal: di
     """
     from converter import mixed_precision as mp
 
+    check_quantizable(base, "onnx-int8-dynamic")
     ops = list(options.get("op_types_to_quantize", DYNAMIC_DEFAULT_OPS))
     per_channel = bool(options.get("per_channel", False))
     info: dict[str, Any] = {"method": "dynamic", "format": "QOperator", "activations": "uint8 (per inference)",

@@ -96,6 +96,20 @@ HEADERS = ["variant", "status", "metric", "delta", "checks", "size", "deflated",
            "p50/p95 ms [round spread]", "speed-up [range]", "peak mem", "stage variant vs original"]
 
 
+def preprocessing_line(report: dict[str, Any]) -> str:
+    """Where the preprocessing's learned parameters come from (the [fit] training set, or nothing to learn)."""
+    pre = report.get("preprocessing") or {}
+    learned = ", ".join(pre.get("learned") or [])
+    if pre.get("fitted_on") and learned:
+        line = (f"Preprocessing fitted on [fit] ({pre.get('samples')} samples from {pre.get('source')}): "
+                f"{learned}.")
+    elif pre.get("fitted_on"):
+        line = f"Preprocessing has nothing to learn; [fit] ({pre.get('samples')} samples) was read but not used."
+    else:
+        line = "Preprocessing has nothing to learn (no [fit] data needed)."
+    return line + (f" Warning: {pre['warning']}." if pre.get("warning") else "")
+
+
 def print_table(report: dict[str, Any], console: Any) -> None:
     """Render the variant table, profile choices, errors and the bundle line with rich."""
     from rich.markup import escape
@@ -111,7 +125,10 @@ def print_table(report: dict[str, Any], console: Any) -> None:
     styles = {"shipped": "green", "passed": "cyan", "refused": "red", "failed": "red"}
     for row in rows(report):
         table.add_row(*row, style=styles.get(row[1]))
-    console.print(table)
+    if report.get("variants"):  # a build stopped before any variant (a bad path, missing keys) has no table
+        console.print(table)
+    if report.get("preprocessing"):
+        console.print(escape(preprocessing_line(report)))
     for name, prof in report.get("profiles", {}).items():
         console.print(f"profile [bold]{name}[/]: prefers {prof['ship'][0] if prof['ship'] else '(nothing)'}"
                       f", ships {', '.join(prof['ship']) or '-'}")
@@ -139,6 +156,9 @@ def markdown(report: dict[str, Any]) -> str:
              f"{fmt_delta(name, metric.get('budget', 0.0)).lstrip('+')} loss.", "",
              "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     lines += ["| " + " | ".join(r) + " |" for r in rows(report)]
+    lines += ["", preprocessing_line(report)]
+    if metric.get("output_chosen_by"):
+        lines.append(f"The metric reads the model output `{metric.get('output')}` ({metric['output_chosen_by']}).")
     lines += ["", "Sizes and speed-ups are against the fp32 variant of the same format. Latency: one sample "
               "per call, one thread, on the build host, every variant in its own process, timed in "
               "interleaved rounds; the bracket is the range of the per-round medians. A speed-up is the "

@@ -35,6 +35,41 @@ TASKS = ("classification", "embedding", "regression")
 MODEL_FORMATS = ("auto", "onnx", "keras", "savedmodel", "torch", "sklearn")
 _SEMVER = re.compile(r"^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?$")
 
+DATA_KEYS = ("path", "factory", "raw_key", "label_key", "limit")
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "bundle": ("name", "version", "release_counter"),
+    "model": ("path", "factory", "format", "opset", "output_names", "dynamic_axes"),
+    "task": ("kind", "labels"),
+    "preprocessing": ("input", "output", "steps", "resources", "opset"),
+    "fit": DATA_KEYS,
+    "calibration": DATA_KEYS,
+    "evaluation": (*DATA_KEYS, "metric", "top_k", "budget", "output", "golden_count", "name", "class_budget",
+                   "min_cosine", "nn_agreement", "p5_cosine"),
+    "variants": ("build", *VARIANT_IDS),
+    "targets": ("profiles",),
+    "profiles": (),  # user-defined profile names; each table is checked by profile_from_dict
+    "signing": ("keys", "expires_days", "create"),
+    "output": ("dir", "latency_runs", "latency_rounds", "strict"),
+    "prune": (),  # the optional model stages: their keys are checked by converter.stage_spec
+    "distill": (),
+}
+"""Every section of edgepack.toml and its keys; anything else is refused (a typo must not be ignored)."""
+
+_INT8_STATIC = ("per_channel", "calibration_method", "reduce_range", "op_types_to_quantize", "nodes_to_exclude",
+                "extra_options")
+_TFLITE = ("representative_samples", "allow_float_ops")
+VARIANT_OPTIONS: dict[str, tuple[str, ...]] = {
+    "onnx-fp32": (),
+    "onnx-fp16": ("op_block_list",),
+    "onnx-int8": _INT8_STATIC,
+    "onnx-int8-dynamic": ("per_channel", "reduce_range", "op_types_to_quantize", "nodes_to_exclude", "extra_options",
+                          "weight_only_nodes", "min_smaller_x", "max_weight_only_nodes"),
+    "tflite-fp32": _TFLITE,
+    "tflite-fp16": _TFLITE,
+    "tflite-int8": _TFLITE,
+}
+"""The options each ``[variants.<id>]`` table may set."""
+
 
 @dataclass(frozen=True)
 class DataSpec:
@@ -75,6 +110,8 @@ class BuildSpec:
     preprocessing_resources: dict[str, Path]
     calibration: DataSpec
     evaluation: DataSpec
+    fit: DataSpec | None
+    """Training data the preprocessing's learning ops (impute, standard_scale, one_hot) are fitted on."""
     metric: str
     top_k: int
     budget: float
@@ -146,7 +183,57 @@ def load_spec(path: Path, overrides: dict[str, Any] | None = None) -> BuildSpec:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path} is not valid TOML: {exc}", fix="correct the syntax at that line") from exc
+    for dotted in overrides or {}:
+        check_key(dotted.split("."), origin=f"--set {dotted}")
     return parse_spec(apply_overrides(raw, overrides or {}), root=path.parent.resolve())
+
+
+def _unknown(what: str, name: str, known: tuple[str, ...] | list[str], origin: str = "") -> SpecError:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    where = f"{origin}: " if origin else ""
+    return SpecError(f"{where}{what} {name!r} is not known; known: {', '.join(known) or '(none)'}",
+                     fix=f"{hint}check the spelling (edgepack init writes a commented template with every key)")
+
+
+def check_key(parts: list[str], origin: str = "") -> None:
+    """Refuse a section or key edgepack.toml does not have (``parts`` is a dotted key split)."""
+    section = parts[0]
+    if section not in SECTIONS:
+        raise _unknown("section", f"[{section}]", [f"[{k}]" for k in SECTIONS], origin)
+    if len(parts) < 2 or section in ("profiles", "prune", "distill"):
+        return
+    key = parts[1]
+    if section in ("preprocessing", "model") and key in ("resources", "dynamic_axes"):
+        return  # free-form tables: resource file names, model input/output names
+    if section == "variants" and key != "build":
+        from converter.stage_spec import split_variant
+
+        key = split_variant(key)[1]  # a stage's variant (pruned-onnx-int8) takes its base variant's options
+    if key not in SECTIONS[section]:
+        raise _unknown(f"[{section}] key", key, SECTIONS[section], origin)
+    if section == "variants" and key != "build" and len(parts) > 2 and parts[2] not in VARIANT_OPTIONS[key]:
+        raise _unknown(f"[variants.{parts[1]}] option", parts[2], VARIANT_OPTIONS[key], origin)
+
+
+def check_keys(raw: dict[str, Any]) -> None:
+    """Refuse unknown sections and keys anywhere in the parsed TOML, naming the known ones."""
+    for section, table in raw.items():
+        if section not in SECTIONS:
+            raise _unknown("section", f"[{section}]", [f"[{k}]" for k in SECTIONS])
+        if not isinstance(table, dict):
+            raise SpecError(f"[{section}] must be a table, found {type(table).__name__} {table!r}")
+        if section in ("profiles", "prune", "distill"):
+            continue  # checked where they are parsed (profile_from_dict, converter.stage_spec)
+        for key, value in table.items():
+            check_key([section, key])
+            if section == "variants" and key != "build":
+                if not isinstance(value, dict):
+                    raise SpecError(f"[variants.{key}] must be a table of options, found {value!r}")
+                for option in value:
+                    check_key([section, key, option])
 
 
 def _table(raw: dict[str, Any], key: str) -> dict[str, Any]:
@@ -156,28 +243,61 @@ def _table(raw: dict[str, Any], key: str) -> dict[str, Any]:
     return value
 
 
-def _data(raw: dict[str, Any], key: str, root: Path, default_limit: int | None) -> DataSpec:
+def _get(table: dict[str, Any], section: str, key: str, kind: type | tuple[type, ...], default: Any,
+         what: str) -> Any:
+    """``table[key]`` checked against ``kind`` (bool is not an int here), else a SpecError naming it."""
+    value = table.get(key, default)
+    if value is None or value is default:
+        return value
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise SpecError(f"[{section}] {key} must be {what}, found {value!r}")
+    return value
+
+
+def _str_list(table: dict[str, Any], section: str, key: str) -> tuple[str, ...] | None:
+    value = table.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, (str, int)) and not isinstance(v, bool)
+                                              for v in value):
+        raise SpecError(f"[{section}] {key} must be a list of names, found {value!r}")
+    return tuple(str(v) for v in value)
+
+
+def _data(raw: dict[str, Any], key: str, root: Path, default_limit: int | None, *,
+          required: bool = True) -> DataSpec | None:
     table = _table(raw, key)
     if not table.get("path") and not table.get("factory"):
+        if not required and not table:
+            return None
         raise SpecError(
             f"[{key}] needs `path` (a .npz/.npy/.txt/.jsonl file) or `factory` (\"file.py:function\")",
             fix=f"add path = \"data.npz\" under [{key}]",
         )
+    path = _get(table, key, "path", str, None, "a file path")
+    factory = _get(table, key, "factory", str, None, 'a "file.py:function" reference')
     label_key = table.get("label_key", "y")
+    if label_key not in (None, "", False) and not isinstance(label_key, str):
+        raise SpecError(f"[{key}] label_key must be a name (or false for no labels), found {label_key!r}")
     limit = table.get("limit", default_limit)
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         raise SpecError(f"[{key}] limit must be a positive integer, found {limit!r}")
     return DataSpec(
-        path=resolve_path(table["path"], root) if table.get("path") else None,
-        factory=table.get("factory"),
-        raw_key=str(table.get("raw_key", "x")),
+        path=resolve_path(path, root) if path else None,
+        factory=factory or None,
+        raw_key=str(_get(table, key, "raw_key", str, "x", "a name")),
         label_key=None if label_key in (None, "", False) else str(label_key),
         limit=limit,
     )
 
 
 def parse_spec(raw: dict[str, Any], *, root: Path) -> BuildSpec:
-    """Validate a parsed TOML table into a :class:`BuildSpec`; every message names the key."""
+    """Validate a parsed TOML table into a :class:`BuildSpec`; every message names the key.
+
+    Unknown sections and keys are refused with the known ones listed, like the agent's configuration.
+    """
+    check_keys(raw)
     bundle = _table(raw, "bundle")
     name = bundle.get("name")
     if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", name):
@@ -189,7 +309,7 @@ def parse_spec(raw: dict[str, Any], *, root: Path) -> BuildSpec:
     if not _SEMVER.match(version):
         raise SpecError(f"[bundle] version must be semver (1.2.3), found {version!r}")
     counter = bundle.get("release_counter", 1)
-    if not isinstance(counter, int) or counter < 0:
+    if not isinstance(counter, int) or isinstance(counter, bool) or counter < 0:
         raise SpecError(f"[bundle] release_counter must be a non-negative integer, found {counter!r}")
 
     model_t = _table(raw, "model")
@@ -198,21 +318,33 @@ def parse_spec(raw: dict[str, Any], *, root: Path) -> BuildSpec:
     fmt = str(model_t.get("format", "auto"))
     if fmt not in MODEL_FORMATS:
         raise SpecError(f"[model] format must be one of {MODEL_FORMATS}, found {fmt!r}")
-    outputs = model_t.get("output_names")
+    outputs = _str_list(model_t, "model", "output_names")
+    axes = _table(model_t, "dynamic_axes")
+    for k, v in axes.items():
+        if not isinstance(v, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+            raise SpecError(f"[model.dynamic_axes] {k} must be a list of axis numbers, found {v!r}")
+    model_path = _get(model_t, "model", "path", str, None, "a file path")
     model = ModelSpec(
-        path=resolve_path(model_t["path"], root) if model_t.get("path") else None,
-        factory=model_t.get("factory"),
+        path=resolve_path(model_path, root) if model_path else None,
+        factory=_get(model_t, "model", "factory", str, None, 'a "file.py:function" reference') or None,
         format=fmt,
-        opset=int(model_t.get("opset", 17)),
-        output_names=tuple(outputs) if outputs else None,
-        dynamic_axes={k: tuple(v) for k, v in _table(model_t, "dynamic_axes").items()},
+        opset=_get(model_t, "model", "opset", int, 17, "an ONNX opset number"),
+        output_names=outputs or None,
+        dynamic_axes={k: tuple(v) for k, v in axes.items()},
     )
 
     task_t = _table(raw, "task")
     task = str(task_t.get("kind", "classification"))
     if task not in TASKS:
         raise SpecError(f"[task] kind must be one of {TASKS}, found {task!r}")
-    labels = task_t.get("labels")
+    labels = _str_list(task_t, "task", "labels")
+    if labels is not None:
+        if task != "classification":
+            raise SpecError(f"[task] labels names classes, but kind is {task!r}",
+                            fix='remove labels, or set kind = "classification"')
+        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        if not labels or dupes:
+            raise SpecError(f"[task] labels must be distinct class names in output order, found {list(labels)}")
 
     pre = dict(_table(raw, "preprocessing"))
     resources = {str(k): resolve_path(str(v), root) for k, v in pre.pop("resources", {}).items()}
@@ -222,13 +354,21 @@ def parse_spec(raw: dict[str, Any], *, root: Path) -> BuildSpec:
     if metric not in METRICS:
         raise SpecError(f"[evaluation] metric must be one of {METRICS}, found {metric!r}")
     budget = ev.get("budget", 0.01)
-    if not isinstance(budget, (int, float)) or budget < 0:
+    if not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget < 0:
         raise SpecError(f"[evaluation] budget must be a number >= 0, found {budget!r}")
+    top_k = _get(ev, "evaluation", "top_k", int, 1, "a whole number >= 1")
+    golden = _get(ev, "evaluation", "golden_count", int, 8, "a whole number >= 1")
+    if top_k < 1 or golden < 1:
+        raise SpecError(f"[evaluation] top_k and golden_count must be >= 1, found {top_k}, {golden}")
+    metric_output = _get(ev, "evaluation", "output", str, None, "the name of a model output")
 
     checks = parse_checks(ev, task, metric, float(budget))
 
     var_t = _table(raw, "variants")
-    variants = tuple(var_t.get("build", ["onnx-fp32", "onnx-int8"]))
+    build_list = var_t.get("build", ["onnx-fp32", "onnx-int8"])
+    if not isinstance(build_list, list):
+        raise SpecError(f"[variants] build must be a list of variant ids, found {build_list!r}")
+    variants = tuple(build_list)
     from converter.stage_spec import PREFIXES, parse_stage, split_variant
 
     unknown = [v for v in variants if split_variant(v)[1] not in VARIANT_IDS]
@@ -247,8 +387,9 @@ def parse_spec(raw: dict[str, Any], *, root: Path) -> BuildSpec:
     options = {k: dict(v) for k, v in var_t.items() if k != "build" and isinstance(v, dict)}
 
     targets = _table(raw, "targets")
-    custom = {k: profile_from_dict(k, v) for k, v in _table(raw, "profiles").items()}
-    profile_names = targets.get("profiles", ["x86-kiosk"])
+    custom = {k: profile_from_dict(k, _table(_table(raw, "profiles"), k))
+              for k in _table(raw, "profiles")}
+    profile_names = _str_list(targets, "targets", "profiles") or ("x86-kiosk",)
     profiles = []
     for pname in profile_names:
         if pname in custom:
@@ -263,33 +404,40 @@ def parse_spec(raw: dict[str, Any], *, root: Path) -> BuildSpec:
 
     signing = _table(raw, "signing")
     out = _table(raw, "output")
+    keys = _get(signing, "signing", "keys", str, None, "a key directory path")
+    expires = _get(signing, "signing", "expires_days", int, 365, "a whole number of days")
+    runs = _get(out, "output", "latency_runs", int, 200, "a whole number >= 1")
+    if expires < 1 or runs < 1:
+        raise SpecError(f"[signing] expires_days and [output] latency_runs must be >= 1, found {expires}, {runs}")
+    out_dir = _get(out, "output", "dir", str, "out", "a directory path")
     return BuildSpec(
         root=root,
         name=name,
         version=version,
         release_counter=counter,
-        expires_days=int(signing.get("expires_days", 365)),
+        expires_days=expires,
         model=model,
         task=task,
-        labels=tuple(str(x) for x in labels) if labels else None,
+        labels=labels,
         preprocessing=pre,
         preprocessing_resources=resources,
-        calibration=_data(raw, "calibration", root, 200),
-        evaluation=_data(raw, "evaluation", root, None),
+        calibration=_required(_data(raw, "calibration", root, 200)),
+        evaluation=_required(_data(raw, "evaluation", root, None)),
+        fit=_data(raw, "fit", root, None, required=False),
         metric=metric,
-        top_k=int(ev.get("top_k", 1)),
+        top_k=top_k,
         budget=float(budget),
-        metric_output=ev.get("output"),
-        golden_count=int(ev.get("golden_count", 8)),
+        metric_output=metric_output,
+        golden_count=golden,
         variants=variants,
         variant_options=options,
         profiles=tuple(profiles),
-        keys_dir=resolve_path(signing["keys"], root) if signing.get("keys") else None,
-        out_dir=resolve_path(str(out.get("dir", "out")), root),
-        latency_runs=int(out.get("latency_runs", 200)),
-        latency_rounds=int(out.get("latency_rounds", 10)),
-        strict=bool(out.get("strict", False)),
-        create_keys=bool(signing.get("create", False)),
+        keys_dir=resolve_path(keys, root) if keys else None,
+        out_dir=resolve_path(out_dir, root),
+        latency_runs=runs,
+        latency_rounds=_get(out, "output", "latency_rounds", int, 10, "a whole number >= 1"),
+        strict=_get(out, "output", "strict", bool, False, "true or false"),
+        create_keys=_get(signing, "signing", "create", bool, False, "true or false"),
         checks=checks,
         stages=stages,
         evaluation_name=str(ev["name"]) if ev.get("name") else None,
@@ -321,3 +469,8 @@ def parse_checks(ev: dict[str, Any], task: str, metric: str, budget: float) -> C
         nn_agreement=_limit(ev, "nn_agreement", 0.9 if emb else None, 0.0, 1.0),
         class_budget=_limit(ev, "class_budget", 0.05 if cls else None, 0.0, 1.0),
     )
+
+
+def _required(ds: DataSpec | None) -> DataSpec:
+    assert ds is not None  # _data(required=True) raises instead of returning None
+    return ds

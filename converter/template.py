@@ -14,16 +14,16 @@ release_counter = 1          # must grow with every new version (devices refuse 
 [model]
 path = "model.onnx"          # .onnx, .keras, or a TF SavedModel directory
 # factory = "recipe.py:make_model"   # or a Python function returning a keras.Model, torch.nn.Module,
-                                     # scikit-learn estimator or a path
+                                     # scikit-learn estimator (exported with skl2onnx) or a path
 format = "auto"              # auto | onnx | keras | savedmodel | torch | sklearn
 opset = 17
-# output_names = ["probs"]   # names of the model outputs (Keras / torch / sklearn inputs)
+# output_names = ["probs"]   # names of the model outputs (Keras / torch inputs)
 # [model.dynamic_axes]       # torch export: which axes are dynamic per input/output (default: batch)
 # input_ids = [0, 1]
 
 [task]
 kind = "classification"      # classification | embedding | regression
-# labels = ["cat", "dog"]    # class names in output order
+# labels = ["cat", "dog"]    # class names in output order (as many as the model has classes)
 
 # The preprocessing that ships in the bundle and runs on the device: raw input -> model features.
 [preprocessing]
@@ -35,6 +35,12 @@ steps = [
 ]
 # [preprocessing.resources]
 # "tokenizer.json" = "tokenizer.json"   # files ops need (tokenize)
+
+# Training data the preprocessing learns from: needed only when a step learns its parameters
+# (impute, standard_scale, one_hot). Never the evaluation set. The build report says what was fitted.
+# [fit]
+# path = "train.npz"         # .npz (raw_key array), .npy, .txt, .jsonl; or factory = "recipe.py:train_data"
+# raw_key = "x"
 
 # Representative inputs for static int8 calibration (~100-500 samples of training-like data).
 [calibration]
@@ -51,6 +57,9 @@ label_key = "y"              # omit labels and use metric = "agreement" (or "cos
 metric = "accuracy"          # accuracy (top_k) | f1 | mae | cosine | agreement
 top_k = 1
 budget = 0.005               # largest loss allowed, in the metric's units (0.005 = 0.5 accuracy points)
+# output = "probabilities"   # which model output the metric reads; needed only when it is ambiguous (by
+                             # default: the only output, or for classification the only 2-D float one,
+                             # e.g. skl2onnx's "probabilities" next to "label")
 # name = "held-out 2026-05"  # how the report names this evaluation set
 # class_budget = 0.05        # classifiers: largest loss of any single class (default 0.05; false = off)
 # min_cosine = 0.98          # embeddings: worst sample's cosine to fp32 (default 1 - 2 * budget)
@@ -100,7 +109,7 @@ profiles = ["rpi4", "rpi5", "x86-kiosk"]
 # preference = ["onnx-fp16", "onnx-int8", "onnx-fp32"]
 
 [signing]
-keys = "keys"                # create with `edgepack keys init --out keys`
+keys = "keys"                # key directory, relative to this file (`edgepack keys init --out DIR`; --keys DIR)
 expires_days = 365
 
 [output]

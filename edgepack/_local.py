@@ -253,7 +253,12 @@ class AmqttBroker(Broker):
 
 
 def _start_amqtt(port: int) -> Broker:
-    from amqtt.broker import Broker as AmqttServer
+    try:
+        from amqtt.broker import Broker as AmqttServer
+    except ModuleNotFoundError as exc:
+        raise RuntimeError("neither mosquitto nor amqtt is installed: install amqtt, the pure-Python broker, "
+                           "with pip install 'edgepack[demo]' (./scripts/demo does), or mosquitto "
+                           "(apt-get install mosquitto)") from exc
 
     loop = asyncio.new_event_loop()
     config = {"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
@@ -414,4 +419,4 @@ def make_device(*, device_id: str, hardware_id: str, workdir: Path, server: Loca
                                    "runtimes": {k: v.split(" ")[-1] for k, v in runtimes.items()},
                                    "tags": {"fleet": "demo"}})
     save_enrollment(config, answer)
-    return SimDevice(device_id, state, agent=Agent(config))
+    return SimDevice(device_id, state, agent=Agent(config), extra={"config": doc})

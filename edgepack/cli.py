@@ -18,6 +18,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help: rich markup would eat the [section] names that help texts and messages quote.
+    rich_markup_mode=None,
 )
 
 # (module, attribute): each exposes register(app). Missing optional parts (not installed) are skipped.

@@ -16,16 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from bundles.errors import ArchiveError, BundleError, FormatError, KeyStoreError, VerificationError
+from edgepack._console import cli_console, plain
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_FORMAT, EXIT_TRUST = 0, 1, 2, 3, 4
 
 keys_app = typer.Typer(help="Create and rotate the offline signing keys and trust roots.", no_args_is_help=True)
-err = Console(stderr=True)
-out = Console()
+err = cli_console(stderr=True)
+out = cli_console()
 
 
 def _fail(exc: BundleError) -> None:
@@ -37,7 +37,7 @@ def _fail(exc: BundleError) -> None:
         code, kind = EXIT_TRUST, "trust/key problem"
     else:
         code, kind = EXIT_VERIFY, "error"
-    err.print(f"[bold red]{kind}[/] ({type(exc).__name__}): {exc}", markup=True, highlight=False)
+    err.print(f"[bold red]{kind}[/] ({type(exc).__name__}): {plain(exc)}", markup=True, highlight=False)
     raise typer.Exit(code)
 
 
@@ -61,9 +61,9 @@ def keys_init(
         _fail(exc)
         return
     _print_roles(ks.role_summary())
-    out.print(f"\nTrust root for devices and servers: [bold]{ks.root_path}[/]")
-    out.print(f"Online keys for the update server:  [bold]{out_dir / 'online'}[/] (copy this folder only)")
-    out.print(f"Offline keys (keep off any server):  [bold]{out_dir / 'private'}[/]")
+    out.print(f"\nTrust root for devices and servers: [bold]{plain(ks.root_path)}[/]")
+    out.print(f"Online keys for the update server:  [bold]{plain(out_dir / 'online')}[/] (copy this folder only)")
+    out.print(f"Offline keys (keep off any server):  [bold]{plain(out_dir / 'private')}[/]")
 
 
 def _print_roles(summary: dict[str, dict[str, Any]]) -> None:
@@ -94,7 +94,7 @@ def keys_rotate(
     except BundleError as exc:
         _fail(exc)
         return
-    out.print(f"root is now version {new.signed.version}; publish {ks.root_path} to the update server "
+    out.print(f"root is now version {new.signed.version}; publish {plain(ks.root_path)} to the update server "
               "(`edgepack bundles push` sends it with the next bundle) so devices walk the rotation")
     _print_roles(ks.role_summary())
 
@@ -113,18 +113,24 @@ def keys_raise_floor(
     except BundleError as exc:
         _fail(exc)
         return
-    out.print(f"targets version {md.signed.version}: floor of {name!r} is {release_counter}")
+    out.print(f"targets version {md.signed.version}: floor of {plain(repr(name))} is {release_counter}")
 
 
 @keys_app.command("show")
-def keys_show(keys: Path = typer.Option(..., "--keys", help="Key directory.")) -> None:
+def keys_show(keys: Path = typer.Option(..., "--keys", help="Key directory."),
+              as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Show roles, thresholds, key ids and which private keys are here."""
     from bundles.keys import KeyStore
 
     try:
-        _print_roles(KeyStore.load(keys).role_summary())
+        summary = KeyStore.load(keys).role_summary()
     except BundleError as exc:
         _fail(exc)
+        return
+    if as_json:
+        sys.stdout.write(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+        return
+    _print_roles(summary)
 
 
 def assemble(
@@ -140,7 +146,7 @@ def assemble(
     try:
         manifest = json.loads((source / "manifest.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        err.print(f"cannot read {source / 'manifest.json'}: {exc}")
+        err.print(f"cannot read {plain(source / 'manifest.json')}: {plain(exc)}")
         raise typer.Exit(EXIT_FORMAT) from exc
     files = {str(p.relative_to(source)): p for p in sorted(source.rglob("*"))
              if p.is_file() and p.name != "manifest.json"}
@@ -150,7 +156,7 @@ def assemble(
     except BundleError as exc:
         _fail(exc)
         return
-    out.print(f"wrote {info.path}: {info.name} {info.version} (release {info.release_counter}), "
+    out.print(f"wrote {plain(info.path)}: {plain(info.name)} {info.version} (release {info.release_counter}), "
               f"content digest {info.content_digest}, targets v{info.targets_version}")
 
 
@@ -170,13 +176,13 @@ def inspect(
         sys.stdout.write(json.dumps(report, indent=2, sort_keys=True) + "\n")
         return
     m = report["manifest"]
-    out.print(f"[bold]{m.get('name')} {m.get('version')}[/] release {m.get('release_counter')}  "
+    out.print(f"[bold]{plain(m.get('name'))} {plain(m.get('version'))}[/] release {m.get('release_counter')}  "
               f"[yellow](not verified: run `edgepack verify --trust ROOT`)[/]")
     out.print(f"content digest {report['content_digest']}   targets v{report['targets']['version']} "
               f"expires {report['targets']['expires']}   signatures {', '.join(report['targets']['signers'])}")
     compat = m.get("compatibility", {})
-    out.print(f"hardware {m.get('hardware_ids')}  platforms {compat.get('platforms')}  "
-              f"runtimes {compat.get('runtimes')}  min agent {compat.get('min_agent_version')}")
+    out.print(plain(f"hardware {m.get('hardware_ids')}  platforms {compat.get('platforms')}  "
+                    f"runtimes {compat.get('runtimes')}  min agent {compat.get('min_agent_version')}"))
     table = Table(title="variants")
     for col in ("id", "format", "precision", "metric", "delta", "size"):
         table.add_column(col)
@@ -187,7 +193,7 @@ def inspect(
                       str(v.get("size_bytes", "")))
     out.print(table)
     if m.get("profiles"):
-        out.print("profiles: " + "; ".join(f"{k} -> {', '.join(v)}" for k, v in m["profiles"].items()))
+        out.print("profiles: " + plain("; ".join(f"{k} -> {', '.join(v)}" for k, v in m["profiles"].items())))
     files = Table(title="files")
     files.add_column("path")
     files.add_column("bytes", justify="right")
@@ -246,10 +252,10 @@ def verify(
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
     else:
-        out.print(f"[green]verified[/] {vb.name} {vb.version} (release {vb.release_counter}): "
+        out.print(f"[green]verified[/] {plain(vb.name)} {plain(vb.version)} (release {vb.release_counter}): "
                   f"{len(vb.files)} files, content digest {vb.content_digest}")
         for vid, msg in checks.items():
-            out.print(f"  {vid}: {msg}")
+            out.print(plain(f"  {vid}: {msg}"))
 
 
 def register(app: typer.Typer) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -30,6 +31,7 @@ from typing import Any
 import typer
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 HARDWARE = "x86-kiosk"
@@ -159,11 +161,14 @@ def demo(
     from bundles.trust import TrustStore
     from bundles.verify import verify_archive
     from edgepack import _local, tls
+    from edgepack._console import cli_console
     from edgepack.demo_bundles import add_memory_bomb, build_digits, confuse_classes, derive_bundle
 
     logging.basicConfig(level=logging.WARNING)
-    console = Console()
+    signal.signal(signal.SIGTERM, _terminate)  # `kill`, `timeout`, a closed terminal: clean up as on Ctrl-C
+    console = cli_console()
     own = workdir is None
+    failed = interrupted = kept = False
     work = Path(tempfile.mkdtemp(prefix="edgepack-demo-")) if workdir is None else workdir
     work.mkdir(parents=True, exist_ok=True)
     broker = server = None
@@ -173,6 +178,8 @@ def demo(
     t_start = time.monotonic()
     try:
         console.rule("[bold]1. keys, local CA, broker, update server")
+        console.print(f"working directory: {escape(str(work))}"
+                      + (" (temporary: removed at the end, also on Ctrl-C)" if own else ""))
         keys = KeyStore.init(work / "keys")
         tls_files = tls.init(work / "tls", hosts=["127.0.0.1", "localhost"])
         console.print(f"local CA: {tls_files.ca_cert} (the server's HTTPS and the broker's TLS; devices pin it)")
@@ -247,19 +254,26 @@ def demo(
 
         _summary(console, outcomes, fleet, server, rolled_back, time.monotonic() - t_start)
         _check_dashboard(console, server, outcomes)
-        if keep:
-            console.print("[bold]--keep:[/] everything keeps running; press Ctrl-C to stop and clean up.")
-            while True:
-                time.sleep(3600)
         expected = [("1.0.0", "completed"), ("1.1.0", "completed"), ("1.2.0", "rolled_back"),
                     ("1.3.0", "rolled_back")]
         got = [(o.version, o.state) for o in outcomes]
-        if got != expected or not rolled_back or any(o.phase_reached != 0 for o in outcomes[2:]):
-            console.print(f"[bold red]the demo did not end as expected[/]: {got}")
+        failed = got != expected or not rolled_back or any(o.phase_reached != 0 for o in outcomes[2:])
+        if failed:
+            console.print(f"[bold red]the demo did not end as expected[/]: {escape(str(got))}")
+        if keep:
+            kept = True  # from here on Ctrl-C is the way to end the demo, not an interruption
+            _keep(console, work, own, fleet, server, broker)
+        if failed:
             raise typer.Exit(1)
     except KeyboardInterrupt:
-        console.print("stopping")
+        console.print("stopping (Ctrl-C)")
+        interrupted = True
+    except RuntimeError as exc:  # a step that cannot go on (a refused upload, a broker that will not start)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}")
+        failed = True
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not leave half a cleanup
+            signal.signal(sig, signal.SIG_IGN)
         if traffic is not None:
             traffic.stop_flag.set()
         for device in fleet:
@@ -268,8 +282,41 @@ def demo(
             server.stop()
         if broker is not None:
             broker.stop()
-        if own and not keep:
+        if own:
             shutil.rmtree(work, ignore_errors=True)
+            console.print(f"removed the demo's temporary directory {escape(str(work))}")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if failed:
+        raise typer.Exit(1)
+    if interrupted and not kept:
+        raise typer.Exit(130)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _keep(console: Console, work: Path, own: bool, fleet: list[Any], server: Any, broker: Any) -> None:
+    """Write each device's agent.toml and addresses, print how to reach them, run until Ctrl-C."""
+    from edgepack.demo_keep import predict_and_feedback_command, sample_input, write_device_files
+
+    table = write_device_files(work, fleet, server.url, broker.url)
+    sample, label = sample_input(work)
+    first = fleet[0]
+    toml = Path(first.extra["config"]["state_dir"]) / "agent.toml"
+    console.rule("[bold]--keep: everything keeps running")
+    console.print(f"each device's agent.toml and addresses: {escape(str(work / 'devices'))}/<device>/ "
+                  f"(all of them: {escape(str(table))})")
+    console.print(f"device {first.device_id}'s state:  edgepack-agent status --config {escape(str(toml))}")
+    console.print(f"a prediction on {first.device_id} (a digit {label}):")
+    console.print(escape(f"  curl -s -X POST http://{first.api_address}/v1/predict -d @{sample}"), soft_wrap=True)
+    console.print("a prediction and its feedback (the true label), in one line:")
+    console.print("  " + escape(predict_and_feedback_command(first.api_address, sample, label)), soft_wrap=True)
+    where = "the temporary directory is removed" if own else f"{escape(str(work))} stays"
+    console.print(f"[bold]press Ctrl-C to stop the devices, server and broker[/] ({where})")
+    while True:
+        time.sleep(3600)
 
 
 def _summary(console: Console, outcomes: list[Outcome], fleet: list[Any], server: Any, rolled_back: bool,
@@ -279,12 +326,12 @@ def _summary(console: Console, outcomes: list[Outcome], fleet: list[Any], server
     for col in ("version", "rollout", "ended", "phase reached", "seconds", "why"):
         table.add_column(col)
     for o in outcomes:
-        table.add_row(o.version, o.rollout_id, o.state, str(o.phase_reached), f"{o.seconds:.0f}", o.reason[:90])
+        table.add_row(o.version, o.rollout_id, o.state, str(o.phase_reached), f"{o.seconds:.0f}", escape(o.reason[:90]))
     console.print(table)
     versions = _fleet_versions(fleet)
-    console.print(f"fleet now serves {dict(versions)}; bad versions rolled back: {rolled_back}; "
+    console.print(f"fleet now serves {escape(str(dict(versions)))}; bad versions rolled back: {rolled_back}; "
                   f"demo took {seconds:.0f} s")
-    console.print("\nWhere to look (while it runs, e.g. with --keep):")
+    console.print("\nWhere to look (while it runs, with --keep):")
     console.print(f"  dashboard:      {server.url}/ui/     (sign in with the admin token below)")
     console.print(f"  metrics:        {server.url}/metrics (Prometheus; Bearer token)")
     console.print(f"  API and docs:   {server.url}/docs     (admin token: {server.token}; CA {server.ca_file})")

@@ -11,6 +11,13 @@ from bundles.keys import KeyStore
 from tests.support import services
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Slow tests first. With pytest-xdist (./scripts/test) the longest tests then start side by side on the
+    workers and the many short ones fill in around them, instead of one long test running alone at the end.
+    The sort is stable and the same on every worker (xdist requires identical collections)."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("slow") else 1)
+
+
 @pytest.fixture(scope="session")
 def session_keys(tmp_path_factory: pytest.TempPathFactory) -> KeyStore:
     """One key directory for the session (root 2-of-3, targets 1-of-1)."""

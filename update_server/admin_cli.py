@@ -30,6 +30,12 @@ tokens_app = typer.Typer(help="API tokens (admin role).", no_args_is_help=True)
 def _call(server: str, token: str, method: str, path: str, **kwargs: Any) -> Any:
     import httpx
 
+    token = token.strip()
+    if any(c.isspace() for c in token):
+        typer.echo("error: the API token contains spaces or line breaks; EDGEPACK_TOKEN (or --token) must hold "
+                   "the token alone (ept_...), e.g. export EDGEPACK_TOKEN=$(edgepack-server create-token ...)",
+                   err=True)
+        raise typer.Exit(2)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     verify: str | bool = os.environ.get("EDGEPACK_CA_FILE") or True  # a private CA (edgepack tls init)
     try:
@@ -50,13 +56,19 @@ def _call(server: str, token: str, method: str, path: str, **kwargs: Any) -> Any
 
 
 def _table(rows: list[list[Any]], header: list[str]) -> None:
-    from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
+
+    from edgepack._console import cli_console
 
     table = Table(*header)
-    for row in rows:
-        table.add_row(*["" if v is None else str(v) for v in row])
-    Console().print(table)
+    for row in rows:  # Text: cells hold operators' words (reasons, tags), never markup
+        table.add_row(*[Text("" if v is None else str(v)) for v in row])
+    cli_console().print(table)
+
+
+def _json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2))
 
 
 def _kv(items: list[str], what: str) -> dict[str, str]:
@@ -84,16 +96,27 @@ def bundles_list(name: str | None = typer.Option(None), server: str = ServerOpt,
     """Bundles on the server."""
     rows = _call(server, token, "GET", "/api/v1/bundles", params={"name": name} if name else None)
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        _json(rows)
         return
     _table([[b["name"], b["version"], b["release_counter"], ",".join(b["hardware_ids"]), b["archive_size"],
              b["uploaded_at"][:19]] for b in rows], ["name", "version", "release", "hardware", "bytes", "uploaded"])
 
 
 @bundles_app.command("show")
-def bundles_show(name: str, version: str, server: str = ServerOpt, token: str = TokenOpt) -> None:
-    """Manifest and signed files of one bundle (JSON)."""
-    typer.echo(json.dumps(_call(server, token, "GET", f"/api/v1/bundles/{name}/{version}"), indent=2))
+def bundles_show(name: str, version: str, server: str = ServerOpt, token: str = TokenOpt,
+                 as_json: bool = JsonOpt) -> None:
+    """One bundle: release, hardware, variants and signed files (--json: with the whole manifest)."""
+    b = _call(server, token, "GET", f"/api/v1/bundles/{name}/{version}")
+    if as_json:
+        _json(b)
+        return
+    typer.echo(f"{b['name']} {b['version']} (release {b['release_counter']}), content digest {b['content_digest']}, "
+               f"uploaded {b['uploaded_at'][:19]} by {b['uploaded_by']}; hardware {', '.join(b['hardware_ids'])}")
+    variants = (b.get("manifest") or {}).get("variants", [])
+    _table([[v.get("id"), v.get("format"), v.get("precision"), (v.get("metric") or {}).get("value"),
+             v.get("size_bytes")] for v in variants], ["variant", "format", "precision", "metric", "bytes"])
+    _table([[f.get("path"), f.get("length"), str(f.get("sha256", ""))[:16]] for f in b.get("files") or []],
+           ["file", "bytes", "sha256"])
 
 
 @bundles_app.command("delete")
@@ -117,7 +140,7 @@ def devices_list(group: str | None = typer.Option(None), tag: list[str] = typer.
         params["hardware_id"] = hardware_id
     body = _call(server, token, "GET", "/api/v1/devices", params=params)
     if as_json:
-        typer.echo(json.dumps(body, indent=2))
+        _json(body)
         return
     _table([[d["device_id"], d["hardware_id"], d["group"], ",".join(f"{k}={v}" for k, v in d["tags"].items()),
              f"{d['active']['name']} {d['active']['version']}" if d["active"] else "-",
@@ -125,6 +148,17 @@ def devices_list(group: str | None = typer.Option(None), tag: list[str] = typer.
              d["agent_version"], d["state"], (d["last_seen_at"] or "")[:19]] for d in body["devices"]],
            ["device", "hardware", "group", "tags", "active", "assigned", "agent", "state", "last seen"])
     typer.echo(f"{body['total']} device(s)")
+
+
+@devices_app.command("show")
+def devices_show(device_id: str, server: str = ServerOpt, token: str = TokenOpt, as_json: bool = JsonOpt) -> None:
+    """One device: inventory, assignment, runtimes, last check-in."""
+    d = _call(server, token, "GET", f"/api/v1/devices/{device_id}")
+    if as_json:
+        _json(d)
+        return
+    _table([[key, json.dumps(value) if isinstance(value, (dict, list)) else value] for key, value in d.items()],
+           ["field", "value"])
 
 
 @devices_app.command("revoke")
@@ -150,7 +184,7 @@ def rollout_create(
     gate: list[str] = typer.Option([], help="Gate threshold, e.g. max_crash_rate=0.01 or min_accuracy=0.9."),
     on_breach: str = typer.Option("rollback", help="rollback or halt."),
     start: bool = typer.Option(False, help="Start right away."),
-    reason: str = ReasonOpt, server: str = ServerOpt, token: str = TokenOpt,
+    reason: str = ReasonOpt, server: str = ServerOpt, token: str = TokenOpt, as_json: bool = JsonOpt,
 ) -> None:
     """Create a rollout of bundle NAME VERSION to the selected devices."""
     selector: dict[str, Any] = {}
@@ -162,9 +196,7 @@ def rollout_create(
         selector["hardware_ids"] = hardware
     if device:
         selector["device_ids"] = device
-    gates: dict[str, Any] = {}
-    for key, value in _kv(gate, "--gate").items():
-        gates[key] = None if value.lower() in ("off", "none") else float(value)
+    gates = {key: _gate_value(value) for key, value in _kv(gate, "--gate").items()}
     body: dict[str, Any] = {"bundle": {"name": name, "version": version}, "selector": selector,
                             "on_breach": on_breach, "start": start, "reason": reason, "gates": gates}
     if phases:
@@ -174,12 +206,33 @@ def rollout_create(
     if min_devices is not None:
         body["min_devices"] = min_devices
     status = _call(server, token, "POST", "/api/v1/rollouts", json=body)
+    if as_json:
+        _json(status)
+        return
     typer.echo(f"rollout {status['id']} ({status['state']}): {sum(p['devices'] for p in status['phases'])} devices")
 
 
+def _gate_value(value: str) -> Any:
+    """``off``/``none`` turn a gate off; numbers are numbers; ``a,b`` is a list (require_data). The server
+    checks names and values and lists the known gates when one is wrong."""
+    if value.strip().lower() in ("off", "none"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return [v.strip() for v in value.split(",") if v.strip()] if "," in value else value
+
+
 @rollout_app.command("list")
-def rollout_list(state: str | None = typer.Option(None), server: str = ServerOpt, token: str = TokenOpt) -> None:
+def rollout_list(state: str | None = typer.Option(None, help="Only rollouts in this state."),
+                 server: str = ServerOpt, token: str = TokenOpt, as_json: bool = JsonOpt) -> None:
+    """Rollouts, newest first."""
     rows = _call(server, token, "GET", "/api/v1/rollouts", params={"state": state} if state else None)
+    if as_json:
+        _json(rows)
+        return
     _table([[r["id"], f"{r['bundle']['name']} {r['bundle']['version']}", r["state"], r["current_phase"],
              json.dumps(r["selector"]), r["created_at"][:19]] for r in rows],
            ["id", "bundle", "state", "phase", "selector", "created"])
@@ -209,14 +262,18 @@ def rollout_status(rollout_id: str, server: str = ServerOpt, token: str = TokenO
     """Each phase's progress and every gate's value against its threshold."""
     status = _call(server, token, "GET", f"/api/v1/rollouts/{rollout_id}")
     if as_json:
-        typer.echo(json.dumps(status, indent=2))
+        _json(status)
     else:
         print_status(status)
 
 
 def _action(action: str) -> Any:
-    def command(rollout_id: str, reason: str = ReasonOpt, server: str = ServerOpt, token: str = TokenOpt) -> None:
+    def command(rollout_id: str, reason: str = ReasonOpt, server: str = ServerOpt, token: str = TokenOpt,
+                as_json: bool = JsonOpt) -> None:
         status = _call(server, token, "POST", f"/api/v1/rollouts/{rollout_id}/{action}", json={"reason": reason})
+        if as_json:
+            _json(status)
+            return
         typer.echo(f"rollout {rollout_id}: {status['state']}, phase {status['current_phase']}")
 
     command.__doc__ = f"{action.capitalize()} a rollout (recorded in the audit log with --reason)."
@@ -228,9 +285,12 @@ for _name in ("start", "pause", "resume", "advance", "abort", "rollback"):
 
 
 @rollout_app.command("audit")
-def rollout_audit(rollout_id: str, server: str = ServerOpt, token: str = TokenOpt) -> None:
+def rollout_audit(rollout_id: str, server: str = ServerOpt, token: str = TokenOpt, as_json: bool = JsonOpt) -> None:
     """Every transition with who and why."""
     rows = _call(server, token, "GET", f"/api/v1/rollouts/{rollout_id}/audit")
+    if as_json:
+        _json(rows)
+        return
     _table([[e["at"][:19], e["actor"], e["action"], e["reason"]] for e in reversed(rows)],
            ["at", "actor", "action", "reason"])
 
@@ -239,29 +299,43 @@ def rollout_audit(rollout_id: str, server: str = ServerOpt, token: str = TokenOp
 @enroll_app.command("create")
 def enroll_create(uses: int = typer.Option(1), group: str | None = typer.Option(None),
                   tag: list[str] = typer.Option([], help="key=value"), ttl_s: int | None = typer.Option(None),
-                  server: str = ServerOpt, token: str = TokenOpt) -> None:
-    """A token devices trade for their own credential at enrollment (printed once)."""
+                  server: str = ServerOpt, token: str = TokenOpt, as_json: bool = JsonOpt) -> None:
+    """A token devices trade for their own credential at enrollment. Prints only the token (shown once), so
+    TOKEN=$(edgepack enroll-token create) captures it; --json adds its id, uses and expiry."""
     body = _call(server, token, "POST", "/api/v1/admin/enrollment-tokens",
                  json={"uses": uses, "group": group, "tags": _kv(tag, "--tag"), "ttl_s": ttl_s})
+    if as_json:
+        _json(body)
+        return
     typer.echo(body["token"])
 
 
 @tokens_app.command("create")
-def tokens_create(name: str = typer.Option(...), role: str = typer.Option("viewer"), server: str = ServerOpt,
-                  token: str = TokenOpt) -> None:
+def tokens_create(name: str = typer.Option(..., help="A name for the token (shown in the audit log)."),
+                  role: str = typer.Option("viewer", help="admin, operator or viewer."), server: str = ServerOpt,
+                  token: str = TokenOpt, as_json: bool = JsonOpt) -> None:
+    """Create an API token. Prints only the token (shown once); --json adds its id and role."""
     body = _call(server, token, "POST", "/api/v1/admin/tokens", json={"name": name, "role": role})
+    if as_json:
+        _json(body)
+        return
     typer.echo(body["token"])
 
 
 @tokens_app.command("list")
-def tokens_list(server: str = ServerOpt, token: str = TokenOpt) -> None:
+def tokens_list(server: str = ServerOpt, token: str = TokenOpt, as_json: bool = JsonOpt) -> None:
+    """API tokens (never their secrets)."""
     rows = _call(server, token, "GET", "/api/v1/admin/tokens")
+    if as_json:
+        _json(rows)
+        return
     _table([[t["id"], t["name"], t["role"], t["created_at"][:19], t["revoked"]] for t in rows],
            ["id", "name", "role", "created", "revoked"])
 
 
 @tokens_app.command("revoke")
 def tokens_revoke(token_id: str, server: str = ServerOpt, token: str = TokenOpt) -> None:
+    """Revoke an API token at once."""
     _call(server, token, "DELETE", f"/api/v1/admin/tokens/{token_id}")
     typer.echo(f"revoked {token_id}")
 

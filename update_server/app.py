@@ -26,7 +26,7 @@ from sqlalchemy import delete, text
 
 from bundles.keys import OnlineKeys
 from update_server import ui
-from update_server.api import admin_api, device_api, errors, metrics_api, tuf_api
+from update_server.api import admin_api, device_api, docs, errors, metrics_api, tuf_api
 from update_server.broker import make_accounts
 from update_server.context import ServerContext
 from update_server.db import is_unavailable, make_engine, make_sessionmaker, migrate
@@ -164,9 +164,10 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
             if ctx.checkin_pool is not None:
                 await ctx.checkin_pool.close()
 
-    app = FastAPI(title="edgepack update server", version="1", lifespan=lifespan)
+    app = FastAPI(title="edgepack update server", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.ctx = ctx
     errors.install(app)
+    docs.install(app)  # /docs from local files (no CDN)
     app.include_router(device_api.router)
     app.include_router(admin_api.router)
     app.include_router(tuf_api.router)

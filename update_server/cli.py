@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from update_server.settings import Settings
 
 app = typer.Typer(name="edgepack-server", help="The edgepack update server.", no_args_is_help=True,
-                  add_completion=False, pretty_exceptions_enable=False)
+                  add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML or env file with settings (EDGEPACK_CONFIG).")
 
@@ -33,10 +33,26 @@ def _settings(config: Path | None, **overrides: object) -> Settings:
     if config is not None:
         os.environ["EDGEPACK_CONFIG"] = str(config.resolve())  # worker processes read the same file
     try:
-        return Settings.load(config, **{k: v for k, v in overrides.items() if v is not None})
+        settings = Settings.load(config, **{k: v for k, v in overrides.items() if v is not None})
     except ValueError as exc:
-        typer.echo(f"error: invalid settings: {exc}", err=True)
+        from pydantic import ValidationError
+
+        from update_server.settings import explain
+
+        typer.echo(f"error: {explain(exc) if isinstance(exc, ValidationError) else exc}", err=True)
         raise typer.Exit(2) from exc
+    # The environment is shared with other tools (EDGEPACK_TOKEN, ...): an unknown EDGEPACK_ variable is only
+    # reported, since it may be someone else's; a typo in a setting's name shows up here.
+    for key in sorted(os.environ):
+        name = key[len("EDGEPACK_"):].lower()
+        if key.startswith("EDGEPACK_") and name not in Settings.model_fields and name not in _NOT_SETTINGS:
+            typer.echo(f"warning: {key} is not a server setting and is ignored (settings: docs/server.md)",
+                       err=True)
+    return settings
+
+
+_NOT_SETTINGS = {"config", "token", "server", "ca_file", "test_pg", "test_mqtt"}
+"""EDGEPACK_ variables that are not server settings: the settings file, the operator CLI's token, URL and CA."""
 
 
 def _factory() -> FastAPI:
@@ -161,7 +177,10 @@ def migrate_cmd(config: Path | None = ConfigOpt) -> None:
 def create_token(name: str = typer.Option("admin", help="A name for the token (shown in the audit log)."),
                  role: str = typer.Option("admin", help="admin, operator or viewer."),
                  config: Path | None = ConfigOpt) -> None:
-    """Create an API token directly in the database (the way to get the first admin token)."""
+    """Create an API token directly in the database (the way to get the first admin token).
+
+    Prints only the token on stdout (a note goes to stderr): export EDGEPACK_TOKEN=$(edgepack-server create-token)
+    """
     from update_server.context import utcnow
     from update_server.db import make_engine, make_sessionmaker, migrate
     from update_server.security import Role
@@ -178,7 +197,8 @@ def create_token(name: str = typer.Option("admin", help="A name for the token (s
     with make_sessionmaker(engine)() as session, session.begin():
         token, secret = create_api_token(session, name=name, role=parsed, actor="edgepack-server create-token",
                                          now=utcnow())
-    typer.echo(f"created {token.role} token {token.id} ({name}); it is shown only once:")
+    # Only the token goes to stdout, so `export EDGEPACK_TOKEN=$(edgepack-server create-token ...)` works.
+    typer.echo(f"created {token.role} token {token.id} ({name}); it is shown only once", err=True)
     typer.echo(secret)
 
 
@@ -196,6 +216,9 @@ def enroll_token(uses: int = typer.Option(1, help="How many devices may enroll w
     settings = _settings(config)
     engine = make_engine(settings.effective_database_url)
     migrate(engine)
+    if any("=" not in t for t in tag):
+        typer.echo(f"error: --tag must be key=value, got {tag}", err=True)
+        raise typer.Exit(2)
     tags = dict(t.split("=", 1) for t in tag)
     with make_sessionmaker(engine)() as session, session.begin():
         _, secret = create_enrollment_token(session, uses=uses, ttl=timedelta(hours=ttl_hours), group=group,

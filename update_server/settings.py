@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 DEFAULT_PHASES = (1.0, 10.0, 50.0, 100.0)
@@ -22,7 +22,8 @@ DEFAULT_PHASES = (1.0, 10.0, 50.0, 100.0)
 class Settings(BaseSettings):
     """Every knob of the update server; docs/server.md lists them with their environment names."""
 
-    model_config = SettingsConfigDict(env_prefix="EDGEPACK_", extra="ignore", toml_file=None)
+    # extra="forbid": a key of the settings file that is not a setting (a typo) is refused, never ignored.
+    model_config = SettingsConfigDict(env_prefix="EDGEPACK_", extra="forbid", toml_file=None)
 
     # --- where things live
     data_dir: Path = Field(Path("edgepack-data"), description="bundle storage and the default SQLite file")
@@ -164,11 +165,15 @@ class Settings(BaseSettings):
             return cls(**overrides)
         if not config_file.is_file():
             raise ValueError(f"config file {config_file} does not exist")
-        if config_file.suffix == ".toml":
-            file_cls = type("FileSettings", (cls,), {"model_config": {**cls.model_config,
-                                                                        "toml_file": config_file}})
-            return cast(Settings, file_cls(**overrides))
-        return cls(_env_file=config_file, **overrides)  # type: ignore[call-arg]
+        try:
+            if config_file.suffix == ".toml":
+                file_cls = type("FileSettings", (cls,), {"model_config": {**cls.model_config,
+                                                                            "toml_file": config_file}})
+                return cast(Settings, file_cls(**overrides))
+            _check_env_file(config_file)
+            return cls(_env_file=config_file, **overrides)  # type: ignore[call-arg]
+        except ValidationError as exc:
+            raise ValueError(explain(exc, config_file)) from exc
 
     # --- derived values
     @property
@@ -210,3 +215,40 @@ class Settings(BaseSettings):
         each needs its own id (the broker would otherwise disconnect one for the other), so the pid is added."""
         base = self.mqtt_client_id or f"edgepack-server-{socket.gethostname()}-{self.port}"
         return f"{base}-{os.getpid()}" if self.workers > 1 else base
+
+
+def _known() -> str:
+    return ", ".join(Settings.model_fields)
+
+
+def _suggest(name: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(Settings.model_fields), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_env_file(path: Path) -> None:
+    """An env file given as the settings file holds settings only: EDGEPACK_<SETTING>=value lines."""
+    from dotenv import dotenv_values
+
+    for key in dotenv_values(path):
+        name = key[len("EDGEPACK_"):].lower() if key.upper().startswith("EDGEPACK_") else None
+        if name not in Settings.model_fields:
+            hint = _suggest(name or key.lower())
+            raise ValueError(f"invalid server settings in {path}: unknown key {key!r}{hint}; an env file holds "
+                             f"EDGEPACK_<SETTING> lines, the settings are: {_known()}")
+
+
+def explain(exc: ValidationError, source: Path | None = None) -> str:
+    """A pydantic error as an operator reads it: which key, what is wrong, the known keys when unknown."""
+    where = f" in {source}" if source else ""
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(file)"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown key {key!r}{_suggest(key)}")
+        else:
+            parts.append(f"{key}: {err['msg']} (got {err.get('input')!r}; from the file or EDGEPACK_{key.upper()})")
+    unknown = any(e["type"] == "extra_forbidden" for e in exc.errors())
+    return f"invalid server settings{where}: " + "; ".join(parts) + (f"; known keys: {_known()}" if unknown else "")

@@ -22,15 +22,14 @@ def fleet_sim(
     import dataclasses
     import logging
 
-    from rich.console import Console
-
+    from edgepack._console import cli_console, plain
     from edgepack.fleet.scenario import ScenarioError, load_scenario
     from edgepack.fleet.simulator import run_scenario
     from edgepack.fleet.summary import render
 
     logging.basicConfig(level=logging.WARNING if verbose else logging.ERROR,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    console = Console() if Console().is_terminal else Console(width=200)
+    console = cli_console()
     try:
         scn = load_scenario(scenario)
         if devices is not None:
@@ -38,12 +37,13 @@ def fleet_sim(
         if database is not None:
             scn = dataclasses.replace(scn, server=dataclasses.replace(scn.server, database=database))
     except ScenarioError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {plain(exc)}")
         raise typer.Exit(2) from exc
-    summary = run_scenario(scn, json_out=json_out, keep=keep, progress=lambda s: console.print(s, highlight=False))
+    summary = run_scenario(scn, json_out=json_out, keep=keep,
+                           progress=lambda s: console.print(plain(s), highlight=False))
     render(summary, console)
     if json_out is not None:
-        console.print(f"summary written to {json_out}")
+        console.print(f"summary written to {plain(json_out)}")
     if not summary.ok:
         raise typer.Exit(1)
 
@@ -54,7 +54,7 @@ def register(app: typer.Typer) -> None:
 
 def main() -> None:
     """``python -m edgepack.fleet.cli --scenario FILE`` (works before the plugin is registered)."""
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
     app.command()(fleet_sim)
     app()
 

@@ -179,6 +179,13 @@ def _coerce(value: Any, default: Any, what: str) -> Any:
 
 
 def _check(scn: Scenario) -> None:
+    try:
+        from update_server.settings import Settings
+    except ImportError:  # without the server extra the simulator cannot run anyway
+        Settings = None  # type: ignore[assignment,misc]
+    unknown = sorted(set(scn.server.settings) - set(Settings.model_fields)) if Settings is not None else []
+    if unknown:
+        raise ScenarioError(f"[server] settings has unknown key(s) {unknown}; known: {sorted(Settings.model_fields)}")
     f = scn.fleet
     if min(f.devices, f.processes, f.step_threads, f.load_threads, f.batch) < 1:
         raise ScenarioError("[fleet] devices, processes, step_threads, load_threads and batch must be at least 1")
@@ -245,13 +252,16 @@ def scenario_from_dict(doc: Mapping[str, Any], *, source: str = "<dict>", base: 
     if not isinstance(raw_rollouts, list):
         raise ScenarioError("rollouts are written as [[rollout]] tables")
     rollouts = tuple(_table(RolloutPlan, r, f"rollout #{i + 1}") for i, r in enumerate(raw_rollouts))
+    seed = doc.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ScenarioError(f"{source}: seed must be a whole number, found {seed!r}")
     keys = str(doc.get("keys", ""))
     if keys and base is not None and not Path(keys).is_absolute():
         keys = str(base / keys)
     scn = Scenario(name=str(doc.get("name", "fleet")), fleet=_table(FleetSpec, doc.get("fleet"), "fleet"),
                    server=_table(ServerSpec, doc.get("server"), "server"),
                    faults=_table(FaultSpec, doc.get("faults"), "faults"), bundles=bundles, rollouts=rollouts,
-                   model=str(doc.get("model", "digits")), seed=int(doc.get("seed", 0)), keys=keys, source=source)
+                   model=str(doc.get("model", "digits")), seed=seed, keys=keys, source=source)
     _check(scn)
     return scn
 

@@ -104,6 +104,7 @@ def gate_text(g: dict[str, Any]) -> str:
 def render(summary: Summary, console: Any = None) -> None:
     """Print the summary as rich tables."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console(width=200)
@@ -131,9 +132,9 @@ def render(summary: Summary, console: Any = None) -> None:
                       "; ".join(gate_text(g) for g in p.gates if g["status"] != "off"))
         console.print(t)
         if not r.expectation_met:
-            console.print(f"[red]expectation not met:[/red] {r.expectation_detail}")
+            console.print(f"[red]expectation not met:[/red] {escape(str(r.expectation_detail))}")
     console.print(f"load: {summary.load}")
     console.print(f"faults: {summary.faults}")
     console.print(f"shared sessions: {summary.sessions}")
     for err in summary.agent_errors[:5]:
-        console.print(f"[red]agent error[/red] {err}")
+        console.print(f"[red]agent error[/red] {escape(str(err))}")

@@ -53,6 +53,7 @@ def test_crash_during_trial_rolls_back(fake_server: FakeUpdateServer, bundle: Ca
     # the failed bundle is not installed again until the server issues a newer assignment
     drive(agent)
     assert agent.record.active.version == "1.0.0" and agent.record.state is State.IDLE
+    agent.config = agent_config(trial={"period_s": 0.3})  # the re-issued 1.1.0 need not sit out 30 s again
     fake_server.assign(DEVICE, HARDWARE, "digits", "1.1.0")
     drive(agent)
     assert agent.record.state is State.IDLE and agent.record.active.version == "1.1.0"

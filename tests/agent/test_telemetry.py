@@ -120,10 +120,11 @@ def test_broker_outage_and_agent_restart_lose_nothing_and_duplicate_nothing(
                           trial={"period_s": 0.5}).start()
     images, labels = digits_data()
 
-    def traffic(seconds: float) -> None:
+    def traffic(seconds: float, until: Callable[[], bool] = lambda: False) -> None:
+        """Predictions with feedback for ``seconds``, or sooner once ``until()`` holds."""
         end = time.monotonic() + seconds
         with AgentClient(agent.api) as client:
-            while time.monotonic() < end:
+            while time.monotonic() < end and not until():
                 try:
                     ans = client.predict(images[:2].tolist())
                     client.feedback(ans["prediction_id"], [str(x) for x in labels[:2]])
@@ -131,17 +132,22 @@ def test_broker_outage_and_agent_restart_lose_nothing_and_duplicate_nothing(
                     pass
                 time.sleep(0.1)
 
-    traffic(4)
+    def committed(version: str) -> bool:
+        s = agent.status()
+        return s["state"] == "idle" and (s["serving"] or {}).get("version") == version and not s["previous"]
+
+    traffic(30, until=lambda: committed("1.0.0"))
+    traffic(2)
     assert agent.status()["serving"]["version"] == "1.0.0"
-    private_broker.stop()                                  # ---- 30 s outage ----
-    t0 = time.monotonic()
+    private_broker.stop()                                  # ---- outage ----
     bundle("1.1.0", 2)
     fake_server.assign(DEVICE, HARDWARE, "digits", "1.1.0", rollout_id="r-2")
-    traffic(12)
-    assert agent.stop() == 0                               # restart in the middle of the outage
-    agent.start()
-    traffic(30 - (time.monotonic() - t0))
-    assert agent.status()["outbox"] > 10
+    traffic(3)
+    assert agent.stop() == 0                               # restart in the middle of the outage: it checks
+    agent.start()                                          # in at once and installs 1.1.0, broker still down
+    traffic(60, until=lambda: committed("1.1.0") and agent.status()["outbox"] > 10)
+    traffic(2)
+    assert committed("1.1.0") and agent.status()["outbox"] > 10, agent.log_tail()
     private_broker.start()                                 # ---- broker back ----
     deadline = time.monotonic() + 60
     while agent.status()["outbox"] and time.monotonic() < deadline:

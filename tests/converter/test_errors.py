@@ -53,17 +53,38 @@ def test_empty_evaluation_set(mlp_project, quiet_console, tmp_path: Path) -> Non
     _no_partial_output(spec.parent / "out")
 
 
-def test_signing_failure_leaves_no_bundle(mlp_project, quiet_console, tmp_path: Path) -> None:
-    not_keys = tmp_path / "not-a-key-dir"
-    not_keys.mkdir()
+def test_signing_failure_leaves_no_bundle(mlp_project, quiet_console, tmp_path: Path, keys) -> None:
     spec = mlp_project()
-    report = run_build(spec, quiet_console, {"signing.keys": str(not_keys), "signing.create": False})
+    # The key directory is there when the build starts and its private keys are gone when it signs (a USB
+    # stick pulled out): the evaluation data factory, which runs mid-build, removes them.
+    with (spec.parent / "recipe.py").open("a") as fh:
+        fh.write(f"\n\ndef evaluation_then_lose_keys():\n    import shutil\n"
+                 f"    shutil.rmtree({str(keys.directory / 'private')!r})\n    return evaluation()\n")
+    report = run_build(spec, quiet_console, {"signing.keys": str(keys.directory), "signing.create": False,
+                                             "evaluation.factory": "recipe.py:evaluation_then_lose_keys"})
     assert report["status"] == "failed"
     err = report["errors"][0]
     assert err["type"] == "BundleOutputError" and err["step"] == "bundle"
     # everything before signing ran: the variants are in the report
     assert variant(report, "onnx-int8")["value"] is not None
     _no_partial_output(spec.parent / "out")
+
+
+@pytest.mark.parametrize(("overrides", "needle", "fix"), [
+    ({"signing.keys": "no-such-keys", "signing.create": False}, "no key directory at",
+     "edgepack keys init --out"),
+    ({"model.factory": "", "model.path": "model.onnx"}, "[model] path", "--model"),
+    ({"calibration.factory": "missing.py:data"}, "[calibration] factory file", "relative to edgepack.toml"),
+    ({"preprocessing.input": "tabular", "preprocessing.steps": [{"op": "standard_scale"}]},
+     "standard_scale (steps[0]) learn", "[fit]"),
+])
+def test_mistakes_are_refused_before_the_long_build(mlp_project, quiet_console, overrides: dict, needle: str,
+                                                    fix: str) -> None:
+    spec = mlp_project()
+    report = run_build(spec, quiet_console, overrides)
+    assert report["status"] == "failed" and not report["variants"]  # nothing was built first
+    assert needle in report["errors"][0]["message"] and fix in report["errors"][0]["fix"], report["errors"]
+    assert set(report["timings"]) <= {"preprocessing + data"}
 
 
 def test_unconvertible_model_and_unquantizable_op_other_variants_still_build(tmp_path: Path,
@@ -92,6 +113,12 @@ def test_unconvertible_model_and_unquantizable_op_other_variants_still_build(tmp
         ({"targets.profiles": ["toaster"]}, "toaster"),
         ({"evaluation.metric": "bleu"}, "metric"),
         ({"model.path": "", "model.factory": ""}, "[model] needs"),
+        ({"evaluation.budgett": 0.1}, "[evaluation] key 'budgett' is not known"),
+        ({"evalution.budget": 0.1}, "section '[evalution]' is not known"),
+        ({"variants.onnx-int8.per_chanel": True}, "option 'per_chanel' is not known"),
+        ({"task.labels": ["a", "a"]}, "labels must be distinct"),
+        ({"evaluation.top_k": "3"}, "top_k must be a whole number"),
+        ({"output.strict": "yes"}, "strict must be true or false"),
         ({"profiles.pi-gpu": {"runtimes": ["tensorrt"]}, "targets.profiles": ["pi-gpu"]}, "tensorrt"),
     ],
 )
@@ -100,6 +127,16 @@ def test_spec_errors_name_the_key(mlp_project, overrides: dict, needle: str) -> 
         load_spec(mlp_project(), overrides)
     assert needle in str(info.value)
     assert info.value.step == "spec"
+
+
+def test_unknown_keys_in_the_file_are_refused_with_the_known_ones(mlp_project) -> None:
+    spec = mlp_project()
+    text = spec.read_text().replace("latency_runs = 10", "latency_run = 10")
+    spec.write_text(text)
+    with pytest.raises(SpecError) as info:
+        load_spec(spec)
+    assert "[output] key 'latency_run' is not known" in str(info.value)
+    assert "latency_runs" in str(info.value) and "did you mean 'latency_runs'" in (info.value.fix or "")
 
 
 def test_spec_syntax_error(tmp_path: Path) -> None:

@@ -48,6 +48,9 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 FAST = {"prune.epochs": 1, "distill.epochs": 20, "output.latency_runs": 40, "output.latency_rounds": 4}
 
 
+# Both digits tests share the module's build: under `--dist loadgroup` the group keeps them on one worker, so
+# the example is built once, not once per worker.
+@pytest.mark.xdist_group("digits-example")
 def test_digits_builds_verifies_and_golden_runs_on_onnxruntime_and_litert(digits: dict[str, Any]) -> None:
     report, root = digits["report"], digits["root"]
     assert report["status"] == "ok", report["errors"]
@@ -76,6 +79,7 @@ def test_digits_builds_verifies_and_golden_runs_on_onnxruntime_and_litert(digits
     assert "## Stages" in (out / "build-report.md").read_text()
 
 
+@pytest.mark.xdist_group("digits-example")
 def test_digits_build_is_deterministic(digits: dict[str, Any], tmp_path: Path) -> None:
     """Same inputs, same package versions -> same content digest, with a different key set (training included)."""
     first = digits["report"]

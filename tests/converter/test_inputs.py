@@ -9,6 +9,9 @@ import pytest
 
 from tests.converter.conftest import run_build, variant, write_project
 
+# One worker for the module (pytest-xdist --dist loadgroup): the Keras model is trained once, not per worker.
+pytestmark = pytest.mark.xdist_group("keras-saved-models")
+
 
 @pytest.fixture(scope="module")
 def saved_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

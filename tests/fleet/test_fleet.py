@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from edgepack.fleet.scenario import ScenarioError, load_scenario, scenario_from_dict
+from tests.support.services import service_missing
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "fleet"
 GATES = {"max_p95_latency_regression": "off", "min_accuracy": 0.8, "max_accuracy_drop": 0.08, "min_feedback": 200}
@@ -51,7 +52,7 @@ def _scenario(tmp_path: Path) -> dict[str, Any]:
 @pytest.mark.mqtt
 def test_a_simulated_fleet_completes_a_good_rollout_and_halts_bad_ones(tmp_path: Path) -> None:
     if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
-        pytest.skip("mosquitto is not installed")
+        service_missing("the mosquitto binary (apt-get install mosquitto)")  # a failure in CI, never a skip
     from edgepack.fleet.simulator import run_scenario
 
     scn = scenario_from_dict(_scenario(tmp_path))
@@ -107,6 +108,8 @@ def test_example_scenarios_are_valid() -> None:
     ({"rollout": [{"bundle": "1.0.0", "phases": [50, 100], "phase_soak_s": [1]}]}, "one number >= 0 per phase"),
     ({"rollout": [{"bundle": "1.0.0", "expect": "done"}]}, "expect must be one of"),
     ({"rollout": []}, "has no [[rollout]]"),
+    ({"server": {"settings": {"ingest_flsh_s": 1}}}, "[server] settings has unknown key(s) ['ingest_flsh_s']"),
+    ({"seed": "x"}, "seed must be a whole number"),
 ])
 def test_bad_scenarios_are_refused_with_the_key_named(change: dict[str, Any], message: str) -> None:
     doc = {"bundles": {"1.0.0": {"release_counter": 1}}, "rollout": [{"bundle": "1.0.0"}], **change}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -43,15 +45,37 @@ def test_admin_cli(server: LiveServer, digits_bundles: dict) -> None:
         SimDevice(server.url, f"cli-{i}").enroll(token)
     assert "3 device(s)" in run("devices", "list", "--group", "lab")
     out = run("rollout", "create", "digits", "1.1.0", "--group", "lab", "--phases", "50,100", "--soak", "600",
-              "--gate", "max_crash_rate=0.01", "--gate", "min_accuracy=0.9", "--start", "--reason", "try it")
+              "--gate", "max_crash_rate=0.01", "--gate", "min_accuracy=0.9", "--gate", "require_data=accuracy",
+              "--start", "--reason", "try it")
     rid = re.search(r"rollout (r-[0-9a-f]+)", out).group(1)
+    assert "require_data" in json.dumps(json.loads(run("rollout", "status", rid, "--json")))
     status = run("rollout", "status", rid)
     assert "crash_rate" in status and "<= 0.01" in status and "min soak" in status and "soaking" in status
-    assert "paused" in run("rollout", "pause", rid, "--reason", "lunch")
+    assert "paused" in run("rollout", "pause", rid, "--reason", "[urgent] lunch")
     assert "running" in run("rollout", "resume", rid, "--reason", "back")
     assert "phase 1" in run("rollout", "advance", rid, "--reason", "looks good")
     assert "rolled_back" in run("rollout", "rollback", rid, "--reason", "changed my mind")
-    assert "changed my mind" in run("rollout", "audit", rid)
+    audit = run("rollout", "audit", rid)
+    assert "changed my mind" in audit and "[urgent] lunch" in audit  # operators' words are not rich markup
+    assert json.loads(run("rollout", "audit", rid, "--json"))[0]["reason"] == "changed my mind"  # newest first
+    assert [r["id"] for r in json.loads(run("rollout", "list", "--json"))] == [rid]
+    tokens = json.loads(run("tokens", "list", "--json"))
+    assert {t["name"] for t in tokens} >= {"test-admin"} and not any("token" in t for t in tokens)
+    created = json.loads(run("enroll-token", "create", "--uses", "2", "--json"))
+    assert created["token"] and created["uses"] == 2
+    assert json.loads(run("bundles", "show", "digits", "1.1.0", "--json"))["manifest"]["version"] == "1.1.0"
+    assert "onnx-fp32" in run("bundles", "show", "digits", "1.1.0")
+    assert json.loads(run("devices", "show", "cli-0", "--json"))["group"] == "lab"
+    # an unknown gate is refused by name, with the known ones listed (not a Python TypeError)
+    bad_gate = runner.invoke(app, ["rollout", "create", "digits", "1.1.0", "--gate", "foo=1"], env=env)
+    assert bad_gate.exit_code == 1 and "unknown gate(s) ['foo']" in bad_gate.output, bad_gate.output
+    assert "max_crash_rate" in bad_gate.output and "TypeError" not in bad_gate.output
+    bad_value = runner.invoke(app, ["rollout", "create", "digits", "1.1.0", "--gate", "max_crash_rate=lots"],
+                              env=env)
+    assert bad_value.exit_code == 1 and "max_crash_rate must be a number" in bad_value.output
+    # a captured token with a second line (or a space) says so instead of "Illegal header value"
+    two_lines = runner.invoke(app, ["bundles", "list"], env={**env, "EDGEPACK_TOKEN": f"created\n{server.token}"})
+    assert two_lines.exit_code == 2 and "must hold the token alone" in two_lines.output
     bad = runner.invoke(app, ["rollout", "abort", rid], env=env)
     assert bad.exit_code == 1 and "cannot abort a rollout that is rolled_back" in bad.output
     denied = runner.invoke(app, ["bundles", "list"], env={**env, "EDGEPACK_TOKEN": "ept_wrong"})
@@ -62,7 +86,9 @@ def test_server_cli_create_token(tmp_path: Path, session_keys: object) -> None:
     env = {"EDGEPACK_DATA_DIR": str(tmp_path / "data"), "EDGEPACK_KEYS_DIR": str(tmp_path)}
     result = runner.invoke(server_cli.app, ["create-token", "--name", "first", "--role", "admin"], env=env)
     assert result.exit_code == 0, result.output
-    assert result.output.strip().splitlines()[-1].startswith("ept_")
+    # stdout is the token alone, so $(edgepack-server create-token) captures it; the note goes to stderr
+    assert result.stdout.startswith("ept_") and len(result.stdout.strip().splitlines()) == 1
+    assert "shown only once" in result.stderr
     bad = runner.invoke(server_cli.app, ["create-token", "--role", "root"], env=env)
     assert bad.exit_code == 2 and "unknown role" in bad.output
     config = tmp_path / "server.toml"
@@ -71,6 +97,30 @@ def test_server_cli_create_token(tmp_path: Path, session_keys: object) -> None:
 
     settings = Settings.load(config)
     assert settings.default_phases == (5.0, 100.0) and settings.data_dir == tmp_path / "data2"
+
+
+def test_settings_files_are_checked_strictly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGEPACK_CONFIG", "")  # `--config` exports it for worker processes; restored afterwards
+    env = {"EDGEPACK_DATA_DIR": str(tmp_path / "data")}
+    typo = tmp_path / "server.toml"
+    typo.write_text('max_uplod_bytes = 10\n[mqtt]\nurl = "mqtt://broker"\n')
+    result = runner.invoke(server_cli.app, ["migrate", "--config", str(typo)], env=env)
+    assert result.exit_code == 2
+    assert "unknown key 'max_uplod_bytes' (did you mean 'max_upload_bytes'?)" in result.stderr
+    assert "unknown key 'mqtt'" in result.stderr and "known keys: data_dir" in result.stderr
+    wrong_type = tmp_path / "types.toml"
+    wrong_type.write_text('port = "eighty"\n')
+    result = runner.invoke(server_cli.app, ["migrate", "--config", str(wrong_type)], env=env)
+    assert result.exit_code == 2 and "port: Input should be a valid integer" in result.stderr
+    env_file = tmp_path / "server.env"
+    env_file.write_text("EDGEPACK_DATA_DIR=/tmp/x\nEDGEPACK_MAX_UPLOD=5\n")
+    result = runner.invoke(server_cli.app, ["migrate", "--config", str(env_file)], env=env)
+    assert result.exit_code == 2 and "unknown key 'EDGEPACK_MAX_UPLOD'" in result.stderr
+    assert not (tmp_path / "data").exists()  # refused before anything was created
+    # an unknown EDGEPACK_ environment variable may belong to another tool: a warning, not a refusal
+    result = runner.invoke(server_cli.app, ["migrate"],
+                           env={**env, "EDGEPACK_MQTT_ULR": "mqtt://x", "EDGEPACK_CONFIG": None})
+    assert result.exit_code == 0 and "EDGEPACK_MQTT_ULR is not a server setting" in result.stderr
 
 
 def test_ingest_only_replica(tmp_path: Path, session_keys: KeyStore, session_broker: Any) -> None:

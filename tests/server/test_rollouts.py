@@ -62,7 +62,9 @@ def test_rollout_driven_through_all_phases_by_telemetry(mqtt_server: LiveServer,
     director_root = session_keys.director_root_path.read_bytes()
     with server.admin as client:
         r = client.post("/api/v1/rollouts", json={
-            "bundle": {"name": "digits", "version": "1.1.0"}, "min_soak_s": 0.5, "min_devices": 2,
+            # min_devices = the fleet: each phase waits until every device of it reports on 1.1.0, so the
+            # final one cannot complete before the last device's window is ingested (and credited)
+            "bundle": {"name": "digits", "version": "1.1.0"}, "min_soak_s": 0.5, "min_devices": 24,
             "start": True, "reason": "new digits model"})
         assert r.status_code == 201, r.text
     rollout_id = r.json()["id"]

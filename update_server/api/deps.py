@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from update_server.context import ServerContext
 from update_server.errors import Unauthorized
@@ -30,7 +31,15 @@ def bearer(request: Request) -> str | None:
     return value.strip()
 
 
-def device_credential(request: Request) -> str:
+# Declares the "bearer" security scheme in the OpenAPI description (the docs page's "Authorize" button);
+# the header itself is read by bearer() below, which also gives our own 401 message.
+_scheme = HTTPBearer(auto_error=False, scheme_name="bearer",
+                     description="An API token (`edgepack-server create-token`, `edgepack tokens create`) for the "
+                     "admin API; a device's credential (from enrollment) for the device API.")
+SchemeDep = Annotated[HTTPAuthorizationCredentials | None, Security(_scheme)]
+
+
+def device_credential(request: Request, _: SchemeDep) -> str:
     secret = bearer(request)
     if secret is None:
         raise Unauthorized("missing device credential: send `Authorization: Bearer <credential>`")
@@ -41,7 +50,7 @@ CredentialDep = Annotated[str, Depends(device_credential)]
 
 
 def role(minimum: Role) -> Callable[..., ApiToken]:
-    def check(request: Request, ctx: CtxDep) -> ApiToken:
+    def check(request: Request, ctx: CtxDep, _: SchemeDep) -> ApiToken:
         with ctx.sessions() as session, session.begin():
             token = tokens.authenticate(session, bearer(request))
         tokens.require(token, minimum)

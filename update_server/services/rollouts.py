@@ -68,10 +68,36 @@ def build_spec(ctx: ServerContext, req: Mapping[str, Any]) -> RolloutSpec:
                            else PhaseSpec(float(p), soak, min_dev) for p in req["phases"])
         else:
             phases = tuple(PhaseSpec(p, soak, min_dev) for p in s.default_phases)
-        gates = GateSpec(**{**asdict(GateSpec()), **dict(req.get("gates") or {})})
+        gates = GateSpec(**{**asdict(GateSpec()), **_checked_gates(dict(req.get("gates") or {}))})
         return RolloutSpec(phases=phases, gates=gates, on_breach=BreachPolicy(req.get("on_breach", "rollback")))
     except (ValueError, TypeError, KeyError) as exc:
         raise BadRequest(f"invalid rollout spec: {exc}") from exc
+
+
+def _checked_gates(given: dict[str, Any]) -> dict[str, Any]:
+    """Refuse unknown gate names and values of the wrong type, naming the known gates."""
+    defaults = asdict(GateSpec())
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise BadRequest(f"unknown gate(s) {unknown}; known gates: {', '.join(defaults)}")
+    for name, value in given.items():
+        default = defaults[name]
+        if isinstance(default, (tuple, list)):
+            if isinstance(value, str):  # the CLI's --gate require_data=accuracy_drop,crash_rate
+                value = given[name] = [v.strip() for v in value.split(",") if v.strip()]
+            ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+            want = "a list of gate names"
+        elif isinstance(default, int) and not isinstance(default, bool):
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            want = "a whole number >= 0"
+        elif default is None or isinstance(default, float):
+            ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+            want = "a number, or null (off)"
+        else:
+            ok, want = True, ""
+        if not ok:
+            raise BadRequest(f"gate {name} must be {want}, got {value!r}")
+    return given
 
 
 def create_rollout(ctx: ServerContext, req: Mapping[str, Any], *, actor: str) -> tuple[Rollout, list[str]]:
