@@ -8,6 +8,8 @@
 ``POST /v1/feedback``  ``{"prediction_id", "label"}`` -> ``{"correct": [...]}``: accuracy telemetry.
 ``GET /v1/health``     200 when a model is serving, 503 otherwise.
 ``GET /v1/status``     state machine state, serving/previous bundle, worker, outbox size.
+``GET /metrics``       Prometheus metrics (device_agent/metrics.py) when ``[api] metrics = true``; only
+                       to loopback and Unix-socket clients (403 otherwise), 404 when off.
 =====================  ============================================================================
 
 Errors are ``{"error": {"code", "message"}}``. Keep-alive connections and ``TCP_NODELAY`` keep the
@@ -16,6 +18,7 @@ overhead per request well under a millisecond (bench/bench_agent.py measures it)
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -23,6 +26,7 @@ import socketserver
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
@@ -44,6 +48,7 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "edgepack-agent"
     backend: Backend
     max_body: int
+    metrics: Callable[[], bytes] | None = None
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("api: " + format, *args)
@@ -89,6 +94,8 @@ class Handler(BaseHTTPRequestHandler):
         route = self.path.split("?", 1)[0]
         if route == "/v1/status":
             self._send(200, json.dumps(self.backend.status()).encode())
+        elif route == "/metrics":
+            self._metrics()
         elif route == "/v1/health":
             st = self.backend.status()
             ok = st.get("serving") is not None and st.get("worker", {}).get("alive")
@@ -96,6 +103,21 @@ class Handler(BaseHTTPRequestHandler):
                                                        "serving": st.get("serving")}).encode())
         else:
             self._send(404, _err("not_found", f"no endpoint {route}; see GET /v1/status, GET /v1/health"))
+
+
+    def _metrics(self) -> None:
+        if self.metrics is None:
+            self._send(404, _err("not_found", "metrics are off; set [api] metrics = true in agent.toml"))
+            return
+        host = self.client_address[0] if isinstance(self.client_address, tuple) else "unix"
+        if host != "unix" and not ipaddress.ip_address(host.removeprefix("::ffff:")).is_loopback:
+            self._send(403, _err("forbidden", f"GET /metrics answers loopback clients only, not {host}"))
+            return
+        body = self.metrics()
+        head = (f"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        self.wfile.write(head + body)
+        self.log_request(200, len(body))
 
 
 class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -110,9 +132,11 @@ class _TcpServer(ThreadingHTTPServer):
 class LocalApi:
     """Serves :class:`Backend` on ``listen`` (``HOST:PORT`` or ``unix:/path``) in a background thread."""
 
-    def __init__(self, backend: Backend, listen: str, *, max_body: int = 8 * 1024 * 1024) -> None:
+    def __init__(self, backend: Backend, listen: str, *, max_body: int = 8 * 1024 * 1024,
+                 metrics: Callable[[], bytes] | None = None) -> None:
         unix = listen.startswith("unix:")
         handler = type("BoundHandler", (Handler,), {"backend": backend, "max_body": max_body,
+                                                    "metrics": staticmethod(metrics) if metrics else None,
                                                     "disable_nagle_algorithm": not unix})
         self.listen = listen
         self.server: socketserver.BaseServer

@@ -75,7 +75,12 @@ def cmd_run(config: AgentConfig) -> int:
 
     agent = Agent(config)
     agent.boot()
-    api = LocalApi(agent, config.api.listen, max_body=config.api.max_request_bytes).start()
+    metrics = None
+    if config.api.metrics:
+        from device_agent.metrics import renderer
+
+        metrics = renderer(agent)
+    api = LocalApi(agent, config.api.listen, max_body=config.api.max_request_bytes, metrics=metrics).start()
     log.info("local API on %s", api.address)
 
     def on_signal(signum: int, frame: object) -> None:

@@ -91,6 +91,9 @@ class ApiConfig:
     prediction_timeout_s: float = 30.0
     feedback_memory: int = 10_000
     """How many recent prediction ids are remembered for feedback."""
+    metrics: bool = False
+    """Serve Prometheus metrics at ``GET /metrics`` on this API, to loopback and Unix-socket clients only
+    (device_agent/metrics.py; needs prometheus-client)."""
 
 
 @dataclass(frozen=True)

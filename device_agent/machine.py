@@ -37,7 +37,7 @@ from device_agent.states import UPDATE_STATES, Event, State, next_state
 from device_agent.steps import Outcome, UpdateSteps
 from device_agent.store import Pending, StateRecord, Store
 from device_agent.supervisor import Supervisor, WorkerSupervisor
-from device_agent.telemetry import Publisher, Telemetry, WindowStats
+from device_agent.telemetry import Publisher, Telemetry, Totals, WindowStats
 from device_agent.transport import Transport
 from device_agent.update import ImageRepository, installed_runtimes, translated
 
@@ -322,6 +322,10 @@ class Agent:
     def feedback(self, body: bytes) -> tuple[int, bytes]:
         """The true label(s) for a prediction id: the source of the accuracy telemetry."""
         return self.serving.feedback(body)
+
+    def metric_totals(self) -> tuple[Totals, int]:
+        """Cumulative serving counters and telemetry dropped by a full outbox (for ``GET /metrics``)."""
+        return self.window.snapshot_totals(), self.telemetry.outbox.dropped
 
     def status(self) -> dict[str, Any]:
         rec = self.record

@@ -134,11 +134,33 @@ class MqttPublisher:
         return int(info.mid)
 
 
+class Totals:
+    """Cumulative serving counters (requests, errors, latency buckets, crashes, feedback) since start."""
+
+    def __init__(self) -> None:
+        self.requests = self.errors = self.crashes = self.feedback = self.feedback_correct = 0
+        self.latency_sum_ms = 0.0
+        self.counts = [0] * (len(LATENCY_BOUNDS_MS) + 1)
+
+    def request(self, bucket: int, latency_ms: float, ok: bool) -> None:
+        self.requests += 1
+        self.errors += int(not ok)
+        self.counts[bucket] += 1
+        self.latency_sum_ms += latency_ms
+
+    def copy(self) -> Totals:
+        t = Totals()
+        t.__dict__.update({k: list(v) if isinstance(v, list) else v for k, v in self.__dict__.items()})
+        return t
+
+
 class WindowStats:
     """One window of serving figures. Thread-safe; :meth:`take` returns the window and starts a new one."""
 
     def __init__(self, now: datetime) -> None:
         self._lock = threading.Lock()
+        self.totals = Totals()
+        """Since the agent started, never reset: what the optional local ``GET /metrics`` exposes."""
         self._reset(now)
 
     def _reset(self, now: datetime) -> None:
@@ -157,6 +179,7 @@ class WindowStats:
                 self.errors += 1
             i = next((i for i, b in enumerate(LATENCY_BOUNDS_MS) if latency_ms <= b), len(LATENCY_BOUNDS_MS))
             self.counts[i] += 1
+            self.totals.request(i, latency_ms, ok)
             self.seen += 1
             if len(self.samples) < MAX_LATENCY_SAMPLES:
                 self.samples.append(latency_ms)
@@ -170,11 +193,18 @@ class WindowStats:
     def crash(self) -> None:
         with self._lock:
             self.crashes += 1
+            self.totals.crashes += 1
 
     def feedback_given(self, correct: bool) -> None:
         with self._lock:
             self.feedback[0] += 1
             self.feedback[1] += int(correct)
+            self.totals.feedback += 1
+            self.totals.feedback_correct += int(correct)
+
+    def snapshot_totals(self) -> Totals:
+        with self._lock:
+            return self.totals.copy()
 
     def take(self, now: datetime) -> dict[str, Any]:
         with self._lock:

@@ -196,7 +196,8 @@ def agent_process(tmp_path: Path, fake_server: FakeUpdateServer,
 
     def make(**sections: dict[str, Any]) -> AgentProcess:
         api = f"127.0.0.1:{free_port()}"
-        doc = agent_config_dict(tmp_path / "state", fake_server.url, keys, api={"listen": api}, **sections)
+        doc = agent_config_dict(tmp_path / "state", fake_server.url, keys,
+                                api={"listen": api, **sections.pop("api", {})}, **sections)
         path = tmp_path / "agent.toml"
         path.write_text(toml_dumps(doc))
         proc = AgentProcess(path, api, tmp_path / "agent.log")
