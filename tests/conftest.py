@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     workers and the many short ones fill in around them, instead of one long test running alone at the end.
     The sort is stable and the same on every worker (xdist requires identical collections)."""
     items.sort(key=lambda item: 0 if item.get_closest_marker("slow") else 1)
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment() -> Iterator[None]:
+    """Every test leaves ``os.environ`` as it found it. Commands run in-process (typer's CliRunner) set
+    EDGEPACK_CONFIG, EDGEPACK_HOST/PORT and PROMETHEUS_MULTIPROC_DIR for their worker processes, as they must in
+    a real process; in a test worker those leaked into later tests (a later ``serve`` that should have refused
+    to start read an earlier test's config file and served until CI's deadline)."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")
