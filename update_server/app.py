@@ -27,6 +27,7 @@ from sqlalchemy import delete, text
 from bundles.keys import OnlineKeys
 from update_server import ui
 from update_server.api import admin_api, device_api, docs, errors, metrics_api, tuf_api
+from update_server.api.limits import BodyLimitMiddleware, body_limit
 from update_server.broker import make_accounts
 from update_server.context import ServerContext
 from update_server.db import is_unavailable, make_engine, make_sessionmaker, migrate
@@ -172,7 +173,8 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
     app.include_router(admin_api.router)
     app.include_router(tuf_api.router)
     ui.install(app)
-    if settings.metrics_enabled:
+    app.add_middleware(BodyLimitMiddleware, limit_for=lambda method, path: body_limit(method, path, settings))
+    if settings.metrics_enabled:  # added last: outermost, so it also counts the 413s of the body limits
         app.add_middleware(HttpMetricsMiddleware, metrics=ctx.metrics)
         app.include_router(metrics_api.router)
         ctx.metrics.extra.append(FleetCollector(ctx, ttl_s=settings.metrics_cache_s))

@@ -40,7 +40,12 @@ class Settings(BaseSettings):
     tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
     allow_plain_http: bool = Field(False, description="serve plain HTTP on a non-loopback address (behind a "
                                                       "TLS-terminating proxy only)")
-    max_upload_bytes: int = 1024 * 1024 * 1024
+    max_upload_bytes: int = Field(1024 * 1024 * 1024, gt=0, description="largest bundle upload (bytes); a larger "
+                                  "one is refused with 413 before it is read")
+    max_request_bytes: int = Field(1024 * 1024, gt=0, description="largest body of any other request (bytes): "
+                                   "admin JSON, dashboard forms")
+    max_device_request_bytes: int = Field(64 * 1024, gt=0, description="largest enrollment or check-in body "
+                                          "(bytes); enrollment needs no credential, so this stays small")
     workers: int = 1
 
     # --- devices and the director
