@@ -83,8 +83,10 @@ def make_digits_bundle(
     hardware_ids: Sequence[str] = HARDWARE_IDS,
     n_golden: int = 8,
     min_agent_version: str = "0.1.0",
+    extra_files: dict[str, bytes] | None = None,
 ) -> BundleInfo:
-    """Assemble and sign a real digits bundle with one ONNX fp32 variant and its golden vectors."""
+    """Assemble and sign a real digits bundle with one ONNX fp32 variant and its golden vectors (plus
+    ``extra_files``, signed like the others: e.g. padding for a large bundle)."""
     import onnxruntime as ort
 
     from bundles.preprocessing import Pipeline
@@ -129,5 +131,6 @@ def make_digits_bundle(
         "preprocessing.json": json.dumps(spec, sort_keys=True).encode(),
         "golden.npz": golden.to_bytes(),
         "reference_stats.json": json.dumps(stats, sort_keys=True).encode(),
+        **(extra_files or {}),
     }
     return assemble_bundle(out, keystore=keystore, manifest=manifest, files=files)
