@@ -9,19 +9,20 @@ forever, holding a worker thread and a pool slot. Only the client can notice, by
 :class:`DatabaseGuard` runs ``SELECT 1`` on a connection of its own every ``database_probe_interval_s``. Two
 states, two edges (:func:`next_state`)::
 
-    UP   --probe unanswered after database_probe_timeout_s, or failed-->  DOWN
-    DOWN --probe answered----------------------------------------------->  UP
+    UP   --probe failed, or unanswered after database_probe_timeout_s-->  DOWN
+    DOWN --probe answered--------------------------------------------->  UP
 
 Entering DOWN: new connections are refused at once (the engine's ``do_connect`` hook raises, which maps to
 503 + Retry-After), and the sockets of every open connection (the SQLAlchemy pool's and the async check-in
 pool's) are shut down, so statements waiting on them fail now instead of when the database resumes, and
-the pools drop them (nothing cut is reused after the database is back). In DOWN the probe keeps trying (each attempt bounded by the connect timeout); the first
-answer returns to UP and connections are made again. Worst case from the hang to a 503:
-``probe_interval + probe_timeout`` (2.5 s with the defaults).
+the pools drop them (nothing cut is reused after the database is back). In DOWN the probe keeps trying
+(each attempt bounded by the connect timeout); the first answer returns to UP and connections are made
+again. Worst case from the hang to a 503: ``probe_interval + probe_timeout`` (2.5 s with the defaults).
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
@@ -176,10 +177,8 @@ class DatabaseGuard:
     def _close_probe(self) -> None:
         conn, self._probe_conn = self._probe_conn, None
         if conn is not None:
-            try:
+            with contextlib.suppress(Exception):
                 conn.close()
-            except Exception:
-                pass
 
 
 def _first_line(exc: BaseException) -> str:
