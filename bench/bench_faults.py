@@ -266,8 +266,9 @@ def bench_hung_db(tree: Path, work: Path, keys_dir: Path) -> dict[str, Any]:
 # ---- report ----------------------------------------------------------------------------------------------
 def render(runs: dict[str, dict[str, Any]], command: str) -> str:
     lines = ["## Faults (request bodies, large uploads, hung database)", "",
-             f"Command: `{command}` (both code trees in one run; the \"before\" tree is the commit before issue 11's fixes, "
-             "unpacked with `git archive`); `python bench/bench_faults.py --write-docs` rewrites this section.", "",
+             f"Command: `{command}` (both code trees in one run; the \"before\" tree is the commit before issue 11's "
+             "fixes, unpacked with `git archive`); `python bench/bench_faults.py --write-docs` rewrites this section.",
+             "",
              "### Oversize request bodies", "",
              "| tree | server RSS before MiB | peak during a 300 MiB chunked enrollment body MiB | answer | MiB sent "
              "before it | `Content-Length: 5000000000` upload: answer | after s |",
@@ -347,8 +348,9 @@ def main() -> None:
         keys = KeyStore.init(work / "keys")
         bundle = None
         if "upload" in only:
-            bundle = make_digits_bundle(keys, work / "big.edgepack", version="9.0.0", release_counter=90,
-                                        extra_files={"padding.bin": os.urandom(args.upload_mib * MiB)}).path
+            padding = {"padding.bin": os.urandom(args.upload_mib * MiB)}
+            bundle = make_digits_bundle(keys, work / "big.edgepack", name="digits-big", version="1.0.0",
+                                        release_counter=1, extra_files=padding).path
         for tree, label in zip(trees, labels, strict=True):
             run: dict[str, Any] = {}
             if only & {"body", "upload"}:

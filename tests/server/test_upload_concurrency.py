@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from bundles.keys import KeyStore
-from tests.server.conftest import LiveServer, enrollment_token
+from tests.server.conftest import LiveServer, enrollment_token, push
 from tests.server.sim import SimDevice
 from tests.support.factories import make_digits_bundle
 
@@ -33,10 +33,13 @@ def _throttled(data: bytes, sent: threading.Event, chunk: int = 256 * 1024, paus
 
 @pytest.mark.slow
 def test_healthz_and_checkins_answer_during_a_large_upload(session_keys: KeyStore, tmp_path: Path,
-                                                           make_server: Callable[..., LiveServer]) -> None:
+                                                           make_server: Callable[..., LiveServer],
+                                                           digits_bundles: dict) -> None:
+    # digits_bundles first: the session's digits archives are signed before this one joins the session's
+    # targets metadata (another model name, so release counters do not interfere either)
     padding = 64 * MiB
-    big = make_digits_bundle(session_keys, tmp_path / "digits-big.edgepack", version="5.0.0", release_counter=50,
-                             extra_files={"padding.bin": os.urandom(padding)})
+    big = make_digits_bundle(session_keys, tmp_path / "big.edgepack", name="digits-big", version="1.0.0",
+                             release_counter=1, extra_files={"padding.bin": os.urandom(padding)})
     data = big.path.read_bytes()
     server = make_server(f"sqlite:///{tmp_path / 'server.db'}")
     device = SimDevice(server.url, "busy-1")
@@ -87,3 +90,30 @@ def test_healthz_and_checkins_answer_during_a_large_upload(session_keys: KeyStor
     assert isinstance(response, httpx.Response) and response.status_code == 201, response
     assert statuses and set(statuses) == {200}, statuses
     assert answered_while_verifying, "no health check and check-in answered while the server verified the upload"
+
+
+def test_concurrent_uploads_are_each_verified_against_the_newest_trust(server: LiveServer,
+                                                                       digits_bundles: dict) -> None:
+    """Verification runs outside the repository lock, so two uploads can verify against the same trusted
+    targets; the one that registers second sees that the trust changed and verifies again. Both bundles end
+    up registered and the repository serves the newest targets, which list both."""
+    results: dict[str, int] = {}
+
+    def upload(version: str) -> None:
+        results[version] = push(server, digits_bundles[version]).status_code
+
+    threads = [threading.Thread(target=upload, args=(v,)) for v in ("1.0.0", "1.1.0", "1.2.0")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == {"1.0.0": 201, "1.1.0": 201, "1.2.0": 201}
+    with server.admin as client:
+        assert [b["version"] for b in client.get("/api/v1/bundles").json()] == ["1.0.0", "1.1.0", "1.2.0"]
+        targets = client.get("/tuf/image/targets.json").json()["signed"]
+        assert {p.split("/")[1] for p in targets["targets"]} == {"1.0.0", "1.1.0", "1.2.0"}
+        for version in ("1.0.0", "1.1.0", "1.2.0"):
+            files = client.get(f"/api/v1/bundles/digits/{version}").json()["files"]
+            for f in files:
+                r = client.get(f"/tuf/image/targets/digits/{version}/{f['path']}")
+                assert r.status_code == 200 and len(r.content) == f["length"], (version, f["path"])
