@@ -48,10 +48,15 @@ class PgTimeouts:
 
     def connect_args(self) -> dict[str, Any]:
         """libpq connection parameters (psycopg ``connect`` keywords)."""
-        options = f"-c statement_timeout={int(self.statement_s * 1000)} -c lock_timeout={int(self.lock_s * 1000)}"
-        return {"connect_timeout": max(2, round(self.connect_s)), "keepalives": 1,
-                "keepalives_idle": self.keepalive_idle_s, "keepalives_interval": 5, "keepalives_count": 3,
-                "tcp_user_timeout": self.user_timeout_s * 1000, "options": options}
+        args: dict[str, Any] = {"connect_timeout": max(2, round(self.connect_s)), "keepalives": 1,
+                                "keepalives_idle": self.keepalive_idle_s, "keepalives_interval": 5,
+                                "keepalives_count": 3, "tcp_user_timeout": self.user_timeout_s * 1000}
+        # Sent as startup options; both 0 sends none (PgBouncer refuses `options` unless it ignores them).
+        options = [f"-c {name}={int(value * 1000)}" for name, value in
+                   (("statement_timeout", self.statement_s), ("lock_timeout", self.lock_s)) if value > 0]
+        if options:
+            args["options"] = " ".join(options)
+        return args
 
 
 def pg_conninfo(url: Any, timeouts: PgTimeouts, **extra: Any) -> str:
@@ -64,7 +69,7 @@ def pg_conninfo(url: Any, timeouts: PgTimeouts, **extra: Any) -> str:
                              "password": u.password, "dbname": u.database}
     args = timeouts.connect_args()
     if "options" in extra:
-        args["options"] = f"{args['options']} {extra.pop('options')}"
+        args["options"] = f"{args.get('options', '')} {extra.pop('options')}".strip()
     return make_conninfo(**{k: v for k, v in {**parts, **args, **extra}.items() if v is not None})
 
 

@@ -123,7 +123,12 @@ class DatabaseGuard:
     def _run(self) -> None:
         while not self._stop.is_set():
             t0 = time.monotonic()
-            ok, error = self.probe()
+            try:
+                ok, error = self.probe()
+            except Exception as exc:  # the guard must never die: a dead guard would never say DOWN
+                log.exception("database probe failed unexpectedly")
+                self._close_probe()
+                ok, error = False, _first_line(exc)
             if self._stop.is_set():
                 return
             new = next_state(self.state, ok)
