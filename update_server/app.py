@@ -27,9 +27,11 @@ from sqlalchemy import delete, text
 from bundles.keys import OnlineKeys
 from update_server import ui
 from update_server.api import admin_api, device_api, docs, errors, metrics_api, tuf_api
+from update_server.api.limits import BodyLimitMiddleware, body_limit
 from update_server.broker import make_accounts
 from update_server.context import ServerContext
-from update_server.db import is_unavailable, make_engine, make_sessionmaker, migrate
+from update_server.db import PgTimeouts, is_unavailable, make_engine, make_sessionmaker, migrate, pg_conninfo
+from update_server.db_guard import DatabaseGuard
 from update_server.metrics import HttpMetricsMiddleware
 from update_server.models import TelemetrySeen
 from update_server.services import rollouts
@@ -80,21 +82,28 @@ def build_context(settings: Settings, *, accounts: bool = True) -> ServerContext
         raise ValueError("EDGEPACK_KEYS_DIR is not set: point it at the online/ folder of your key directory "
                          "(created by `edgepack keys init`)")
     keys = OnlineKeys.load(settings.keys_dir)
-    engine = make_engine(settings.effective_database_url)
+    timeouts = PgTimeouts.from_settings(settings)
+    engine = make_engine(settings.effective_database_url, timeouts=timeouts)
     repo = ImageRepository(keys, timestamp_expiry=timedelta(seconds=settings.timestamp_expiry_s),
                            snapshot_expiry=timedelta(seconds=settings.snapshot_expiry_s))
+    guard, pool = _postgres_extras(engine, settings, timeouts)
     return ServerContext(settings=settings, engine=engine, sessions=make_sessionmaker(engine),
                          storage=make_storage(settings.storage, settings.data_dir), keys=keys, repo=repo,
-                         checkin_pool=_checkin_pool(engine), broker=make_accounts(settings) if accounts else None)
+                         checkin_pool=pool, db_guard=guard, broker=make_accounts(settings) if accounts else None)
 
 
-def _checkin_pool(engine: Any) -> Any:
+def _postgres_extras(engine: Any, settings: Settings, timeouts: PgTimeouts) -> tuple[DatabaseGuard | None, Any]:
+    """PostgreSQL only: the hung-database guard and the async check-in pool (None, None for SQLite)."""
     if engine.dialect.name != "postgresql":
-        return None
+        return None, None
     from update_server.pg_fast import CheckinPool
     from update_server.services.devices import CHECKIN
 
-    return CheckinPool(engine.url.render_as_string(hide_password=False), CHECKIN)
+    guard = DatabaseGuard(pg_conninfo(engine.url, timeouts), interval_s=settings.database_probe_interval_s,
+                          timeout_s=settings.database_probe_timeout_s)
+    guard.attach(engine)
+    return guard, CheckinPool(engine.url.render_as_string(hide_password=False), CHECKIN, timeouts=timeouts,
+                              guard=guard)
 
 
 def prepare_database(ctx: ServerContext) -> None:
@@ -136,6 +145,9 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         prepare_database(ctx)
         started: list[Any] = []
+        if ctx.db_guard is not None:
+            ctx.db_guard.start()
+            started.append(ctx.db_guard)
         if ctx.broker is not None and settings.mqtt_url:  # enrollment needs it, with or without background
             ctx.broker.start()
             started.append(ctx.broker)
@@ -172,7 +184,8 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
     app.include_router(admin_api.router)
     app.include_router(tuf_api.router)
     ui.install(app)
-    if settings.metrics_enabled:
+    app.add_middleware(BodyLimitMiddleware, limit_for=lambda method, path: body_limit(method, path, settings))
+    if settings.metrics_enabled:  # added last: outermost, so it also counts the 413s of the body limits
         app.add_middleware(HttpMetricsMiddleware, metrics=ctx.metrics)
         app.include_router(metrics_api.router)
         ctx.metrics.extra.append(FleetCollector(ctx, ttl_s=settings.metrics_cache_s))
@@ -183,13 +196,17 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
 
     @app.get("/readyz", tags=["health"])
     def readyz() -> JSONResponse:
+        """200 when the database answers; 503 + Retry-After at once while the guard has it down, else within
+        the guard's detection time (the SELECT 1 below is cut with every other statement)."""
+        unavailable = JSONResponse({"status": "database unavailable"}, status_code=503, headers={"Retry-After": "2"})
+        if ctx.db_guard is not None and ctx.db_guard.down:
+            return unavailable
         try:
             with ctx.engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
         except Exception as exc:
             if is_unavailable(exc):
-                return JSONResponse({"status": "database unavailable"}, status_code=503,
-                                    headers={"Retry-After": "2"})
+                return unavailable
             raise
         return JSONResponse({"status": "ready"})
 

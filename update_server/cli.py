@@ -150,6 +150,8 @@ def ingest(config: Path | None = ConfigOpt, log_level: str = typer.Option("info"
         raise typer.Exit(2) from exc
     ctx = build_context(settings, accounts=False)
     prepare_database(ctx)
+    if ctx.db_guard is not None:
+        ctx.db_guard.start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -160,6 +162,8 @@ def ingest(config: Path | None = ConfigOpt, log_level: str = typer.Option("info"
             pass
     finally:
         ingester.stop()
+        if ctx.db_guard is not None:
+            ctx.db_guard.stop()
         ctx.engine.dispose()
 
 

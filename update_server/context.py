@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from bundles.keys import OnlineKeys
 from update_server.broker import BrokerAccounts
+from update_server.db_guard import DatabaseGuard
 from update_server.metrics import Counters, Metrics
 from update_server.settings import Settings
 from update_server.storage import BlobStorage
@@ -36,6 +37,8 @@ class ServerContext:
     repo: ImageRepository
     checkin_pool: Any = None
     """PostgreSQL only: ``pg_fast.CheckinPool``, async connections for the check-in UPDATE."""
+    db_guard: DatabaseGuard | None = None
+    """PostgreSQL only: the probe that makes requests fail fast (503) while the database hangs."""
     broker: BrokerAccounts | None = None
     """Devices' broker accounts (update_server/broker/); None: no broker configured."""
     metrics: Metrics = field(default_factory=Metrics)

@@ -32,6 +32,20 @@ class Settings(BaseSettings):
     storage: str = Field("local", description="bundle storage backend (only 'local' so far)")
     auto_migrate: bool = Field(True, description="run Alembic migrations at start-up")
 
+    # --- PostgreSQL fault handling (docs/runbook.md, "The database hangs")
+    database_connect_timeout_s: float = Field(2.0, ge=2, description="a new connection gives up after this (libpq's "
+                                              "minimum is 2 s)")
+    database_statement_timeout_s: float = Field(30.0, ge=0, description="PostgreSQL cancels a statement of the "
+                                                "server's that runs longer (0 = never); migrations are exempt")
+    database_lock_timeout_s: float = Field(10.0, ge=0, description="PostgreSQL cancels a statement that waits "
+                                           "longer for a lock (0 = never)")
+    database_pool_timeout_s: float = Field(3.0, gt=0, description="a request waits this long for a free pooled "
+                                           "connection, then gets 503")
+    database_probe_interval_s: float = Field(1.0, gt=0, description="how often the server checks that PostgreSQL "
+                                             "answers (SELECT 1 on a connection of its own)")
+    database_probe_timeout_s: float = Field(1.5, gt=0, description="a probe unanswered this long marks the database "
+                                            "down: requests get 503 at once until a probe succeeds again")
+
     # --- HTTP
     host: str = "127.0.0.1"
     port: int = 8080
@@ -40,7 +54,12 @@ class Settings(BaseSettings):
     tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
     allow_plain_http: bool = Field(False, description="serve plain HTTP on a non-loopback address (behind a "
                                                       "TLS-terminating proxy only)")
-    max_upload_bytes: int = 1024 * 1024 * 1024
+    max_upload_bytes: int = Field(1024 * 1024 * 1024, gt=0, description="largest bundle upload (bytes); a larger "
+                                  "one is refused with 413 before it is read")
+    max_request_bytes: int = Field(1024 * 1024, gt=0, description="largest body of any other request (bytes): "
+                                   "admin JSON, dashboard forms")
+    max_device_request_bytes: int = Field(64 * 1024, gt=0, description="largest enrollment or check-in body "
+                                          "(bytes); enrollment needs no credential, so this stays small")
     workers: int = 1
 
     # --- devices and the director

@@ -220,6 +220,43 @@ class PrivatePostgres:
     def stop(self) -> None:
         self._run([str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-w", "-m", "fast", "stop"])
 
+    def _processes(self) -> list[Any]:
+        import psutil
+
+        pid_file = self.dir / "data" / "postmaster.pid"
+        if not pid_file.is_file():
+            return []
+        try:
+            main = psutil.Process(int(pid_file.read_text().split()[0]))
+            return [main, *main.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def freeze(self) -> None:
+        """SIGSTOP the postmaster, then every backend and helper: a hung database (it accepts connections and
+        acknowledges bytes in the kernel, but never answers). Always :meth:`thaw` afterwards (in a finally)."""
+        import signal
+
+        import psutil
+
+        procs = self._processes()
+        if not procs:
+            raise RuntimeError("the private PostgreSQL is not running")
+        procs[0].send_signal(signal.SIGSTOP)  # first, so it forks nothing new while the children stop
+        for proc in procs[0].children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT every process of the cluster (harmless when none is stopped)."""
+        import signal
+
+        import psutil
+
+        for proc in self._processes():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(signal.SIGCONT)
+
 
 @pytest.fixture
 def private_postgres() -> Iterator[PrivatePostgres]:
@@ -230,6 +267,8 @@ def private_postgres() -> Iterator[PrivatePostgres]:
     try:
         yield pg
     finally:
+        with contextlib.suppress(Exception):
+            pg.thaw()  # a test that froze it and failed must not leave a stopped cluster behind
         with contextlib.suppress(Exception):
             pg.stop()
         shutil.rmtree(pg.root, ignore_errors=True)

@@ -83,8 +83,12 @@ def make_digits_bundle(
     hardware_ids: Sequence[str] = HARDWARE_IDS,
     n_golden: int = 8,
     min_agent_version: str = "0.1.0",
+    extra_files: dict[str, bytes] | None = None,
+    name: str = "digits",
 ) -> BundleInfo:
-    """Assemble and sign a real digits bundle with one ONNX fp32 variant and its golden vectors."""
+    """Assemble and sign a real digits bundle with one ONNX fp32 variant and its golden vectors (plus
+    ``extra_files``, signed like the others: e.g. padding for a large bundle). Another ``name`` is another model,
+    with release counters of its own (a key store refuses a counter that does not grow per model)."""
     import onnxruntime as ort
 
     from bundles.preprocessing import Pipeline
@@ -102,7 +106,7 @@ def make_digits_bundle(
     acc = float(np.mean(session.run(None, {"input": test_x.astype(np.float32)})[0] == labels[1200:]))
     manifest = {
         "format_version": 1,
-        "name": "digits",
+        "name": name,
         "version": version,
         "release_counter": release_counter,
         "hardware_ids": list(hardware_ids),
@@ -129,5 +133,6 @@ def make_digits_bundle(
         "preprocessing.json": json.dumps(spec, sort_keys=True).encode(),
         "golden.npz": golden.to_bytes(),
         "reference_stats.json": json.dumps(stats, sort_keys=True).encode(),
+        **(extra_files or {}),
     }
     return assemble_bundle(out, keystore=keystore, manifest=manifest, files=files)

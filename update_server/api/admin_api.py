@@ -8,12 +8,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from update_server.api.deps import Admin, CtxDep, Operator, Viewer, actor, bearer
 from update_server.api.files import blob_response
-from update_server.errors import BadRequest, PayloadTooLarge
+from update_server.errors import BadRequest
 from update_server.models import Bundle
 from update_server.rollout_policy import Action
 from update_server.schemas import ActionRequest, DevicePatch, EnrollmentTokenCreate, RolloutCreate, TokenCreate
@@ -24,16 +25,25 @@ router = APIRouter(prefix="/api/v1")
 
 
 # ---- bundles -------------------------------------------------------------------------------------------
-async def _receive(request: Request, limit: int) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix="edgepack-upload-", suffix=".edgepack")
+_WRITE_BYTES = 1024 * 1024  # received chunks are written in a worker thread, this many bytes at a time
+
+
+async def _receive(request: Request, directory: Path) -> Path:
+    """The request body, streamed into a file in ``directory``; the size limit is ``limits.BodyLimitMiddleware``'s.
+    Disk writes run in a worker thread: the event loop keeps serving other requests during a large upload."""
+    fd, tmp = tempfile.mkstemp(prefix="upload-", suffix=".edgepack", dir=directory)
     size = 0
     try:
         with os.fdopen(fd, "wb") as fh:
+            buffer = bytearray()
             async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge(f"upload exceeds {limit} bytes (setting max_upload_bytes)")
-                fh.write(chunk)
+                buffer += chunk
+                if len(buffer) >= _WRITE_BYTES:
+                    size += len(buffer)
+                    await anyio.to_thread.run_sync(fh.write, buffer)
+                    buffer = bytearray()
+            size += len(buffer)
+            await anyio.to_thread.run_sync(fh.write, buffer)
     except BaseException:
         os.unlink(tmp)
         raise
@@ -45,8 +55,8 @@ async def _receive(request: Request, limit: int) -> Path:
 
 @router.post("/bundles", status_code=201, tags=["bundles"])
 async def push_bundle(request: Request, ctx: CtxDep, token: Operator) -> dict[str, Any]:
-    """Upload a signed bundle (raw .edgepack body); verified before it is accepted."""
-    path = await _receive(request, ctx.settings.max_upload_bytes)
+    """Upload a signed bundle (raw .edgepack body, at most ``max_upload_bytes``); verified before it is accepted."""
+    path = await _receive(request, ctx.storage.staging_area())
     try:
         bundle = await run_in_threadpool(bundles.upload_bundle, ctx, path, actor=actor(token))
     finally:

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, Response
+from fastapi.concurrency import run_in_threadpool
 
 from update_server.api.deps import CredentialDep, CtxDep
 from update_server.schemas import CheckinRequest, CheckinResponse, EnrollRequest
@@ -34,9 +35,9 @@ async def checkin(device_id: str, body: CheckinRequest, ctx: CtxDep, credential:
     if ctx.checkin_pool is not None:  # PostgreSQL: awaited on psycopg's async connections, no thread
         result = await devices.checkin_async(ctx, device_id, credential, req)
     else:
-        # SQLite, an in-process file: the statement takes ~0.3 ms and cannot hang on a network, so it runs
-        # on the event loop; a thread hand-off would cost as much as the work (measured in bench_server.py).
-        result = devices.checkin(ctx, device_id, credential, req)
+        # SQLite: in a worker thread. On the event loop it would stall every request (even /healthz) while it
+        # waits for the one connection, which a bundle upload or the ingester may hold for seconds.
+        result = await run_in_threadpool(devices.checkin, ctx, device_id, credential, req)
     return Response(json.dumps(result), media_type="application/json")  # hot path: skip re-validation
 
 

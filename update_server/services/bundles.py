@@ -1,7 +1,8 @@
 """Bundles: verified upload, listing, inspection, download and guarded deletion.
 
 An upload is verified against the server's trust (the pinned root, walked forward through the archive's
-root chain, and the newest targets) with :func:`bundles.verify.verify_archive` before anything is stored.
+root chain, and the newest targets) with :func:`bundles.verify.verify_archive` before anything is stored,
+outside any database transaction (:func:`upload_bundle`).
 (name, version) is immutable: a second upload is refused with 409 even with the same bytes.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,8 @@ from sqlalchemy.orm import Session
 
 from bundles.archive import METADATA_PREFIX, BundleArchive
 from bundles.errors import BundleError
-from bundles.trust import MAX_ROOT_BYTES, MAX_TARGETS_BYTES, parse_metadata
-from bundles.verify import verify_archive
+from bundles.trust import MAX_ROOT_BYTES, MAX_TARGETS_BYTES, TrustStore, parse_metadata
+from bundles.verify import VerifiedBundle, verify_archive
 from update_server.context import ServerContext
 from update_server.errors import Conflict, InvalidContent, NotFound, verification_detail
 from update_server.models import Bundle, Device, Rollout, RolloutDevice
@@ -44,48 +46,78 @@ def _root_chain(archive: Path) -> list[bytes]:
     return chain
 
 
+MAX_TRUST_RACES = 3
+"""Verifications redone when another upload changed the trusted metadata meanwhile, before giving up (409)."""
+
+
 def upload_bundle(ctx: ServerContext, archive: Path, *, actor: str) -> Bundle:
-    """Verify ``archive`` and register it. Raises InvalidContent (422) or Conflict (409)."""
-    now = ctx.clock()
-    work = Path(tempfile.mkdtemp(prefix="edgepack-upload-"))
-    try:
-        with ctx.sessions() as session, session.begin():
-            lock(session, "repo")
-            trust = ctx.repo.trust_store(session)
+    """Verify ``archive`` (a file in the storage's staging area) and register it. Raises InvalidContent (422)
+    or Conflict (409).
+
+    The slow part (reading, hashing and extracting every file) runs outside any database transaction: it is
+    checked against the trust read in a short transaction first, and the registering transaction (which holds
+    the repository lock) only re-reads the trusted versions, moves the verified files into place (renames) and
+    writes the rows. Had another upload changed the trusted root or targets meanwhile, verification runs again
+    against the new trust, so nothing is ever accepted against stale metadata."""
+    for _ in range(MAX_TRUST_RACES):
+        work = Path(tempfile.mkdtemp(prefix="verify-", dir=ctx.storage.staging_area()))
+        try:
+            with ctx.sessions() as session, session.begin():
+                trust = ctx.repo.trust_store(session)
+            seen = _trust_versions(trust)
+            now = ctx.clock()
             try:
                 verified = verify_archive(archive, trust, work / "files", now=now)
                 chain = _root_chain(archive)
             except BundleError as exc:
                 raise InvalidContent(f"bundle verification failed: {exc}", code="verification_failed",
                                      detail=verification_detail(exc)) from exc
-            name, version = verified.name, verified.version
-            existing = session.scalar(select(Bundle).where(Bundle.name == name, Bundle.version == version))
-            if existing is not None:
-                same = existing.content_digest == verified.content_digest
-                raise Conflict(f"bundle {name} {version} already exists and is immutable"
-                               + (" (same content)" if same else "; bump the version to publish new content"),
-                               code="bundle_exists", detail={"name": name, "version": version,
-                                                             "same_content": same})
-            prefix = f"{name}/{version}/"
-            for rel in verified.files:
-                ctx.storage.put_file(target_key(prefix + rel), verified.path(rel))
-            ctx.storage.put_file(archive_key(name, version), archive)
-            ctx.repo.accept(session, trust, chain, now)
-            bundle = Bundle(
-                name=name, version=version, release_counter=verified.release_counter,
-                content_digest=verified.content_digest, archive_size=archive.stat().st_size,
-                hardware_ids=list(verified.manifest.hardware_ids),
-                manifest=_manifest_dict(verified.path("manifest.json")),
-                files=[{"path": rel, "length": t.length, "sha256": t.hashes.get("sha256", "")}
-                       for rel, t in sorted(verified.files.items())],
-                targets_version=verified.targets_version, uploaded_at=now, uploaded_by=actor)
-            session.add(bundle)
-            session.flush()
-            audit(session, now=now, actor=actor, action="bundle.upload", subject=f"{name}/{version}",
-                  detail={"content_digest": verified.content_digest, "release_counter": verified.release_counter})
-            return bundle
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+            bundle = _register(ctx, verified, archive, trust, seen, chain, now=now, actor=actor)
+            if bundle is not None:
+                return bundle
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    raise Conflict(f"the trusted metadata changed {MAX_TRUST_RACES} times while this bundle was verified "
+                   "(other uploads at the same time); upload it again", code="trust_changed")
+
+
+def _trust_versions(trust: TrustStore) -> tuple[int, int]:
+    return trust.root.signed.version, trust.targets.signed.version if trust.targets is not None else 0
+
+
+def _register(ctx: ServerContext, verified: VerifiedBundle, archive: Path, trust: TrustStore,
+              seen: tuple[int, int], chain: list[bytes], *, now: datetime, actor: str) -> Bundle | None:
+    """The short, locked part of an upload; None when the trust changed since ``seen`` (verify again)."""
+    name, version = verified.name, verified.version
+    with ctx.sessions() as session, session.begin():
+        lock(session, "repo")
+        if _trust_versions(ctx.repo.trust_store(session)) != seen:
+            return None
+        existing = session.scalar(select(Bundle).where(Bundle.name == name, Bundle.version == version))
+        if existing is not None:
+            same = existing.content_digest == verified.content_digest
+            raise Conflict(f"bundle {name} {version} already exists and is immutable"
+                           + (" (same content)" if same else "; bump the version to publish new content"),
+                           code="bundle_exists", detail={"name": name, "version": version, "same_content": same})
+        manifest = _manifest_dict(verified.path("manifest.json"))
+        size = archive.stat().st_size
+        prefix = f"{name}/{version}/"
+        for rel in verified.files:
+            ctx.storage.move_in(target_key(prefix + rel), verified.path(rel))
+        ctx.storage.move_in(archive_key(name, version), archive)
+        ctx.repo.accept(session, trust, chain, now)
+        bundle = Bundle(
+            name=name, version=version, release_counter=verified.release_counter,
+            content_digest=verified.content_digest, archive_size=size,
+            hardware_ids=list(verified.manifest.hardware_ids), manifest=manifest,
+            files=[{"path": rel, "length": t.length, "sha256": t.hashes.get("sha256", "")}
+                   for rel, t in sorted(verified.files.items())],
+            targets_version=verified.targets_version, uploaded_at=now, uploaded_by=actor)
+        session.add(bundle)
+        session.flush()
+        audit(session, now=now, actor=actor, action="bundle.upload", subject=f"{name}/{version}",
+              detail={"content_digest": verified.content_digest, "release_counter": verified.release_counter})
+        return bundle
 
 
 def _manifest_dict(path: Path) -> dict[str, Any]:
