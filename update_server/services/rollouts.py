@@ -125,7 +125,7 @@ def create_rollout(ctx: ServerContext, req: Mapping[str, Any], *, actor: str) ->
                 clash[d.id] = busy[d.id]
                 continue
             rows.append(member_row(rollout, spec, device_id=d.id, now=now, previous=previous_of(
-                d.desired_bundle_id, (d.active_name, d.active_version), by_name)))
+                (d.active_name, d.active_version), by_name)))
         if clash:
             other = sorted(set(clash.values()))
             raise Conflict(f"{len(clash)} of these devices are already in active rollout(s) {', '.join(other)} "
