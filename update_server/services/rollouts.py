@@ -39,6 +39,13 @@ from update_server.rollout_policy import (
 from update_server.security import new_id
 from update_server.services.bundles import get_bundle
 from update_server.services.common import audit, lock
+from update_server.services.installable import (
+    check_action,
+    halt_reason,
+    refuse_unassignable,
+    rollback_blockers,
+    rollback_refusal,
+)
 from update_server.services.membership import (
     SELECTOR_KEYS,
     bundle_fits,
@@ -110,6 +117,7 @@ def create_rollout(ctx: ServerContext, req: Mapping[str, Any], *, actor: str) ->
     with ctx.sessions() as session, session.begin():
         lock(session, "rollouts")
         bundle = get_bundle(session, str(req["bundle"]["name"]), str(req["bundle"]["version"]))
+        refuse_unassignable(ctx, session, bundle, doing=f"roll out {bundle.name} {bundle.version}")
         rollout = Rollout(id=new_id("r-"), bundle_id=bundle.id, model_name=bundle.name,
                           target_version=bundle.version, selector=selector, spec=spec.to_dict(),
                           state=RolloutState.CREATED.value, current_phase=0, created_at=now, created_by=actor)
@@ -227,6 +235,7 @@ def act(ctx: ServerContext, rollout_id: str, action: Action, *, actor: str, reas
         rollout = _lock_rollout(session, rollout_id)
         if rollout is None:
             raise NotFound(f"no rollout {rollout_id!r}")
+        check_action(ctx, session, rollout, action)  # 409 if devices would refuse what it assigns
         changed = _transition(session, rollout, action, actor=actor, reason=reason, now=now)
     ctx.notify(changed)
     return rollout
@@ -247,6 +256,10 @@ def evaluate(ctx: ServerContext, rollout_id: str) -> Decision | None:
             return None
         spec = RolloutSpec.from_dict(rollout.spec)
         decision = decide(spec, gather_stats(session, rollout), now)
+        withdrawn = halt_reason(ctx, session, rollout)
+        if withdrawn is not None:  # a floor raised (or targets re-signed) under a running rollout
+            decision = Decision(Verdict.HALT, withdrawn, decision.gates,
+                                rollback=decision.verdict is Verdict.HALT and decision.rollback)
         view = decision_view(decision)
         if rollout.last_decision != view:
             rollout.last_decision = view
@@ -259,9 +272,11 @@ def evaluate(ctx: ServerContext, rollout_id: str) -> Decision | None:
                                   detail={"gates": view["gates"]})
         elif decision.verdict is Verdict.HALT:
             breached = [g for g in view["gates"] if g["status"] == "breached"]
+            blockers = rollback_blockers(ctx, session, rollout) if decision.rollback else []
+            refused = {"rollback_refused": rollback_refusal(rollout, blockers), "blocked": blockers} if blockers else {}
             changed = _transition(session, rollout, Action.HALT, actor="system", reason=decision.reason, now=now,
-                                  detail={"breached": breached})
-            if decision.rollback:
+                                  detail={"breached": breached, **refused})
+            if decision.rollback and not blockers:
                 changed += _transition(session, rollout, Action.ROLLBACK, actor="system",
                                        reason="policy on_breach=rollback: " + decision.reason, now=now)
     ctx.notify(changed)
