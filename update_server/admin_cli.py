@@ -87,7 +87,11 @@ def bundles_push(files: list[Path] = typer.Argument(..., exists=True, dir_okay=F
     for f in files:
         b = _call(server, token, "POST", "/api/v1/bundles", content=f.read_bytes(),
                   headers={"Content-Type": "application/octet-stream"})
-        typer.echo(f"pushed {b['name']} {b['version']} (release {b['release_counter']}, {b['content_digest'][:12]})")
+        what = f"{b['name']} {b['version']}"
+        if b.get("created", True):
+            typer.echo(f"pushed {what} (release {b['release_counter']}, {b['content_digest'][:12]})")
+        else:
+            typer.echo(f"{what} is already on the server with the same signed files; nothing to do")
 
 
 @bundles_app.command("list")

@@ -2,23 +2,28 @@
 
 An upload is verified against the server's trust (the pinned root, walked forward through the archive's
 root chain, and the newest targets) with :func:`bundles.verify.verify_archive` before anything is stored.
-(name, version) is immutable: a second upload is refused with 409 even with the same bytes.
+(name, version) is immutable: a second upload with other signed files is refused (409 ``bundle_exists``), the
+same files again are accepted as a no-op; and newer targets metadata (with an upload or alone) that lists other
+files for a version the server already publishes is refused (409 ``targets_conflict``), since devices check
+every download against the newest list.
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import exists, or_, select, update
 from sqlalchemy.orm import Session
+from tuf.api.metadata import TargetFile, Targets
 
 from bundles.archive import METADATA_PREFIX, BundleArchive
 from bundles.errors import BundleError
 from bundles.trust import MAX_ROOT_BYTES, MAX_TARGETS_BYTES, parse_metadata
-from bundles.verify import verify_archive
+from bundles.verify import bundle_targets, verify_archive
 from update_server.context import ServerContext
 from update_server.errors import Conflict, InvalidContent, NotFound, verification_detail
 from update_server.models import Bundle, Device, Rollout, RolloutDevice
@@ -44,8 +49,12 @@ def _root_chain(archive: Path) -> list[bytes]:
     return chain
 
 
-def upload_bundle(ctx: ServerContext, archive: Path, *, actor: str) -> Bundle:
-    """Verify ``archive`` and register it. Raises InvalidContent (422) or Conflict (409)."""
+def upload_bundle(ctx: ServerContext, archive: Path, *, actor: str) -> tuple[Bundle, bool]:
+    """Verify ``archive`` and register it; returns the bundle and whether it is new.
+
+    Pushing a bundle the server already holds with the very same signed files is idempotent (the bundle, not
+    new). Raises InvalidContent (422), or Conflict (409): the same name and version with other content, or
+    signed metadata that lists other content for a bundle the server already publishes."""
     now = ctx.clock()
     work = Path(tempfile.mkdtemp(prefix="edgepack-upload-"))
     try:
@@ -60,12 +69,20 @@ def upload_bundle(ctx: ServerContext, archive: Path, *, actor: str) -> Bundle:
                                      detail=verification_detail(exc)) from exc
             name, version = verified.name, verified.version
             existing = session.scalar(select(Bundle).where(Bundle.name == name, Bundle.version == version))
+            files = _file_rows(verified.files)
             if existing is not None:
-                same = existing.content_digest == verified.content_digest
-                raise Conflict(f"bundle {name} {version} already exists and is immutable"
-                               + (" (same content)" if same else "; bump the version to publish new content"),
-                               code="bundle_exists", detail={"name": name, "version": version,
-                                                             "same_content": same})
+                differ = _changed(existing.files, files)
+                if differ:
+                    raise Conflict(f"bundle {name} {version} already exists with other content "
+                                   f"({', '.join(differ[:6])} differ): a signed version is immutable and devices "
+                                   "may already hold the files published first; bump the version (and the release "
+                                   "counter) to publish new content", code="bundle_exists",
+                                   detail={"name": name, "version": version, "same_content": False, "files": differ})
+            assert trust.targets is not None  # verify_archive trusted some targets metadata
+            _refuse_resigned(session, trust.targets.signed)
+            if existing is not None:  # the same signed files again: nothing to store
+                ctx.repo.accept(session, trust, chain, now)
+                return existing, False
             prefix = f"{name}/{version}/"
             for rel in verified.files:
                 ctx.storage.put_file(target_key(prefix + rel), verified.path(rel))
@@ -76,16 +93,46 @@ def upload_bundle(ctx: ServerContext, archive: Path, *, actor: str) -> Bundle:
                 content_digest=verified.content_digest, archive_size=archive.stat().st_size,
                 hardware_ids=list(verified.manifest.hardware_ids),
                 manifest=_manifest_dict(verified.path("manifest.json")),
-                files=[{"path": rel, "length": t.length, "sha256": t.hashes.get("sha256", "")}
-                       for rel, t in sorted(verified.files.items())],
-                targets_version=verified.targets_version, uploaded_at=now, uploaded_by=actor)
+                files=files, targets_version=verified.targets_version, uploaded_at=now, uploaded_by=actor)
             session.add(bundle)
             session.flush()
             audit(session, now=now, actor=actor, action="bundle.upload", subject=f"{name}/{version}",
                   detail={"content_digest": verified.content_digest, "release_counter": verified.release_counter})
-            return bundle
+            return bundle, True
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _file_rows(files: Mapping[str, TargetFile]) -> list[dict[str, Any]]:
+    return [{"path": rel, "length": t.length, "sha256": t.hashes.get("sha256", "")} for rel, t in sorted(files.items())]
+
+
+def _changed(stored: Sequence[Mapping[str, Any]], new: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Paths whose length or sha256 differ between two file lists (present in one only: differs too)."""
+    a = {str(f["path"]): (int(f["length"]), str(f["sha256"])) for f in stored}
+    b = {str(f["path"]): (int(f["length"]), str(f["sha256"])) for f in new}
+    return sorted(p for p in set(a) | set(b) if a.get(p) != b.get(p))
+
+
+def _refuse_resigned(session: Session, targets: Targets) -> None:
+    """409 when ``targets`` (about to become the newest trusted metadata) lists other files for a bundle the
+    server already publishes: devices check downloads against the newest list, so the published copy would
+    fail as a corrupt download. A bundle no longer listed (withdrawn by a floor) is fine."""
+    for bundle in session.scalars(select(Bundle)):
+        listed = bundle_targets(targets, bundle.name, bundle.version)
+        if not listed:
+            continue
+        differ = _changed(bundle.files, _file_rows(listed))
+        if differ:
+            raise Conflict(
+                f"the signed targets metadata (v{targets.version}) lists other content for {bundle.name} "
+                f"{bundle.version} than the server publishes ({', '.join(differ[:6])} differ): that version was "
+                "signed again on the workstation, and devices would refuse the published copy as a corrupt "
+                "download. Nothing was changed. A signed version is immutable: if no device uses it, delete it here "
+                f"(`edgepack bundles delete {bundle.name} {bundle.version}`) and push the archive signed with this "
+                "metadata; otherwise withdraw it (`edgepack keys raise-floor`) and publish a new version",
+                code="targets_conflict", detail={"name": bundle.name, "version": bundle.version, "files": differ,
+                                                 "targets_version": targets.version})
 
 
 def _manifest_dict(path: Path) -> dict[str, Any]:
@@ -107,6 +154,7 @@ def upload_targets(ctx: ServerContext, data: bytes, *, actor: str) -> int:
         except BundleError as exc:
             raise InvalidContent(f"targets metadata refused: {exc}", code="verification_failed",
                                  detail=verification_detail(exc)) from exc
+        _refuse_resigned(session, md.signed)
         ctx.repo.accept(session, trust, [], now)
         audit(session, now=now, actor=actor, action="trust.targets", subject=f"targets v{md.signed.version}")
         return md.signed.version
