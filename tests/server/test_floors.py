@@ -197,3 +197,57 @@ def test_why_not_installable_decides_from_the_signed_metadata(keys: KeyStore, tm
     raised = keys.sign_targets(floors={"digits": 2}).signed
     assert "below the signed floor 2" in (why(raised) or "")
     assert why(raised, release_counter=2) is not None  # not listed any more either: dropped by the floor
+
+
+def test_an_automatic_rollback_to_a_withdrawn_version_is_not_applied(db_url: str, session_broker: Any,
+                                                                      tmp_path: Path) -> None:
+    """A crash halts a rollout of 1.1.0 whose devices came from 1.0.0, withdrawn meanwhile: the policy's rollback
+    would send them to a version they refuse, so the rollout stays halted with the reason and no device is
+    reassigned."""
+    import uuid
+
+    from tests.server.sim import Publisher
+
+    keys = KeyStore.init(tmp_path / "keys")
+    made = [make_digits_bundle(keys, tmp_path / f"digits-{v}.edgepack", version=v, release_counter=rc)
+            for v, rc in (("1.0.0", 1), ("1.1.0", 2))]
+    live = start_server(keys=keys, data_dir=tmp_path / "data", db_url=db_url, broker=session_broker,
+                        prefix=f"edgepack-test-{uuid.uuid4().hex[:8]}/v1/devices")
+    pub = None
+    try:
+        for b in made:
+            assert push(live, b).status_code == 201
+        devices = _fleet(live, "g", 2)
+        pub = Publisher(live.broker, live.prefix, devices)
+        director_root = keys.director_root_path.read_bytes()
+        client = live.admin
+        r = _post(client, "/api/v1/rollouts", bundle={"name": "digits", "version": "1.1.0"}, phases=[100],
+                  min_soak_s=3600, gates={"max_crash_rate": 0.05}, start=True)
+        assert r.status_code == 201, r.text
+        rid = r.json()["id"]
+        for d in devices:
+            assert d.sync(director_root).bundle["version"] == "1.1.0"
+        _raise_floor(live, keys, 2)
+
+        def reporting() -> bool:
+            for d in devices:
+                pub.window(d)
+            return bool(client.get(f"/api/v1/rollouts/{rid}").json()["target"]["devices_reporting"] == 2)
+
+        wait_for(reporting, timeout=60, interval=0.3, what="both devices reporting on 1.1.0")
+        before = _db(live)["devices"]
+        pub.event(devices[0], "crash", detail={"signal": 11, "phase": "serving"})
+        wait_for(lambda: client.get(f"/api/v1/rollouts/{rid}").json()["state"] == "halted", timeout=60,
+                 what="the crash to halt the rollout")
+        status = client.get(f"/api/v1/rollouts/{rid}").json()
+        assert status["halt"]["breached"][0]["name"] == "crash_rate"
+        assert "2 device(s) would go back to digits 1.0.0" in status["halt"]["rollback_refused"]
+        assert [(b["version"], b["devices"]) for b in status["halt"]["blocked"]] == [("1.0.0", 2)]
+        assert _db(live)["devices"] == before  # nobody was sent to the withdrawn version
+        actions = [e["action"] for e in client.get(f"/api/v1/rollouts/{rid}/audit").json()]
+        assert actions[0] == "rollout.halt" and "rollout.rollback" not in actions
+        client.close()
+    finally:
+        if pub is not None:
+            pub.close()
+        live.stop()

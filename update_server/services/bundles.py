@@ -23,7 +23,7 @@ from tuf.api.metadata import TargetFile, Targets
 from bundles.archive import METADATA_PREFIX, BundleArchive
 from bundles.errors import BundleError
 from bundles.trust import MAX_ROOT_BYTES, MAX_TARGETS_BYTES, parse_metadata
-from bundles.verify import bundle_targets, verify_archive
+from bundles.verify import verify_archive
 from update_server.context import ServerContext
 from update_server.errors import Conflict, InvalidContent, NotFound, verification_detail
 from update_server.models import Bundle, Device, Rollout, RolloutDevice
@@ -118,8 +118,13 @@ def _refuse_resigned(session: Session, targets: Targets) -> None:
     """409 when ``targets`` (about to become the newest trusted metadata) lists other files for a bundle the
     server already publishes: devices check downloads against the newest list, so the published copy would
     fail as a corrupt download. A bundle no longer listed (withdrawn by a floor) is fine."""
+    by_bundle: dict[tuple[str, str], dict[str, TargetFile]] = {}
+    for path, target in targets.targets.items():  # one pass: "name/version/rel" (bundles.verify.target_prefix)
+        parts = path.split("/", 2)
+        if len(parts) == 3:
+            by_bundle.setdefault((parts[0], parts[1]), {})[parts[2]] = target
     for bundle in session.scalars(select(Bundle)):
-        listed = bundle_targets(targets, bundle.name, bundle.version)
+        listed = by_bundle.get((bundle.name, bundle.version))
         if not listed:
             continue
         differ = _changed(bundle.files, _file_rows(listed))
