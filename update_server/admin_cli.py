@@ -259,6 +259,8 @@ def print_status(status: dict[str, Any]) -> None:
     typer.echo(f"next: {status['decision']['verdict']} ({status['decision']['reason']})")
     if status.get("halt"):
         typer.echo(f"halted: {status['halt'].get('reason')}")
+        if status["halt"].get("rollback_refused"):
+            typer.echo(f"not rolled back: {status['halt']['rollback_refused']}")
 
 
 @rollout_app.command("status")

@@ -244,6 +244,11 @@ def test_an_automatic_rollback_to_a_withdrawn_version_is_not_applied(db_url: str
         assert "2 device(s) would go back to digits 1.0.0" in status["halt"]["rollback_refused"]
         assert [(b["version"], b["devices"]) for b in status["halt"]["blocked"]] == [("1.0.0", 2)]
         assert _db(live)["devices"] == before  # nobody was sent to the withdrawn version
+        admin = typer.Typer()
+        admin_cli.register(admin)
+        shown = CliRunner().invoke(admin, ["rollout", "status", rid],
+                                   env={"EDGEPACK_SERVER": live.url, "EDGEPACK_TOKEN": live.token})
+        assert shown.exit_code == 0 and "not rolled back: rollback of" in shown.output, shown.output
         actions = [e["action"] for e in client.get(f"/api/v1/rollouts/{rid}/audit").json()]
         assert actions[0] == "rollout.halt" and "rollout.rollback" not in actions
         client.close()
