@@ -186,6 +186,8 @@ def test_halt_rolls_back_to_the_last_committed_version_not_a_refused_one(mqtt_se
         assert devices["refuser"]["active"]["version"] == "1.0.0"
 
         c = rollout("1.2.0", gates={"max_crash_rate": 0.05})
+        targets = {m["device_id"]: m["rollback_version"] for m in client.get(f"/api/v1/rollouts/{c}/devices").json()}
+        assert targets == {"refuser": "1.0.0", "taker": "1.1.0"}  # shown before any rollback
         for d in (refuser, taker):
             a12 = d.sync(director_root)
             assert a12 is not None and a12.bundle["version"] == "1.2.0"

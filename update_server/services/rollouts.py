@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import insert, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from update_server.context import ServerContext
 from update_server.db import is_postgres
@@ -347,14 +347,17 @@ def audit_entries(session: Session, rollout_id: str | None = None, limit: int = 
 
 
 def rollout_devices(session: Session, rollout_id: str) -> list[dict[str, Any]]:
-    """Each member's cohort bucket and phase, and what it is told to run now."""
+    """Each member's cohort bucket and phase, what it is told to run now, and where a rollback sends it (the
+    version it last committed before the rollout; None: it stays on what it runs)."""
     get_rollout(session, rollout_id)
+    previous = aliased(Bundle)
     rows = session.execute(select(RolloutDevice.device_id, RolloutDevice.bucket, RolloutDevice.phase_index,
                                   RolloutDevice.joined_at, Device.desired_reason, Device.desired_rollout_id,
-                                  Bundle.version)
+                                  Bundle.version, previous.version)
                            .join(Device, Device.id == RolloutDevice.device_id)
                            .outerjoin(Bundle, Bundle.id == Device.desired_bundle_id)
+                           .outerjoin(previous, previous.id == RolloutDevice.previous_bundle_id)
                            .where(RolloutDevice.rollout_id == rollout_id).order_by(RolloutDevice.device_id))
     return [{"device_id": d, "bucket": round(b, 6), "phase": p, "joined_at": j.isoformat(),
-             "assigned_version": v, "reason": reason if rid == rollout_id else None}
-            for d, b, p, j, reason, rid, v in rows]
+             "assigned_version": v, "reason": reason if rid == rollout_id else None, "rollback_version": back}
+            for d, b, p, j, reason, rid, v, back in rows]
