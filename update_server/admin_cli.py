@@ -94,6 +94,16 @@ def bundles_push(files: list[Path] = typer.Argument(..., exists=True, dir_okay=F
             typer.echo(f"{what} is already on the server with the same signed files; nothing to do")
 
 
+@bundles_app.command("push-targets")
+def bundles_push_targets(targets: Path = typer.Argument(..., exists=True, dir_okay=False,
+                                                        help="KEYS/repo/targets.json from the workstation."),
+                         server: str = ServerOpt, token: str = TokenOpt) -> None:
+    """Publish newer signed targets metadata alone, e.g. after `edgepack keys raise-floor` (no bundle needed)."""
+    body = _call(server, token, "PUT", "/api/v1/admin/trust/targets", content=targets.read_bytes(),
+                 headers={"Content-Type": "application/json"})
+    typer.echo(f"the server publishes targets v{body['targets_version']}")
+
+
 @bundles_app.command("list")
 def bundles_list(name: str | None = typer.Option(None), server: str = ServerOpt, token: str = TokenOpt,
                  as_json: bool = JsonOpt) -> None:

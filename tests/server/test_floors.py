@@ -162,8 +162,8 @@ def test_cli_prints_why_a_withdrawn_version_is_refused(own: tuple[LiveServer, Ke
     floor = runner.invoke(edgepack_app, ["keys", "raise-floor", "--keys", str(keys.directory), "--name", "digits",
                                          "--release-counter", "2"])
     assert floor.exit_code == 0, floor.output
-    with live.admin as client:
-        assert client.put("/api/v1/admin/trust/targets", content=keys.targets_path.read_bytes()).status_code == 200
+    pushed = runner.invoke(admin, ["bundles", "push-targets", str(keys.targets_path)], env=env)
+    assert pushed.exit_code == 0 and "the server publishes targets v" in pushed.output, pushed.output
     before = _db(live)
     back = runner.invoke(admin, ["rollout", "rollback", rid, "--reason", "complaints"], env=env)
     assert back.exit_code == 1 and "409 rollback_refused" in back.output, back.output
