@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from tuf.api.metadata import Metadata, TargetFile
+from tuf.api.metadata import Metadata, TargetFile, Targets
 
 from bundles.archive import METADATA_PREFIX, TARGETS_PREFIX, check_member_name, write_archive
 from bundles.errors import FormatError, KeyStoreError
 from bundles.keys import KeyStore, dump_metadata
 from bundles.manifest import Manifest
-from bundles.verify import MANIFEST, MEASUREMENTS, bundle_targets, content_digest, target_prefix
+from bundles.verify import MANIFEST, bundle_targets, content_digest, target_prefix
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,26 @@ class BundleInfo:
     release_counter: int
     content_digest: str
     targets_version: int
+
+
+def changed_files(signed: Mapping[str, TargetFile], new: Mapping[str, TargetFile]) -> list[str]:
+    """Bundle-relative paths whose signed length or hashes differ between two signings of one version (a file
+    present in only one of them counts). Every signed file counts, ``measurements.json`` too: devices check
+    each file they download against the newest signed list, so re-signing one of them with other bytes turns
+    the copy already published into a corrupt download."""
+    return sorted(p for p in set(signed) | set(new)
+                  if p not in signed or p not in new
+                  or (signed[p].length, signed[p].hashes) != (new[p].length, new[p].hashes))
+
+
+def already_signed_message(keystore: KeyStore, targets: Targets, name: str, version: str,
+                           differ: list[str] | None = None) -> str:
+    """Why a version cannot be signed again, naming the metadata file it is recorded in, and what to do."""
+    rcs = [int(t.custom.get("release_counter", 0)) for t in targets.targets.values() if t.custom.get("name") == name]
+    what = f" with different content ({', '.join(differ[:6])} differ)" if differ else ""
+    return (f"{name} {version} is already signed in {keystore.targets_path} (targets v{targets.version}){what}; a "
+            f"signed version is immutable (devices and servers hold the files it lists): bump the version and the "
+            f"release counter (above {max(rcs, default=0)}) for new content")
 
 
 def _read(content: bytes | Path) -> bytes:
@@ -54,7 +74,8 @@ def assemble_bundle(
     Raises:
         ManifestError: the manifest is invalid.
         FormatError: a referenced file is missing, or a path is unsafe.
-        KeyStoreError: this name and version were already signed with other content, the release
+        KeyStoreError: this name and version were already signed with other content (any file, the
+            host-dependent ``measurements.json`` too: identical content may be signed again), the release
             counter does not grow, or the key store lacks a threshold of targets keys.
     """
     parsed = manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest)
@@ -85,14 +106,9 @@ def assemble_bundle(
 
     current = keystore.targets().signed
     existing = bundle_targets(current, name, version)
-    if existing:
-        # measurements.json holds host timings that differ on every build: not part of the identity.
-        same = ({r: t.hashes for r, t in existing.items() if r != MEASUREMENTS}
-                == {r: t.hashes for r, t in new_targets.items() if r != MEASUREMENTS})
-        if not same:
-            raise KeyStoreError(
-                f"{name} {version} is already signed with different content; versions are immutable, "
-                "bump the version (and the release counter)", path=prefix)
+    differ = changed_files(existing, new_targets) if existing else []
+    if differ:
+        raise KeyStoreError(already_signed_message(keystore, current, name, version, differ), path=prefix)
     for path, target in ([] if existing else current.targets.items()):  # re-signing a version: no check
         other = target.custom
         if (other.get("name") == name and other.get("version") != version
@@ -101,7 +117,10 @@ def assemble_bundle(
                 "the release counter must grow with every new version of a model",
                 path=path, expected=f"> {other.get('release_counter')}", found=rc)
 
-    targets_md = keystore.sign_targets(new_targets.values(), expires=timedelta(days=expires_days), now=now)
+    # Signed now, recorded in the key store only once the archive is written: a failed write leaves the version
+    # unsigned (so it can be built again), never signed without an archive.
+    targets_md = keystore.sign_targets(new_targets.values(), expires=timedelta(days=expires_days), now=now,
+                                       persist=False)
     entries: dict[str, bytes] = {METADATA_PREFIX + "root.json": keystore.root_path.read_bytes(),
                                  METADATA_PREFIX + "targets.json": dump_metadata(targets_md)}
     for data in keystore.root_chain():
@@ -115,6 +134,7 @@ def assemble_bundle(
     try:
         write_archive(Path(tmp), entries)
         os.chmod(tmp, 0o644)
+        keystore.save_targets(targets_md)
         os.replace(tmp, out_path)
     except BaseException:
         if os.path.exists(tmp):

@@ -217,11 +217,13 @@ class KeyStore:
         floors: dict[str, int] | None = None,
         expires: timedelta = DEFAULT_TARGETS_EXPIRY,
         now: datetime | None = None,
+        persist: bool = True,
     ) -> Metadata[Targets]:
         """Add target files and/or raise floors, bump the version, sign, and persist targets.json.
 
         A floor can only go up; raising it drops every listed bundle of that model whose release counter
-        is below it, so those bundles can never verify again.
+        is below it, so those bundles can never verify again. With ``persist=False`` the caller writes it
+        with :meth:`save_targets` once what depends on it is safely written (``assemble_bundle``: the archive).
         """
         now = now or utcnow()
         md = self.targets()
@@ -244,8 +246,13 @@ class KeyStore:
         md.signed.version += 1
         md.signed.expires = now + expires
         self._sign("targets", md)
-        atomic_write(self.targets_path, dump_metadata(md))
+        if persist:
+            self.save_targets(md)
         return md
+
+    def save_targets(self, md: Metadata[Targets]) -> None:
+        """Persist targets metadata signed by :meth:`sign_targets` (atomically)."""
+        atomic_write(self.targets_path, dump_metadata(md))
 
     def rotate(
         self,

@@ -149,8 +149,10 @@ def preflight(spec: BuildSpec, *, dry_run: bool = False) -> None:
 
 
 def _check_keys(spec: BuildSpec) -> None:
+    from bundles.assemble import already_signed_message
     from bundles.errors import BundleError
     from bundles.keys import KeyStore
+    from bundles.verify import bundle_targets
 
     if spec.keys_dir is None:
         raise BundleOutputError("no signing keys configured", fix="set [signing] keys = \"DIR\" (create it with "
@@ -163,7 +165,9 @@ def _check_keys(spec: BuildSpec) -> None:
             fix=f"create it with `edgepack keys init --out {spec.keys_dir}`, or point [signing] keys (or --keys) "
             "at the key directory you already have")
     try:
-        summary = KeyStore.load(spec.keys_dir).role_summary()["targets"]
+        keystore = KeyStore.load(spec.keys_dir)
+        summary = keystore.role_summary()["targets"]
+        targets = keystore.targets().signed
     except (BundleError, OSError, ValueError) as exc:
         raise BundleOutputError(f"the key directory {str(spec.keys_dir)!r} is unusable: {exc}",
                                 fix="point [signing] keys (or --keys) at a directory made by `edgepack keys init`"
@@ -173,6 +177,13 @@ def _check_keys(spec: BuildSpec) -> None:
             f"signing a bundle needs {summary['threshold']} targets key(s) but {str(spec.keys_dir)!r} has "
             f"{len(summary['present_here'])}", fix="sign on the workstation that holds the offline targets keys "
             "(private/), not with a copy of online/")
+    if bundle_targets(targets, spec.name, spec.version):
+        # Every build signs new bytes (measurements.json holds this host's timings), so a signed version can never
+        # be built again: refused here, before the long steps, rather than when signing.
+        raise BundleOutputError(already_signed_message(keystore, targets, spec.name, spec.version),
+                                fix="set a new version and a higher release counter: --version X.Y.Z "
+                                "--release-counter N, or [bundle] version / release_counter in edgepack.toml "
+                                "(--dry-run builds and evaluates without signing)")
 
 
 def choose_output(spec: BuildSpec, out_names: list[str], ref_outs: list[Any]) -> tuple[int, str]:

@@ -122,8 +122,9 @@ class Fleet:
         return status, doc
 
     def push(self, bundle: Path) -> bool:
-        """Upload a signed bundle; False when the server already holds this name and version."""
-        status, _ = self.call("POST", "/api/v1/bundles", raw=bundle.read_bytes(), ok=(201, 409))
+        """Upload a signed bundle; False when the server already holds this name and version (200: the same
+        signed files, 409: other content)."""
+        status, _ = self.call("POST", "/api/v1/bundles", raw=bundle.read_bytes(), ok=(200, 201, 409))
         return status == 201
 
     def enrollment_token(self) -> str:

@@ -87,7 +87,21 @@ def bundles_push(files: list[Path] = typer.Argument(..., exists=True, dir_okay=F
     for f in files:
         b = _call(server, token, "POST", "/api/v1/bundles", content=f.read_bytes(),
                   headers={"Content-Type": "application/octet-stream"})
-        typer.echo(f"pushed {b['name']} {b['version']} (release {b['release_counter']}, {b['content_digest'][:12]})")
+        what = f"{b['name']} {b['version']}"
+        if b.get("created", True):
+            typer.echo(f"pushed {what} (release {b['release_counter']}, {b['content_digest'][:12]})")
+        else:
+            typer.echo(f"{what} is already on the server with the same signed files; nothing to do")
+
+
+@bundles_app.command("push-targets")
+def bundles_push_targets(targets: Path = typer.Argument(..., exists=True, dir_okay=False,
+                                                        help="KEYS/repo/targets.json from the workstation."),
+                         server: str = ServerOpt, token: str = TokenOpt) -> None:
+    """Publish newer signed targets metadata alone, e.g. after `edgepack keys raise-floor` (no bundle needed)."""
+    body = _call(server, token, "PUT", "/api/v1/admin/trust/targets", content=targets.read_bytes(),
+                 headers={"Content-Type": "application/json"})
+    typer.echo(f"the server publishes targets v{body['targets_version']}")
 
 
 @bundles_app.command("list")
@@ -255,6 +269,8 @@ def print_status(status: dict[str, Any]) -> None:
     typer.echo(f"next: {status['decision']['verdict']} ({status['decision']['reason']})")
     if status.get("halt"):
         typer.echo(f"halted: {status['halt'].get('reason')}")
+        if status["halt"].get("rollback_refused"):
+            typer.echo(f"not rolled back: {status['halt']['rollback_refused']}")
 
 
 @rollout_app.command("status")

@@ -68,3 +68,33 @@ def test_rotate_and_raise_floor(tmp_path: Path) -> None:
                    "--release-counter", "2")
     assert res.returncode == 4 and "only be raised" in res.stderr
     shutil.rmtree(tmp_path / "k")
+
+
+def test_assemble_refuses_to_sign_a_version_again_with_other_content(signed, tmp_path: Path) -> None:
+    """Identical content may be signed again; a changed file, even the host-dependent measurements.json, is
+    refused (exit 4) with the metadata file it is recorded in and the fix, and nothing is written."""
+    assert edgepack("keys", "init", "--out", str(tmp_path / "k")).returncode == 0
+    _, v1, _ = signed
+    src = tmp_path / "src"
+    for name, data in read_members(v1.path).items():
+        if name.startswith("targets/digits/1.0.0/"):
+            dest = src / name[len("targets/digits/1.0.0/"):]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(data)
+    (src / "measurements.json").write_text('{"timings_s": {"convert": 1.5}}')
+    args = ("assemble", str(src), "--keys", str(tmp_path / "k"), "--out")
+    assert edgepack(*args, str(tmp_path / "a.edgepack")).returncode == 0
+    res = edgepack(*args, str(tmp_path / "same.edgepack"))
+    assert res.returncode == 0, res.stderr  # identical content: signing it again is harmless
+    targets = (tmp_path / "k" / "repo" / "targets.json").read_bytes()
+    (src / "measurements.json").write_text('{"timings_s": {"convert": 1.7}}')  # a rebuild on a busier host
+    res = edgepack(*args, str(tmp_path / "b.edgepack"))
+    assert res.returncode == 4, res.stdout + res.stderr
+    message = " ".join(res.stderr.split())
+    assert "digits 1.0.0 is already signed in" in message and "repo/targets.json" in message
+    assert "measurements.json differ" in message and "bump the version" in message
+    assert (tmp_path / "k" / "repo" / "targets.json").read_bytes() == targets
+    assert not (tmp_path / "b.edgepack").exists()
+    # the archive published first still verifies against the newest signed metadata
+    res = edgepack("verify", str(tmp_path / "a.edgepack"), "--trust", str(tmp_path / "k" / "trust" / "root.json"))
+    assert res.returncode == 0, res.stderr

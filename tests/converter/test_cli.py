@@ -49,3 +49,28 @@ def test_build_flags_override_the_file(mlp_project) -> None:
 def test_build_with_a_bad_spec_exits_2(mlp_project) -> None:
     result = CliRunner().invoke(_app(), ["build", "-c", str(mlp_project()), "--variants", "onnx-int4"])
     assert result.exit_code == 2
+
+
+def test_a_signed_version_cannot_be_built_again(mlp_project) -> None:
+    """Every build signs new bytes (measurements.json holds this build's timings), so building a version the
+    key directory already signed is refused before the long steps, naming the metadata file and the fix;
+    the published bundle stays valid. A bumped version builds."""
+    spec = mlp_project(variants='["onnx-fp32"]')
+    keys_targets = spec.parent / "keys" / "repo" / "targets.json"
+    first = CliRunner().invoke(_app(), ["build", "-c", str(spec)])
+    assert first.exit_code == 0, first.output
+    (bundle,) = (spec.parent / "out").glob("*.edgepack")
+    published, signed = bundle.read_bytes(), keys_targets.read_bytes()
+    (spec.parent / "recipe.py").write_text((spec.parent / "recipe.py").read_text() + "\n# a changed file\n")
+    again = CliRunner().invoke(_app(), ["build", "-c", str(spec), "--json"])
+    assert again.exit_code != 0
+    report = json.loads(again.stdout[again.stdout.index("{"):])
+    error = report["errors"][0]
+    assert "digits-mlp 1.0.0 is already signed in" in error["message"], error
+    assert str(keys_targets) in error["message"] and "immutable" in error["message"]
+    assert "--version" in error["fix"] and "--release-counter" in error["fix"]
+    assert report["variants"] == []  # refused before converting anything
+    assert keys_targets.read_bytes() == signed and bundle.read_bytes() == published
+    bumped = CliRunner().invoke(_app(), ["build", "-c", str(spec), "--version", "1.0.1", "--release-counter", "2"])
+    assert bumped.exit_code == 0, bumped.output
+    assert bundle.read_bytes() == published  # the new version is a new file

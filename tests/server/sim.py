@@ -57,8 +57,9 @@ class SimDevice:
             "agent_version": "0.1.0", "platform": "linux-x86_64", "runtimes": {"onnxruntime": "1.32.0"},
             "state": "idle", "active": self.active, "last_error": None})
 
-    def sync(self, director_root: bytes) -> Assignment | None:
-        """Check in, verify the assignment and 'install' its bundle (the active bundle becomes it)."""
+    def sync(self, director_root: bytes, *, install: bool = True) -> Assignment | None:
+        """Check in, verify the assignment and 'install' its bundle (the active bundle becomes it). With
+        ``install=False`` the device refuses the bundle (as after a failed install): it keeps what it runs."""
         r = self.checkin()
         assert r.status_code == 200, r.text
         text = r.json()["assignment"]
@@ -68,7 +69,7 @@ class SimDevice:
         assignment = verify_assignment(root, text.encode(), device_id=self.device_id, hardware_id=self.hardware_id,
                                        now=datetime.now(timezone.utc), last_version=self.last_version)
         self.last_version = assignment.version
-        if assignment.bundle is not None:
+        if assignment.bundle is not None and install:
             self.active = {"name": assignment.bundle["name"], "version": assignment.bundle["version"],
                            "release_counter": assignment.bundle["release_counter"], "variant": "onnx-fp32"}
         return assignment

@@ -34,10 +34,61 @@ def test_upload_list_inspect_download(server: LiveServer, digits_bundles: dict) 
 
 
 def test_bundles_are_immutable(server: LiveServer, digits_bundles: dict) -> None:
-    assert push(server, digits_bundles["1.0.0"]).status_code == 201
-    again = push(server, digits_bundles["1.0.0"])
-    assert again.status_code == 409
-    assert again.json()["error"]["code"] == "bundle_exists"
+    first = push(server, digits_bundles["1.0.0"])
+    assert first.status_code == 201 and first.json()["created"] is True
+    again = push(server, digits_bundles["1.0.0"])  # the same signed files again: idempotent
+    assert again.status_code == 200 and again.json()["created"] is False, again.text
+    assert again.json()["uploaded_at"] == first.json()["uploaded_at"]
+    with server.admin as client:
+        assert len(client.get("/api/v1/bundles").json()) == 1
+
+
+def test_a_version_signed_again_with_other_content_is_refused(db_url: str, tmp_path: Path) -> None:
+    """Two signings of digits 1.0.0 (a second copy of the key directory, or an old workstation that re-signed
+    a rebuilt version): the server keeps the first. The other archive (409 bundle_exists) and every newer
+    targets metadata listing the other content (with a bundle: 409 targets_conflict; alone: the same) are
+    refused, so devices never see metadata that makes the published copy a corrupt download."""
+    import shutil
+
+    import httpx
+
+    from tests.server.conftest import start_server
+
+    keys = KeyStore.init(tmp_path / "keys")
+    shutil.copytree(keys.directory, tmp_path / "keys2")
+    keys2 = KeyStore.load(tmp_path / "keys2")
+    first = make_digits_bundle(keys, tmp_path / "a.edgepack", version="1.0.0", release_counter=1)
+    keys2.sign_targets(floors={"unrelated": 1})  # this copy has signed other things since
+    other = make_digits_bundle(keys2, tmp_path / "b.edgepack", version="1.0.0", release_counter=1, n_golden=3)
+    newer = make_digits_bundle(keys2, tmp_path / "c.edgepack", version="1.1.0", release_counter=2)
+    live = start_server(keys=keys, data_dir=tmp_path / "data", db_url=db_url)
+    try:
+        assert push(live, first).status_code == 201
+        tuf = httpx.get(f"{live.url}/tuf/image/targets.json").content
+
+        r = push(live, other)
+        assert r.status_code == 409, r.text
+        error = r.json()["error"]
+        assert error["code"] == "bundle_exists" and error["detail"]["files"] == ["golden.npz"]
+        assert "already exists with other content (golden.npz differ)" in error["message"]
+        assert "bump the version" in error["message"]
+        for attempt in (push(live, newer), httpx.put(f"{live.url}/api/v1/admin/trust/targets",
+                                                     content=keys2.targets_path.read_bytes(),
+                                                     headers={"Authorization": f"Bearer {live.token}"})):
+            assert attempt.status_code == 409, attempt.text
+            error = attempt.json()["error"]
+            assert error["code"] == "targets_conflict" and error["detail"]["files"] == ["golden.npz"]
+            assert "other content for digits 1.0.0" in error["message"] and "corrupt download" in error["message"]
+            assert "edgepack bundles delete digits 1.0.0" in error["message"]
+        assert httpx.get(f"{live.url}/tuf/image/targets.json").content == tuf  # nothing published
+        with live.admin as client:
+            assert [b["version"] for b in client.get("/api/v1/bundles").json()] == ["1.0.0"]
+            # the documented way out when no device uses it: delete it here, push what the new metadata signs
+            assert client.delete("/api/v1/bundles/digits/1.0.0").status_code == 204
+        assert push(live, newer).status_code == 201
+        assert push(live, other).status_code == 201
+    finally:
+        live.stop()
 
 
 def test_bundle_signed_by_unknown_key_is_refused(server: LiveServer, tmp_path: Path) -> None:

@@ -140,3 +140,74 @@ def test_crash_in_first_cohort_halts_and_rolls_back(mqtt_server: LiveServer, dig
     assert status["halt"]["breached"][0]["value"] > 0.05
     actions = [(e["action"], e["actor"]) for e in _audit(server, rollout_id)]
     assert actions[-2:] == [("rollout.halt", "system"), ("rollout.rollback", "system")]
+
+
+def test_halt_rolls_back_to_the_last_committed_version_not_a_refused_one(mqtt_server: LiveServer,
+                                                                        digits_bundles: dict,
+                                                                        session_keys: KeyStore) -> None:
+    """A: 1.0.0 completes. B: 1.1.0, which `refuser` fails to install and `taker` commits, is aborted.
+    C: 1.2.0 halts on a crash and rolls back: each device goes back to what it last committed (refuser to
+    1.0.0, never to the 1.1.0 it refused; taker to 1.1.0), not to its last assignment."""
+    server = mqtt_server
+    for version in ("1.0.0", "1.1.0", "1.2.0"):
+        assert push(server, digits_bundles[version]).status_code == 201
+    token = enrollment_token(server, uses=2)
+    refuser, taker = SimDevice(server.url, "refuser"), SimDevice(server.url, "taker")
+    for d in (refuser, taker):
+        d.enroll(token)
+    director_root = session_keys.director_root_path.read_bytes()
+    pub = Publisher(server.broker, server.prefix, [refuser, taker])
+    client = server.admin
+
+    def rollout(version: str, **extra: Any) -> str:
+        r = client.post("/api/v1/rollouts", json={"bundle": {"name": "digits", "version": version},
+                                                  "phases": [100], "min_soak_s": 3600, "start": True, **extra})
+        assert r.status_code == 201, r.text
+        return str(r.json()["id"])
+
+    try:
+        a = rollout("1.0.0")
+        for d in (refuser, taker):
+            assert d.sync(director_root).bundle["version"] == "1.0.0"
+            assert d.checkin().status_code == 200  # reports 1.0.0 as its running bundle
+        assert client.post(f"/api/v1/rollouts/{a}/advance", json={"reason": "done"}).json()["state"] == "completed"
+
+        b = rollout("1.1.0")
+        assert refuser.sync(director_root, install=False).bundle["version"] == "1.1.0"  # assigned, refused
+        pub.event(refuser, "install_failed", target={"name": "digits", "version": "1.1.0", "release_counter": 2},
+                  detail={"error": "DigestMismatchError", "phase": "verify"})
+        assert taker.sync(director_root).bundle["version"] == "1.1.0"
+        for d in (refuser, taker):
+            assert d.checkin().status_code == 200
+        assert refuser.active["version"] == "1.0.0" and taker.active["version"] == "1.1.0"
+        assert client.post(f"/api/v1/rollouts/{b}/abort", json={"reason": "bad"}).json()["state"] == "aborted"
+        devices = {d["device_id"]: d for d in client.get("/api/v1/devices").json()["devices"]}
+        assert devices["refuser"]["assigned"]["version"] == "1.1.0"  # still assigned what it refused
+        assert devices["refuser"]["active"]["version"] == "1.0.0"
+
+        c = rollout("1.2.0", gates={"max_crash_rate": 0.05})
+        targets = {m["device_id"]: m["rollback_version"] for m in client.get(f"/api/v1/rollouts/{c}/devices").json()}
+        assert targets == {"refuser": "1.0.0", "taker": "1.1.0"}  # shown before any rollback
+        for d in (refuser, taker):
+            a12 = d.sync(director_root)
+            assert a12 is not None and a12.bundle["version"] == "1.2.0"
+            pub.event(d, "committed", target={k: a12.bundle[k] for k in ("name", "version", "release_counter")})
+
+        def reporting() -> bool:  # windows until both count on rollout C's target (the ingester's view of the
+            for d in (refuser, taker):  # rollout membership is refreshed every half second)
+                pub.window(d)
+            return bool(client.get(f"/api/v1/rollouts/{c}").json()["target"]["devices_reporting"] == 2)
+
+        wait_for(reporting, timeout=60, interval=0.3, what="both devices reporting on 1.2.0")
+        pub.event(refuser, "crash", detail={"signal": 11, "phase": "serving"})
+        wait_for(lambda: client.get(f"/api/v1/rollouts/{c}").json()["state"] == "rolled_back", timeout=60,
+                 what="the crash to halt and roll back rollout C")
+        back = {d.device_id: d.sync(director_root) for d in (refuser, taker)}
+        assert back["refuser"].bundle["version"] == "1.0.0" and back["refuser"].info["reason"] == "rollback"
+        assert back["taker"].bundle["version"] == "1.1.0" and back["taker"].info["reason"] == "rollback"
+        members = {m["device_id"]: m["assigned_version"]
+                   for m in client.get(f"/api/v1/rollouts/{c}/devices").json()}
+        assert members == {"refuser": "1.0.0", "taker": "1.1.0"}
+    finally:
+        pub.close()
+        client.close()

@@ -54,14 +54,17 @@ async def _receive(request: Request, directory: Path) -> Path:
 
 
 @router.post("/bundles", status_code=201, tags=["bundles"])
-async def push_bundle(request: Request, ctx: CtxDep, token: Operator) -> dict[str, Any]:
-    """Upload a signed bundle (raw .edgepack body, at most ``max_upload_bytes``); verified before it is accepted."""
+async def push_bundle(request: Request, response: Response, ctx: CtxDep, token: Operator) -> dict[str, Any]:
+    """Upload a signed bundle (raw .edgepack body, at most ``max_upload_bytes``); verified before it is accepted.
+    201 new; 200 the server already had these very files (idempotent); 409 the same version with other content."""
     path = await _receive(request, ctx.storage.staging_area())
     try:
-        bundle = await run_in_threadpool(bundles.upload_bundle, ctx, path, actor=actor(token))
+        bundle, created = await run_in_threadpool(bundles.upload_bundle, ctx, path, actor=actor(token))
     finally:
         path.unlink(missing_ok=True)
-    return bundles.bundle_view(bundle)
+    if not created:
+        response.status_code = 200
+    return {**bundles.bundle_view(bundle), "created": created}
 
 
 @router.get("/bundles", tags=["bundles"])

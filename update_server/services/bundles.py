@@ -3,19 +3,24 @@
 An upload is verified against the server's trust (the pinned root, walked forward through the archive's
 root chain, and the newest targets) with :func:`bundles.verify.verify_archive` before anything is stored,
 outside any database transaction (:func:`upload_bundle`).
-(name, version) is immutable: a second upload is refused with 409 even with the same bytes.
+(name, version) is immutable: a second upload with other signed files is refused (409 ``bundle_exists``), the
+same files again are accepted as a no-op; and newer targets metadata (with an upload or alone) that lists other
+files for a version the server already publishes is refused (409 ``targets_conflict``), since devices check
+every download against the newest list.
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import exists, or_, select, update
 from sqlalchemy.orm import Session
+from tuf.api.metadata import TargetFile, Targets
 
 from bundles.archive import METADATA_PREFIX, BundleArchive
 from bundles.errors import BundleError
@@ -50,9 +55,13 @@ MAX_TRUST_RACES = 3
 """Verifications redone when another upload changed the trusted metadata meanwhile, before giving up (409)."""
 
 
-def upload_bundle(ctx: ServerContext, archive: Path, *, actor: str) -> Bundle:
-    """Verify ``archive`` (a file in the storage's staging area) and register it. Raises InvalidContent (422)
-    or Conflict (409).
+def upload_bundle(ctx: ServerContext, archive: Path, *, actor: str) -> tuple[Bundle, bool]:
+    """Verify ``archive`` (a file in the storage's staging area) and register it; returns the bundle and whether
+    it is new.
+
+    Pushing a bundle the server already holds with the very same signed files is idempotent (the bundle, not
+    new). Raises InvalidContent (422), or Conflict (409): the same name and version with other content, or
+    signed metadata that lists other content for a bundle the server already publishes.
 
     The slow part (reading, hashing and extracting every file) runs outside any database transaction: it is
     checked against the trust read in a short transaction first, and the registering transaction (which holds
@@ -72,9 +81,9 @@ def upload_bundle(ctx: ServerContext, archive: Path, *, actor: str) -> Bundle:
             except BundleError as exc:
                 raise InvalidContent(f"bundle verification failed: {exc}", code="verification_failed",
                                      detail=verification_detail(exc)) from exc
-            bundle = _register(ctx, verified, archive, trust, seen, chain, now=now, actor=actor)
-            if bundle is not None:
-                return bundle
+            result = _register(ctx, verified, archive, trust, seen, chain, now=now, actor=actor)
+            if result is not None:
+                return result
         finally:
             shutil.rmtree(work, ignore_errors=True)
     raise Conflict(f"the trusted metadata changed {MAX_TRUST_RACES} times while this bundle was verified "
@@ -86,7 +95,8 @@ def _trust_versions(trust: TrustStore) -> tuple[int, int]:
 
 
 def _register(ctx: ServerContext, verified: VerifiedBundle, archive: Path, trust: TrustStore,
-              seen: tuple[int, int], chain: list[bytes], *, now: datetime, actor: str) -> Bundle | None:
+              seen: tuple[int, int], chain: list[bytes], *, now: datetime,
+              actor: str) -> tuple[Bundle, bool] | None:
     """The short, locked part of an upload; None when the trust changed since ``seen`` (verify again)."""
     name, version = verified.name, verified.version
     with ctx.sessions() as session, session.begin():
@@ -94,11 +104,20 @@ def _register(ctx: ServerContext, verified: VerifiedBundle, archive: Path, trust
         if _trust_versions(ctx.repo.trust_store(session)) != seen:
             return None
         existing = session.scalar(select(Bundle).where(Bundle.name == name, Bundle.version == version))
+        files = _file_rows(verified.files)
         if existing is not None:
-            same = existing.content_digest == verified.content_digest
-            raise Conflict(f"bundle {name} {version} already exists and is immutable"
-                           + (" (same content)" if same else "; bump the version to publish new content"),
-                           code="bundle_exists", detail={"name": name, "version": version, "same_content": same})
+            differ = _changed(existing.files, files)
+            if differ:
+                raise Conflict(f"bundle {name} {version} already exists with other content "
+                               f"({', '.join(differ[:6])} differ): a signed version is immutable and devices "
+                               "may already hold the files published first; bump the version (and the release "
+                               "counter) to publish new content", code="bundle_exists",
+                               detail={"name": name, "version": version, "same_content": False, "files": differ})
+        assert trust.targets is not None  # verify_archive trusted some targets metadata
+        _refuse_resigned(session, trust.targets.signed)
+        if existing is not None:  # the same signed files again: nothing to store
+            ctx.repo.accept(session, trust, chain, now)
+            return existing, False
         manifest = _manifest_dict(verified.path("manifest.json"))
         size = archive.stat().st_size
         prefix = f"{name}/{version}/"
@@ -110,14 +129,49 @@ def _register(ctx: ServerContext, verified: VerifiedBundle, archive: Path, trust
             name=name, version=version, release_counter=verified.release_counter,
             content_digest=verified.content_digest, archive_size=size,
             hardware_ids=list(verified.manifest.hardware_ids), manifest=manifest,
-            files=[{"path": rel, "length": t.length, "sha256": t.hashes.get("sha256", "")}
-                   for rel, t in sorted(verified.files.items())],
-            targets_version=verified.targets_version, uploaded_at=now, uploaded_by=actor)
+            files=files, targets_version=verified.targets_version, uploaded_at=now, uploaded_by=actor)
         session.add(bundle)
         session.flush()
         audit(session, now=now, actor=actor, action="bundle.upload", subject=f"{name}/{version}",
               detail={"content_digest": verified.content_digest, "release_counter": verified.release_counter})
-        return bundle
+        return bundle, True
+
+
+def _file_rows(files: Mapping[str, TargetFile]) -> list[dict[str, Any]]:
+    return [{"path": rel, "length": t.length, "sha256": t.hashes.get("sha256", "")} for rel, t in sorted(files.items())]
+
+
+def _changed(stored: Sequence[Mapping[str, Any]], new: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Paths whose length or sha256 differ between two file lists (present in one only: differs too)."""
+    a = {str(f["path"]): (int(f["length"]), str(f["sha256"])) for f in stored}
+    b = {str(f["path"]): (int(f["length"]), str(f["sha256"])) for f in new}
+    return sorted(p for p in set(a) | set(b) if a.get(p) != b.get(p))
+
+
+def _refuse_resigned(session: Session, targets: Targets) -> None:
+    """409 when ``targets`` (about to become the newest trusted metadata) lists other files for a bundle the
+    server already publishes: devices check downloads against the newest list, so the published copy would
+    fail as a corrupt download. A bundle no longer listed (withdrawn by a floor) is fine."""
+    by_bundle: dict[tuple[str, str], dict[str, TargetFile]] = {}
+    for path, target in targets.targets.items():  # one pass: "name/version/rel" (bundles.verify.target_prefix)
+        parts = path.split("/", 2)
+        if len(parts) == 3:
+            by_bundle.setdefault((parts[0], parts[1]), {})[parts[2]] = target
+    for bundle in session.scalars(select(Bundle)):
+        listed = by_bundle.get((bundle.name, bundle.version))
+        if not listed:
+            continue
+        differ = _changed(bundle.files, _file_rows(listed))
+        if differ:
+            raise Conflict(
+                f"the signed targets metadata (v{targets.version}) lists other content for {bundle.name} "
+                f"{bundle.version} than the server publishes ({', '.join(differ[:6])} differ): that version was "
+                "signed again on the workstation, and devices would refuse the published copy as a corrupt "
+                "download. Nothing was changed. A signed version is immutable: if no device uses it, delete it here "
+                f"(`edgepack bundles delete {bundle.name} {bundle.version}`) and push the archive signed with this "
+                "metadata; otherwise withdraw it (`edgepack keys raise-floor`) and publish a new version",
+                code="targets_conflict", detail={"name": bundle.name, "version": bundle.version, "files": differ,
+                                                 "targets_version": targets.version})
 
 
 def _manifest_dict(path: Path) -> dict[str, Any]:
@@ -139,6 +193,7 @@ def upload_targets(ctx: ServerContext, data: bytes, *, actor: str) -> int:
         except BundleError as exc:
             raise InvalidContent(f"targets metadata refused: {exc}", code="verification_failed",
                                  detail=verification_detail(exc)) from exc
+        _refuse_resigned(session, md.signed)
         ctx.repo.accept(session, trust, [], now)
         audit(session, now=now, actor=actor, action="trust.targets", subject=f"targets v{md.signed.version}")
         return md.signed.version

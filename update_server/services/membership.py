@@ -47,11 +47,14 @@ def member_row(rollout: Rollout, spec: RolloutSpec, *, device_id: str, previous:
             "phase_index": phase_of(bucket, spec.phases), "previous_bundle_id": previous, "joined_at": now}
 
 
-def previous_of(desired: int | None, active: tuple[str | None, str | None], by_name: dict[tuple[str, str], int]
-                ) -> int | None:
-    """What a device runs before the rollout: its assigned bundle, else the one it reports as active."""
-    if desired is not None:
-        return desired
+def previous_of(active: tuple[str | None, str | None], by_name: dict[tuple[str, str], int]) -> int | None:
+    """The rollback target of a device joining a rollout: the bundle it last committed, i.e. the one it reports
+    as installed and running at check-in (the agent reports its committed bundle: it does not check in during
+    activation or trial, and a refused or failed update leaves the report on the bundle it kept).
+
+    Never its *assigned* bundle: an assignment the device refused (an aborted rollout's version it failed to
+    install) is not something it can go back to. None when it has reported none the server knows: a rollback
+    then leaves the device on what it runs."""
     if active[0] and active[1]:
         return by_name.get((active[0], active[1]))
     return None
@@ -85,7 +88,7 @@ def join_rollouts(session: Session, device: Device, now: datetime) -> bool:
         seen_models.add(rollout.model_name)
         spec = RolloutSpec.from_dict(rollout.spec)
         row = member_row(rollout, spec, device_id=device.id, now=now, previous=previous_of(
-            device.desired_bundle_id, (device.active_name, device.active_version), by_name))
+            (device.active_name, device.active_version), by_name))
         session.add(RolloutDevice(**row))
         if rollout.state in (RolloutState.RUNNING.value, RolloutState.PAUSED.value) \
                 and row["phase_index"] <= rollout.current_phase:

@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import insert, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from update_server.context import ServerContext
 from update_server.db import is_postgres
@@ -39,6 +39,13 @@ from update_server.rollout_policy import (
 from update_server.security import new_id
 from update_server.services.bundles import get_bundle
 from update_server.services.common import audit, lock
+from update_server.services.installable import (
+    check_action,
+    halt_reason,
+    refuse_unassignable,
+    rollback_blockers,
+    rollback_refusal,
+)
 from update_server.services.membership import (
     SELECTOR_KEYS,
     bundle_fits,
@@ -110,6 +117,7 @@ def create_rollout(ctx: ServerContext, req: Mapping[str, Any], *, actor: str) ->
     with ctx.sessions() as session, session.begin():
         lock(session, "rollouts")
         bundle = get_bundle(session, str(req["bundle"]["name"]), str(req["bundle"]["version"]))
+        refuse_unassignable(ctx, session, bundle, doing=f"roll out {bundle.name} {bundle.version}")
         rollout = Rollout(id=new_id("r-"), bundle_id=bundle.id, model_name=bundle.name,
                           target_version=bundle.version, selector=selector, spec=spec.to_dict(),
                           state=RolloutState.CREATED.value, current_phase=0, created_at=now, created_by=actor)
@@ -125,7 +133,7 @@ def create_rollout(ctx: ServerContext, req: Mapping[str, Any], *, actor: str) ->
                 clash[d.id] = busy[d.id]
                 continue
             rows.append(member_row(rollout, spec, device_id=d.id, now=now, previous=previous_of(
-                d.desired_bundle_id, (d.active_name, d.active_version), by_name)))
+                (d.active_name, d.active_version), by_name)))
         if clash:
             other = sorted(set(clash.values()))
             raise Conflict(f"{len(clash)} of these devices are already in active rollout(s) {', '.join(other)} "
@@ -227,6 +235,7 @@ def act(ctx: ServerContext, rollout_id: str, action: Action, *, actor: str, reas
         rollout = _lock_rollout(session, rollout_id)
         if rollout is None:
             raise NotFound(f"no rollout {rollout_id!r}")
+        check_action(ctx, session, rollout, action)  # 409 if devices would refuse what it assigns
         changed = _transition(session, rollout, action, actor=actor, reason=reason, now=now)
     ctx.notify(changed)
     return rollout
@@ -247,6 +256,10 @@ def evaluate(ctx: ServerContext, rollout_id: str) -> Decision | None:
             return None
         spec = RolloutSpec.from_dict(rollout.spec)
         decision = decide(spec, gather_stats(session, rollout), now)
+        withdrawn = halt_reason(ctx, session, rollout)
+        if withdrawn is not None:  # a floor raised (or targets re-signed) under a running rollout
+            decision = Decision(Verdict.HALT, withdrawn, decision.gates,
+                                rollback=decision.verdict is Verdict.HALT and decision.rollback)
         view = decision_view(decision)
         if rollout.last_decision != view:
             rollout.last_decision = view
@@ -259,9 +272,11 @@ def evaluate(ctx: ServerContext, rollout_id: str) -> Decision | None:
                                   detail={"gates": view["gates"]})
         elif decision.verdict is Verdict.HALT:
             breached = [g for g in view["gates"] if g["status"] == "breached"]
+            blockers = rollback_blockers(ctx, session, rollout) if decision.rollback else []
+            refused = {"rollback_refused": rollback_refusal(rollout, blockers), "blocked": blockers} if blockers else {}
             changed = _transition(session, rollout, Action.HALT, actor="system", reason=decision.reason, now=now,
-                                  detail={"breached": breached})
-            if decision.rollback:
+                                  detail={"breached": breached, **refused})
+            if decision.rollback and not blockers:
                 changed += _transition(session, rollout, Action.ROLLBACK, actor="system",
                                        reason="policy on_breach=rollback: " + decision.reason, now=now)
     ctx.notify(changed)
@@ -332,14 +347,17 @@ def audit_entries(session: Session, rollout_id: str | None = None, limit: int = 
 
 
 def rollout_devices(session: Session, rollout_id: str) -> list[dict[str, Any]]:
-    """Each member's cohort bucket and phase, and what it is told to run now."""
+    """Each member's cohort bucket and phase, what it is told to run now, and where a rollback sends it (the
+    version it last committed before the rollout; None: it stays on what it runs)."""
     get_rollout(session, rollout_id)
+    previous = aliased(Bundle)
     rows = session.execute(select(RolloutDevice.device_id, RolloutDevice.bucket, RolloutDevice.phase_index,
                                   RolloutDevice.joined_at, Device.desired_reason, Device.desired_rollout_id,
-                                  Bundle.version)
+                                  Bundle.version, previous.version)
                            .join(Device, Device.id == RolloutDevice.device_id)
                            .outerjoin(Bundle, Bundle.id == Device.desired_bundle_id)
+                           .outerjoin(previous, previous.id == RolloutDevice.previous_bundle_id)
                            .where(RolloutDevice.rollout_id == rollout_id).order_by(RolloutDevice.device_id))
     return [{"device_id": d, "bucket": round(b, 6), "phase": p, "joined_at": j.isoformat(),
-             "assigned_version": v, "reason": reason if rid == rollout_id else None}
-            for d, b, p, j, reason, rid, v in rows]
+             "assigned_version": v, "reason": reason if rid == rollout_id else None, "rollback_version": back}
+            for d, b, p, j, reason, rid, v, back in rows]
