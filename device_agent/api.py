@@ -24,9 +24,9 @@ import logging
 import os
 import socketserver
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)

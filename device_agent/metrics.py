@@ -79,7 +79,7 @@ def renderer(source: Source) -> Callable[[], bytes]:
                                       value=dropped)
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector())  # type: ignore[arg-type]
+    registry.register(_Collector())
 
     def render() -> bytes:
         return generate_latest(registry)

@@ -8,9 +8,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from device_agent.client import AgentClient
+from device_agent.client import AgentClient, ApiError
 from tests.agent.conftest import DEVICE, HARDWARE, AgentProcess
 from tests.agent.fakeserver import FakeUpdateServer
 from tests.support.factories import digits_data
@@ -39,10 +40,8 @@ def test_metrics_count_what_the_agent_served(fake_server: FakeUpdateServer, bund
             for i in range(5):
                 answer = client.predict(images[i:i + 2].tolist())
                 client.feedback(answer["prediction_id"], [str(x) for x in labels[i:i + 2]])
-            try:
+            with pytest.raises(ApiError):
                 client.predict([[1, 2, 3]])  # a wrong shape: an error the metrics count
-            except Exception:
-                pass
         m = scrape(agent.api)
         assert m[("edgepack_agent_requests_total", ())] == 6
         assert m[("edgepack_agent_errors_total", ())] == 1
