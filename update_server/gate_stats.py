@@ -7,7 +7,10 @@ Three pieces, each documented with the invariant it keeps (docs/server.md, "How 
   ``n`` devices reporting, at least ``m = n - (n - 1) // 2`` of them have a count >= ``c`` and so carry
   the full weight ``c``; any ``k`` devices carry at most ``k * c``. So ``k`` devices, whatever they send,
   hold at most ``k / m`` of a group's weight, and move a rate estimate (a number in [0, 1]) by at most
-  ``k / m`` from the weighted rate of the other devices (:func:`max_weight_share`).
+  ``k / m`` from the weighted rate of the other devices (:func:`max_weight_share`). Per-device rates are
+  also winsorized across devices (:func:`winsorize`, ``t = n // 20 + 1`` per side): up to ``t`` compromised
+  devices end up inside the honest devices' range, and so move a rate by at most ``k / m`` times the spread
+  of the honest devices' rates.
 * **Rates** (:func:`beta_binomial_cs`): Robbins' beta-binomial mixture confidence sequence. For every
   ``p``, ``M_n(p) = B(a + x, b + n - x) / B(a, b) / (p^x (1 - p)^(n - x))`` is a nonnegative martingale
   with mean 1 under ``p``; by Ville's inequality ``P(exists n: M_n(p) >= 1/alpha) <= alpha``, so
@@ -80,6 +83,24 @@ def max_weight_share(devices: int, k: int = 1) -> float:
     return min(1.0, k / m)
 
 
+def trim_count(devices: int) -> int:
+    """How many devices' rates are winsorized on each side: ``devices // 20 + 1`` (0 below 3 devices)."""
+    return 0 if devices < 3 else devices // 20 + 1
+
+
+def winsorize(rates: Floats, t: int) -> Floats:
+    """Clip each column of per-device rates to [its (t+1)-th lowest, its (t+1)-th highest] value.
+
+    With at most ``t`` compromised devices both limits are values of honest devices, so whatever the
+    compromised devices send ends up inside the honest devices' range. Clipping non-decreasing rows with
+    non-decreasing limits keeps them non-decreasing (per-device CDFs stay CDFs).
+    """
+    if t <= 0 or rates.shape[0] <= 2 * t:
+        return rates
+    ordered = np.sort(rates, axis=0)
+    return np.clip(rates, ordered[t], ordered[rates.shape[0] - 1 - t])
+
+
 def capped_weights(counts: Floats) -> tuple[Floats, float]:
     """Each device's weight ``min(count, c)`` with ``c`` the lower median of the positive counts."""
     cap = lower_median(counts[counts > 0])
@@ -96,7 +117,7 @@ def pool_rates(events: Floats, trials: Floats) -> Pooled:
     if n.size == 0:
         return Pooled(0.0, 0.0, 0.0, 0, 0.0, 1.0, 0, 0.0)
     w, cap = capped_weights(n)
-    r = x / n
+    r = winsorize(x / n, trim_count(n.size))
     total = float(w.sum())
     p = float((w * r).sum() / total)
     # binomial variance of the weighted estimate vs the variance seen between devices (cluster-robust)
@@ -134,8 +155,8 @@ def beta_binomial_cs(x: float, n: float, alpha: float, *, a: float = PRIOR_A,
     def f(p: float) -> float:
         return _log_mixture(p, x, n, a, b) - level
 
-    lower = 0.0 if phat <= 0 or f(0.0) < 0 else float(brentq(f, 0.0, phat, xtol=1e-10))
-    upper = 1.0 if phat >= 1 or f(1.0) < 0 else float(brentq(f, phat, 1.0, xtol=1e-10))
+    lower = 0.0 if phat <= 0 or f(0.0) < 0 else float(brentq(f, 0.0, phat, xtol=1e-14))
+    upper = 1.0 if phat >= 1 or f(1.0) < 0 else float(brentq(f, phat, 1.0, xtol=1e-14))
     return lower, upper
 
 
@@ -152,9 +173,16 @@ def normal_mixture_halfwidth(variance: float, alpha: float, *,
         return 0.0
     if not math.isfinite(variance):
         return math.inf
-    info = 1.0 / variance
+    return float(normal_mixture_halfwidths(np.array([variance]), alpha, design_information=design_information)[0])
+
+
+def normal_mixture_halfwidths(variances: Floats, alpha: float, *,
+                              design_information: float = DESIGN_INFORMATION) -> Floats:
+    """:func:`normal_mixture_halfwidth` of many variances at once (all > 0)."""
+    info = 1.0 / np.asarray(variances, dtype=np.float64)
     rho = mixture_rho(alpha, design_information)
-    return math.sqrt((info + rho) * math.log((info + rho) / (rho * alpha * alpha))) / info
+    out: Floats = np.sqrt((info + rho) * np.log((info + rho) / (rho * alpha * alpha))) / info
+    return out
 
 
 def rate_variance(pooled: Pooled) -> float:
@@ -173,19 +201,22 @@ def difference_cs(control: Pooled, target: Pooled, alpha: float) -> tuple[float,
 
 
 def pool_histograms(hists: Floats) -> tuple[Floats, Pooled]:
-    """Merge per-device histograms (rows) with each device scaled down to at most the median device's mass.
+    """Merge per-device histograms (rows): each device's CDF, winsorized across devices at every bucket bound,
+    weighted by its sample count capped at the median device's.
 
     Returns the merged histogram and a :class:`Pooled` describing the weighting (its rate is unused).
     """
-    hists = np.asarray(hists, dtype=np.float64).reshape(-1, hists.shape[-1] if hists.ndim > 1 else 1)
+    hists = np.atleast_2d(np.asarray(hists, dtype=np.float64))
     totals = hists.sum(axis=1)
     keep = totals > 0
     hists, totals = hists[keep], totals[keep]
     if totals.size == 0:
         return np.zeros(hists.shape[1]), Pooled(0.0, 0.0, 0.0, 0, 0.0, 1.0, 0, 0.0)
     w, cap = capped_weights(totals)
-    merged = (hists * (w / totals)[:, None]).sum(axis=0)
+    cdf = winsorize(np.cumsum(hists, axis=1) / totals[:, None], trim_count(totals.size))
     total = float(w.sum())
+    pooled_cdf = (cdf * w[:, None]).sum(axis=0) / total
+    merged = np.diff(pooled_cdf, prepend=0.0) * total
     n_eff = total**2 / float((w * w / totals).sum())
     return merged, Pooled(0.0, n_eff, 0.0, int(totals.size), cap, 1.0, int(totals.sum()),
                           float(w.max() / total))

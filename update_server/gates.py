@@ -102,7 +102,7 @@ class DeviceTable:
     @classmethod
     def of(cls, rows: list[tuple[int, int, int, int, tuple[int, ...]]]) -> DeviceTable:
         """From (requests, errors, feedback_count, feedback_correct, latency_counts) per device."""
-        width = max((len(r[4]) for r in rows), default=len(LATENCY_BOUNDS_MS) + 1)
+        width = max([len(LATENCY_BOUNDS_MS) + 1, *(len(r[4]) for r in rows)])
         lat = np.zeros((len(rows), width))
         for i, r in enumerate(rows):
             lat[i, :len(r[4])] = r[4]
@@ -178,7 +178,7 @@ def _more(now: float, need: float, value: float, upper: float) -> str:
     """Roughly how many more trials shrink ``upper`` to ``need`` (width ~ 1/sqrt(n))."""
     if not (math.isfinite(upper) and upper > need > value) or now <= 0:
         return ""
-    return f"; about {max(1, math.ceil(now * ((upper - value) / (need - value)) ** 2 - now)):,} more"
+    return f"; about {max(1, math.ceil(now * ((upper - value) / (need - value)) ** 2 - now)):,} more (weighted)"
 
 
 def _device_rate(name: str, failed: int, devices: int, limit: float | None, alpha: float, what: str) -> GateResult:
@@ -247,7 +247,7 @@ def _error_gate(gates: GateSpec, t: DeviceTable, alpha: float) -> GateResult:
                        enough=p.raw_trials >= gates.min_requests,
                        need_text=f"{gates.min_requests} requests (has {p.raw_trials})",
                        basis=f"{p.raw_trials} requests on {p.devices} devices", alpha=alpha, devices=p.devices,
-                       share=p.max_share, trials=p.raw_trials)
+                       share=p.max_share, trials=p.trials)
 
 
 def _accuracy_gate(gates: GateSpec, pt: gs.Pooled, labels: int, alpha: float) -> GateResult:
@@ -268,7 +268,7 @@ def _accuracy_gate(gates: GateSpec, pt: gs.Pooled, labels: int, alpha: float) ->
     else:
         status = GateStatus.UNPROVEN
         detail += (f"; needs {gates.min_feedback} labels" if labels < gates.min_feedback else
-                   f"; lower end must reach >= {need:.4g}{_more(labels, -need, -acc, -lo)}")
+                   f"; lower end must reach >= {need:.4g}{_more(pt.trials, -need, -acc, -lo)}")
     return GateResult("accuracy", status, _r(acc), floor, ">=", detail, _r(lo), _r(hi), alpha, pt.devices,
                       pt.max_share)
 
@@ -290,7 +290,7 @@ def _accuracy_drop_gate(gates: GateSpec, pt: gs.Pooled, pc: gs.Pooled, labels_t:
                        need_text=f"{gates.min_feedback} labels in each group (target {labels_t}, control {labels_c})",
                        basis=f"control {1 - pc.rate:.4f} ({labels_c} labels), target {1 - pt.rate:.4f} "
                              f"({labels_t} labels on {pt.devices} devices)",
-                       alpha=alpha, devices=pt.devices, share=pt.max_share, trials=labels_t,
+                       alpha=alpha, devices=pt.devices, share=pt.max_share, trials=pt.trials,
                        may_halt=min(labels_t, labels_c) >= MIN_NORMAL_LABELS)
 
 
@@ -316,7 +316,7 @@ def _latency_gate(gates: GateSpec, t: DeviceTable, c: DeviceTable, alpha: float)
                                  f"control {wc.raw_trials})",
                        basis=f"p95 control {p_c:.2f} ms, target {p_t:.2f} ms ({wt.raw_trials} samples on "
                              f"{wt.devices} devices)",
-                       alpha=alpha, devices=wt.devices, share=wt.max_share, trials=wt.raw_trials,
+                       alpha=alpha, devices=wt.devices, share=wt.max_share, trials=wt.trials,
                        may_halt=n >= MIN_NORMAL_LABELS)
 
 

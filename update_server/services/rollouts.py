@@ -83,13 +83,16 @@ def _checked_gates(given: dict[str, Any]) -> dict[str, Any]:
     for name, value in given.items():
         default = defaults[name]
         if isinstance(default, (tuple, list)):
-            if isinstance(value, str):  # the CLI's --gate require_data=accuracy_drop,crash_rate
+            if isinstance(value, str):  # the CLI's --gate allow_unproven=accuracy_drop,crash_rate
                 value = given[name] = [v.strip() for v in value.split(",") if v.strip()]
             ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
             want = "a list of gate names"
         elif isinstance(default, int) and not isinstance(default, bool):
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
             want = "a whole number >= 0"
+        elif isinstance(default, float) and not name.startswith(("max_", "min_")):  # false_halt_rate, margin_*
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            want = "a number"
         elif default is None or isinstance(default, float):
             ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
             want = "a number, or null (off)"
@@ -143,6 +146,11 @@ def create_rollout(ctx: ServerContext, req: Mapping[str, Any], *, actor: str) ->
               reason=str(req.get("reason") or ""), detail={"bundle": f"{bundle.name}/{bundle.version}",
                                                           "selector": selector, "members": len(rows),
                                                           "spec": spec.to_dict()})
+        if spec.gates.allow_unproven:
+            # the opt-out from "no data blocks": its own entry, so the trail shows who waived which gate
+            audit(session, now=now, actor=actor, action="rollout.allow_unproven", subject=rollout.id,
+                  rollout_id=rollout.id, reason=str(req.get("reason") or ""),
+                  detail={"gates": list(spec.gates.allow_unproven)})
         notify: list[str] = []
         if req.get("start"):
             notify = _transition(session, rollout, Action.START, actor=actor, reason=str(req.get("reason") or ""),
@@ -235,7 +243,10 @@ def act(ctx: ServerContext, rollout_id: str, action: Action, *, actor: str, reas
 def decision_view(decision: Decision) -> dict[str, Any]:
     return {"verdict": decision.verdict.value, "reason": decision.reason, "rollback": decision.rollback,
             "gates": [{"name": g.name, "status": g.status.value, "value": g.value, "threshold": g.threshold,
-                       "comparison": g.comparison, "detail": g.detail} for g in decision.gates]}
+                       "comparison": g.comparison, "detail": g.detail, "lower": g.lower, "upper": g.upper,
+                       "alpha": g.alpha, "devices": g.devices, "max_share": g.max_share}
+                      for g in decision.gates],
+            "unproven": list(decision.unproven)}
 
 
 def evaluate(ctx: ServerContext, rollout_id: str) -> Decision | None:
@@ -251,12 +262,13 @@ def evaluate(ctx: ServerContext, rollout_id: str) -> Decision | None:
         if rollout.last_decision != view:
             rollout.last_decision = view
         changed: list[str] = []
+        waived = {"unproven": list(decision.unproven), "allowed_by": rollout.created_by} if decision.unproven else {}
         if decision.verdict is Verdict.ADVANCE:
             changed = _transition(session, rollout, Action.ADVANCE, actor="system", reason=decision.reason,
-                                  now=now, detail={"gates": view["gates"]})
+                                  now=now, detail={"gates": view["gates"], **waived})
         elif decision.verdict is Verdict.COMPLETE:
             changed = _transition(session, rollout, Action.COMPLETE, actor="system", reason=decision.reason, now=now,
-                                  detail={"gates": view["gates"]})
+                                  detail={"gates": view["gates"], **waived})
         elif decision.verdict is Verdict.HALT:
             breached = [g for g in view["gates"] if g["status"] == "breached"]
             changed = _transition(session, rollout, Action.HALT, actor="system", reason=decision.reason, now=now,
