@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 
@@ -127,6 +128,10 @@ class GroupStats:
     per_device: DeviceTable | None = field(default=None, compare=False, repr=False)
     """One row per device; None = only the sums are known (they are then treated as one device)."""
 
+    def sums(self) -> dict[str, Any]:
+        """The sums as plain values (for status views)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "per_device"}
+
     def table(self) -> DeviceTable:
         if self.per_device is not None:
             return self.per_device
@@ -167,7 +172,7 @@ class GateResult:
 
 
 def _r(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else round(x, 6)
+    return None if x is None or not math.isfinite(x) else round(float(x), 6)
 
 
 def _fmt(x: float) -> str:
@@ -193,7 +198,7 @@ def _device_rate(name: str, failed: int, devices: int, limit: float | None, alph
     status = GateStatus.BREACHED if lo > limit else GateStatus.OK
     return GateResult(name, status, _r(failed / devices), limit, "<=",
                       f"{failed}/{devices} devices, interval [{lo:.4f}, {hi:.4f}]", _r(lo), _r(hi), alpha,
-                      devices, 1 / devices)
+                      devices, _r(1 / devices))
 
 
 def _upper_gate(name: str, value: float, lo: float, hi: float, limit: float, margin: float, *, enough: bool,
@@ -209,7 +214,7 @@ def _upper_gate(name: str, value: float, lo: float, hi: float, limit: float, mar
         status = GateStatus.UNPROVEN
         detail += (f"; needs {need_text}" if not enough else
                    f"; upper end must reach <= {limit + margin:.4g}{_more(trials, limit + margin, value, hi)}")
-    return GateResult(name, status, _r(value), limit, "<=", detail, _r(lo), _r(hi), alpha, devices, share)
+    return GateResult(name, status, _r(value), limit, "<=", detail, _r(lo), _r(hi), alpha, devices, _r(share))
 
 
 def evaluate_gates(gates: GateSpec, target: GroupStats, control: GroupStats, *,
@@ -270,7 +275,7 @@ def _accuracy_gate(gates: GateSpec, pt: gs.Pooled, labels: int, alpha: float) ->
         detail += (f"; needs {gates.min_feedback} labels" if labels < gates.min_feedback else
                    f"; lower end must reach >= {need:.4g}{_more(pt.trials, -need, -acc, -lo)}")
     return GateResult("accuracy", status, _r(acc), floor, ">=", detail, _r(lo), _r(hi), alpha, pt.devices,
-                      pt.max_share)
+                      _r(pt.max_share))
 
 
 def _accuracy_drop_gate(gates: GateSpec, pt: gs.Pooled, pc: gs.Pooled, labels_t: int, labels_c: int,

@@ -332,7 +332,7 @@ def rollout_status(ctx: ServerContext, rollout_id: str) -> dict[str, Any]:
         soaked = (now - rollout.phase_started_at).total_seconds() if rollout.phase_started_at else None
         return {**rollout_summary(rollout), "spec": rollout.spec, "phases": phases, "phase_soaked_s": soaked,
                 "decision": decision_view(decision),
-                "target": asdict(stats.target), "control": asdict(stats.control)}
+                "target": stats.target.sums(), "control": stats.control.sums()}
 
 
 def audit_entries(session: Session, rollout_id: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
