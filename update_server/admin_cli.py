@@ -182,6 +182,7 @@ def rollout_create(
     soak: float | None = typer.Option(None, help="Minimum soak time per phase, seconds."),
     min_devices: int | None = typer.Option(None, help="Minimum reporting devices per phase."),
     gate: list[str] = typer.Option([], help="Gate threshold, e.g. max_crash_rate=0.01 or min_accuracy=0.9."),
+    canary_devices: int = typer.Option(1, help="The first phase holds at least this many devices."),
     allow_unproven: list[str] = typer.Option(
         [], help="Let phases advance while this gate has no data or an undecided interval (audited); repeatable."),
     on_breach: str = typer.Option("rollback", help="rollback or halt."),
@@ -204,7 +205,8 @@ def rollout_create(
         gates["allow_unproven"] = [*([given] if isinstance(given, str) else given),
                                    *(g.strip() for a in allow_unproven for g in a.split(",") if g.strip())]
     body: dict[str, Any] = {"bundle": {"name": name, "version": version}, "selector": selector,
-                            "on_breach": on_breach, "start": start, "reason": reason, "gates": gates}
+                            "on_breach": on_breach, "start": start, "reason": reason, "gates": gates,
+                            "canary_devices": canary_devices}
     if phases:
         body["phases"] = [float(p) for p in phases.replace("/", ",").split(",") if p.strip()]
     if soak is not None:
@@ -268,6 +270,10 @@ def print_status(status: dict[str, Any]) -> None:
     _table([[g["name"], g["status"], _fmt(g["value"]), _interval(g), f"{g['comparison']} {_fmt(g['threshold'])}",
              g["detail"]] for g in status["decision"]["gates"]],
            ["gate", "status", "value", "interval", "threshold", "detail"])
+    need = status.get("devices_to_halt")
+    if need and status["phases"] and status["phases"][0]["devices"] < need:
+        typer.echo(f"note: the first phase has {status['phases'][0]['devices']} device(s); the crash and install "
+                   f"gates can halt only from {need} (create with --canary-devices {need})")
     typer.echo(f"next: {status['decision']['verdict']} ({status['decision']['reason']})")
     if status.get("halt"):
         typer.echo(f"halted: {status['halt'].get('reason')}")

@@ -29,6 +29,7 @@ from datetime import datetime
 from typing import Any
 
 from update_server.drift import InputDrift
+from update_server.gate_stats import beta_binomial_cs
 from update_server.gates import (
     GATE_NAMES,
     LATENCY_BOUNDS_MS,
@@ -42,7 +43,7 @@ from update_server.gates import (
 
 __all__ = ["ACTIVE_STATES", "GATE_NAMES", "LATENCY_BOUNDS_MS", "TRANSITIONS", "Action", "BreachPolicy", "Decision",
            "DeviceTable", "GateResult", "GateSpec", "GateStatus", "GroupStats", "IllegalTransition", "PhaseSpec",
-           "Progress", "RolloutSpec", "RolloutState", "RolloutStats", "Verdict", "cohort_bucket", "decide",
+           "Progress", "RolloutSpec", "RolloutState", "RolloutStats", "Verdict", "cohort_bucket", "decide", "devices_to_halt",
            "evaluate_gates", "next_state", "percentile_from_histogram", "phase_of", "required_devices", "with_state"]
 
 
@@ -132,8 +133,13 @@ class RolloutSpec:
     phases: tuple[PhaseSpec, ...]
     gates: GateSpec = field(default_factory=GateSpec)
     on_breach: BreachPolicy = BreachPolicy.ROLLBACK
+    canary_devices: int = 1
+    """The first phase holds at least this many members (the lowest buckets), fixed at creation. A device
+    gate cannot halt on fewer devices than :func:`devices_to_halt` says, whatever they report."""
 
     def __post_init__(self) -> None:
+        if self.canary_devices < 1:
+            raise ValueError(f"canary_devices must be at least 1, got {self.canary_devices}")
         pct = [p.percent for p in self.phases]
         if not pct or pct[-1] != 100 or pct[0] <= 0 or any(b <= a for a, b in itertools.pairwise(pct)):
             raise ValueError(f"phase percentages must grow strictly from above 0 to 100, got {pct}")
@@ -142,14 +148,30 @@ class RolloutSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {"phases": [asdict(p) for p in self.phases], "gates": asdict(self.gates),
-                "on_breach": self.on_breach.value}
+                "on_breach": self.on_breach.value, "canary_devices": self.canary_devices}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RolloutSpec:
         return cls(phases=tuple(PhaseSpec(float(p["percent"]), float(p["min_soak_s"]), int(p["min_devices"]))
                                 for p in d["phases"]),
                    gates=GateSpec(**dict(d.get("gates", {}))),
-                   on_breach=BreachPolicy(d.get("on_breach", "rollback")))
+                   on_breach=BreachPolicy(d.get("on_breach", "rollback")),
+                   canary_devices=int(d.get("canary_devices", 1)))
+
+
+def devices_to_halt(gates: GateSpec, limit: int = 1000) -> int | None:
+    """The fewest devices on which a device gate (install failures, crashes) can halt: all of them failing.
+
+    A single device can never show a 5 % crash rate exceeded at 99.8 % confidence; a first phase smaller
+    than this cannot halt on those gates (docs/server.md, "How gates decide"). None when both are off.
+    """
+    limits = [x for x in (gates.max_install_failure_rate, gates.max_crash_rate) if x is not None]
+    if not limits:
+        return None
+    for n in range(1, limit + 1):
+        if beta_binomial_cs(n, n, gates.gate_alpha())[0] > min(limits):
+            return n
+    return limit
 
 
 @dataclass(frozen=True)

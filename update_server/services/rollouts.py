@@ -33,6 +33,7 @@ from update_server.rollout_policy import (
     RolloutState,
     Verdict,
     decide,
+    devices_to_halt,
     next_state,
     required_devices,
 )
@@ -69,7 +70,8 @@ def build_spec(ctx: ServerContext, req: Mapping[str, Any]) -> RolloutSpec:
         else:
             phases = tuple(PhaseSpec(p, soak, min_dev) for p in s.default_phases)
         gates = GateSpec(**{**asdict(GateSpec()), **_checked_gates(dict(req.get("gates") or {}))})
-        return RolloutSpec(phases=phases, gates=gates, on_breach=BreachPolicy(req.get("on_breach", "rollback")))
+        return RolloutSpec(phases=phases, gates=gates, on_breach=BreachPolicy(req.get("on_breach", "rollback")),
+                           canary_devices=int(req.get("canary_devices") or 1))
     except (ValueError, TypeError, KeyError) as exc:
         raise BadRequest(f"invalid rollout spec: {exc}") from exc
 
@@ -134,10 +136,11 @@ def create_rollout(ctx: ServerContext, req: Mapping[str, Any], *, actor: str) ->
             raise Conflict(f"{len(clash)} of these devices are already in active rollout(s) {', '.join(other)} "
                            f"of {bundle.name}; finish, abort or roll that back first",
                            code="rollout_conflict", detail={"rollouts": other, "devices": sorted(clash)[:20]})
-        if rows and not any(r["phase_index"] == 0 for r in rows):
-            # A first phase that rounds to no device (1 % of 40) would skip the canary: the member with the
-            # lowest bucket joins it. Stored with the membership, so it holds across pause and resume.
-            min(rows, key=lambda r: r["bucket"])["phase_index"] = 0
+        # A first phase that rounds to fewer devices than the canary needs (1 % of 40 is none) would skip the
+        # canary: the members with the lowest buckets join it (at least one; canary_devices asks for more).
+        # Stored with the membership, so it holds across pause and resume.
+        for r in sorted(rows, key=lambda r: r["bucket"])[:spec.canary_devices]:
+            r["phase_index"] = 0
         session.add(rollout)
         session.flush()
         if rows:
@@ -331,6 +334,7 @@ def rollout_status(ctx: ServerContext, rollout_id: str) -> dict[str, Any]:
                            "cumulative_required": required, "status": status})
         soaked = (now - rollout.phase_started_at).total_seconds() if rollout.phase_started_at else None
         return {**rollout_summary(rollout), "spec": rollout.spec, "phases": phases, "phase_soaked_s": soaked,
+                "devices_to_halt": devices_to_halt(spec.gates),
                 "decision": decision_view(decision),
                 "target": stats.target.sums(), "control": stats.control.sums()}
 
