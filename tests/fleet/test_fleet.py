@@ -24,7 +24,7 @@ GATES = {"max_p95_latency_regression": "off", "min_accuracy": 0.8, "max_accuracy
 
 def _scenario(tmp_path: Path) -> dict[str, Any]:
     staged = {"phases": [10, 40, 100], "phase_soak_s": [15, 3, 3], "min_reporting": 0.8, "timeout_s": 150,
-              "settle_s": 20}
+              "settle_s": 20, "canary_devices": 3}
     return {
         "name": "ci-150", "seed": 3,
         "fleet": {"devices": 150, "hardware_ids": ["x86-kiosk", "rpi4"], "step_threads": 12, "poll_interval_s": 10,
@@ -38,7 +38,8 @@ def _scenario(tmp_path: Path) -> dict[str, Any]:
                     "1.3.0": {"release_counter": 4, "crash_per_device_minute": 20.0}},
         "rollout": [
             {"bundle": "1.0.0", "phases": [100], "min_soak_s": 0, "min_reporting": 0.85,
-             "gates": {"max_p95_latency_regression": "off"}, "timeout_s": 120, "expect": "completed"},
+             "gates": {"max_p95_latency_regression": "off"}, "allow_unproven": ["accuracy_drop"], "timeout_s": 120,
+             "expect": "completed"},
             {"bundle": "1.1.0", **staged, "gates": GATES, "expect": "completed"},
             {"bundle": "1.2.0", **staged, "gates": GATES, "expect": "rolled_back", "expect_gate": "accuracy",
              "expect_halt_phase": 0},
@@ -110,6 +111,9 @@ def test_example_scenarios_are_valid() -> None:
     ({"rollout": []}, "has no [[rollout]]"),
     ({"server": {"settings": {"ingest_flsh_s": 1}}}, "[server] settings has unknown key(s) ['ingest_flsh_s']"),
     ({"seed": "x"}, "seed must be a whole number"),
+    ({"rollout": [{"bundle": "1.0.0", "allow_unproven": ["acuracy"]}]}, "allow_unproven names unknown gate(s)"),
+    ({"bundles": {"1.0.0": {"release_counter": 1, "crash_per_inference": 2}}}, "crash_per_inference is a fraction"),
+    ({"fleet": {"labelled_devices": 1.5}}, "labelled_devices is a fraction"),
 ])
 def test_bad_scenarios_are_refused_with_the_key_named(change: dict[str, Any], message: str) -> None:
     doc = {"bundles": {"1.0.0": {"release_counter": 1}}, "rollout": [{"bundle": "1.0.0"}], **change}
