@@ -124,7 +124,7 @@ def pool_rates(events: Floats, trials: Floats) -> Pooled:
     p_smooth = (p * total + 0.5) / (total + 1.0)
     v_binom = p_smooth * (1 - p_smooth) * float((w * w / n).sum()) / total**2
     deff = 1.0
-    if n.size >= 5:
+    if n.size >= 2:
         m = n.size
         v_cluster = float((w * w * (r - p) ** 2).sum()) / total**2 * m / (m - 1)
         deff = max(1.0, v_cluster / v_binom) if v_binom > 0 else 1.0
