@@ -15,8 +15,9 @@ Three pieces, each documented with the invariant it keeps (docs/server.md, "How 
   ``p``, ``M_n(p) = B(a + x, b + n - x) / B(a, b) / (p^x (1 - p)^(n - x))`` is a nonnegative martingale
   with mean 1 under ``p``; by Ville's inequality ``P(exists n: M_n(p) >= 1/alpha) <= alpha``, so
   ``{p : M_n(p) < 1/alpha}`` covers the true rate at every sample size at once (always valid: the gate
-  loop may look after every window). Over-dispersion between devices enters through a design effect:
-  counts are divided by ``deff`` (cluster-robust over binomial variance) before the mixture sees them.
+  loop may look after every window). Devices differ, so the variance of a weighted rate is the binomial
+  part plus the variance of devices' true rates (:func:`between_device_variance`, estimated on the larger
+  group); counts are divided by the resulting design effect ``deff`` before the mixture sees them.
 * **Differences and quantiles** (:func:`normal_mixture_halfwidth`): the two-sided normal-mixture boundary
   (Robbins; Howard et al. 2021) in information time ``I = 1/variance``: the estimate is within
   ``sqrt((I + rho) log((I + rho) / (rho alpha^2))) / I`` of the truth at every ``I`` with probability
@@ -107,9 +108,31 @@ def capped_weights(counts: Floats) -> tuple[Floats, float]:
     return np.minimum(counts, cap), cap
 
 
-def pool_rates(events: Floats, trials: Floats) -> Pooled:
+def between_device_variance(events: Floats, trials: Floats) -> float:
+    """How much devices' true rates differ (method of moments): the weighted variance of the per-device
+    rates minus what binomial sampling alone explains. 0 with fewer than 2 devices."""
+    events, trials = np.asarray(events, dtype=np.float64), np.asarray(trials, dtype=np.float64)
+    keep = trials > 0
+    x, n = np.minimum(events[keep], trials[keep]), trials[keep]
+    if n.size < 2:
+        return 0.0
+    w, _ = capped_weights(n)
+    r = winsorize(x / n, trim_count(n.size))
+    total = float(w.sum())
+    p = float((w * r).sum() / total)
+    spread = float((w * (r - p) ** 2).sum() / total) * n.size / (n.size - 1)
+    within = float((w * p * (1 - p) / n).sum() / total)
+    return max(0.0, spread - within)
+
+
+def pool_rates(events: Floats, trials: Floats, *, between_var: float | None = None) -> Pooled:
     """Weight per-device (events, trials) so no device outweighs the median device; estimate the rate and
-    the design effect. Devices with no trial are left out."""
+    the design effect. Devices with no trial are left out.
+
+    The design effect covers that devices differ: ``between_var`` (the variance of devices' true rates,
+    best estimated on the larger group, :func:`between_device_variance`) adds ``sum(w^2) * between_var``
+    to the binomial variance; with 10 or more devices the group's own cluster-robust variance is used when
+    it is larger."""
     events = np.asarray(events, dtype=np.float64)
     trials = np.asarray(trials, dtype=np.float64)
     keep = trials > 0
@@ -120,16 +143,17 @@ def pool_rates(events: Floats, trials: Floats) -> Pooled:
     r = winsorize(x / n, trim_count(n.size))
     total = float(w.sum())
     p = float((w * r).sum() / total)
-    # binomial variance of the weighted estimate vs the variance seen between devices (cluster-robust)
+    # binomial variance of the weighted estimate vs the variance seen between devices
     p_smooth = (p * total + 0.5) / (total + 1.0)
     v_binom = p_smooth * (1 - p_smooth) * float((w * w / n).sum()) / total**2
-    deff = 1.0
-    if n.size >= 2:
-        m = n.size
-        v_cluster = float((w * w * (r - p) ** 2).sum()) / total**2 * m / (m - 1)
-        deff = max(1.0, v_cluster / v_binom) if v_binom > 0 else 1.0
+    m = n.size
+    v_model = v_binom + (between_var or 0.0) * float((w * w).sum()) / total**2
+    v_cluster = float((w * w * (r - p) ** 2).sum()) / total**2 * m / (m - 1) if m >= 2 else 0.0
+    own = v_cluster if m >= 2 else v_binom
+    v = own if between_var is None else (max(v_model, v_cluster) if m >= 10 else v_model)
+    deff = max(1.0, v / v_binom) if v_binom > 0 else 1.0
     n_eff = total**2 / float((w * w / n).sum()) / deff
-    return Pooled(successes=p * n_eff, trials=n_eff, rate=p, devices=int(n.size), cap=cap, deff=deff,
+    return Pooled(successes=p * n_eff, trials=n_eff, rate=p, devices=int(m), cap=cap, deff=deff,
                   raw_trials=int(n.sum()), max_share=float(w.max() / total))
 
 

@@ -222,15 +222,22 @@ def evaluate_gates(gates: GateSpec, target: GroupStats, control: GroupStats, *,
     """Every gate's estimate, interval and status."""
     alpha = gates.gate_alpha()
     t, c = target.table(), control.table()
+    err_spread = gs.between_device_variance(*((c.errors, c.requests) if (c.requests > 0).sum()
+                                              >= (t.requests > 0).sum() else (t.errors, t.requests)))
     results = [
         _device_rate("install_failure_rate", target.failed_devices, target.devices_with_events,
                      gates.max_install_failure_rate, alpha, "an install event"),
         _device_rate("crash_rate", target.crashed_devices, max(target.devices_reporting, target.crashed_devices),
                      gates.max_crash_rate, alpha, "on the target"),
-        _error_gate(gates, t, alpha),
+        _error_gate(gates, t, alpha, err_spread),
     ]
-    pt = gs.pool_rates(t.feedback_count - t.feedback_correct, t.feedback_count)
-    pc = gs.pool_rates(c.feedback_count - c.feedback_correct, c.feedback_count)
+    # how much devices' accuracy differs, from the group with more devices (usually the control)
+    tw, cw = t.feedback_count - t.feedback_correct, c.feedback_count - c.feedback_correct
+    larger = (cw, c.feedback_count) if (c.feedback_count > 0).sum() >= (t.feedback_count > 0).sum() \
+        else (tw, t.feedback_count)
+    spread = gs.between_device_variance(*larger)
+    pt = gs.pool_rates(tw, t.feedback_count, between_var=spread)
+    pc = gs.pool_rates(cw, c.feedback_count, between_var=spread)
     results.append(_accuracy_gate(gates, pt, int(target.feedback_count), alpha))
     results.append(_accuracy_drop_gate(gates, pt, pc, int(target.feedback_count), int(control.feedback_count),
                                        alpha))
@@ -239,11 +246,11 @@ def evaluate_gates(gates: GateSpec, target: GroupStats, control: GroupStats, *,
     return tuple(results)
 
 
-def _error_gate(gates: GateSpec, t: DeviceTable, alpha: float) -> GateResult:
+def _error_gate(gates: GateSpec, t: DeviceTable, alpha: float, spread: float) -> GateResult:
     limit = gates.max_error_rate
     if limit is None:
         return GateResult("error_rate", GateStatus.OFF, None, None, "<=")
-    p = gs.pool_rates(t.errors, t.requests)
+    p = gs.pool_rates(t.errors, t.requests, between_var=spread)
     if p.raw_trials <= 0:
         return GateResult("error_rate", GateStatus.NO_DATA, None, limit, "<=", "no request on the target yet",
                           alpha=alpha)

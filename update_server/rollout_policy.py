@@ -43,8 +43,9 @@ from update_server.gates import (
 
 __all__ = ["ACTIVE_STATES", "GATE_NAMES", "LATENCY_BOUNDS_MS", "TRANSITIONS", "Action", "BreachPolicy", "Decision",
            "DeviceTable", "GateResult", "GateSpec", "GateStatus", "GroupStats", "IllegalTransition", "PhaseSpec",
-           "Progress", "RolloutSpec", "RolloutState", "RolloutStats", "Verdict", "cohort_bucket", "decide", "devices_to_halt",
-           "evaluate_gates", "next_state", "percentile_from_histogram", "phase_of", "required_devices", "with_state"]
+           "Progress", "RolloutSpec", "RolloutState", "RolloutStats", "Verdict", "cohort_bucket", "decide",
+           "devices_to_halt", "evaluate_gates", "next_state", "percentile_from_histogram", "phase_of",
+           "required_devices", "with_state"]
 
 
 class RolloutState(enum.Enum):
