@@ -24,6 +24,7 @@ from update_server.rollout_policy import (
     Verdict,
     cohort_bucket,
     decide,
+    devices_to_halt,
     next_state,
     percentile_from_histogram,
     phase_of,
@@ -201,3 +202,10 @@ def test_allow_unproven_is_an_explicit_opt_out() -> None:
     with pytest.raises(ValueError, match="allow_unproven names unknown gates"):
         GateSpec(allow_unproven=("acc",))
     assert RolloutSpec.from_dict(spec.to_dict()).gates.allow_unproven == ("accuracy_drop", "p95_latency_regression")
+
+
+def test_devices_to_halt() -> None:
+    """At the defaults the crash and install gates need 3 devices all failing; off means no such limit."""
+    assert devices_to_halt(GateSpec()) == 3
+    assert devices_to_halt(GateSpec(max_crash_rate=None, max_install_failure_rate=None)) is None
+    assert devices_to_halt(GateSpec(max_crash_rate=0.5)) <= 3
