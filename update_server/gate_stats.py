@@ -113,7 +113,7 @@ def between_device_variance(events: Floats, trials: Floats) -> float:
     rates minus what binomial sampling alone explains. 0 with fewer than 2 devices."""
     events, trials = np.asarray(events, dtype=np.float64), np.asarray(trials, dtype=np.float64)
     keep = trials > 0
-    x, n = np.minimum(events[keep], trials[keep]), trials[keep]
+    x, n = np.clip(events[keep], 0.0, trials[keep]), trials[keep]  # a device cannot report outside [0, n]
     if n.size < 2:
         return 0.0
     w, _ = capped_weights(n)
@@ -136,7 +136,7 @@ def pool_rates(events: Floats, trials: Floats, *, between_var: float | None = No
     events = np.asarray(events, dtype=np.float64)
     trials = np.asarray(trials, dtype=np.float64)
     keep = trials > 0
-    x, n = np.minimum(events[keep], trials[keep]), trials[keep]
+    x, n = np.clip(events[keep], 0.0, trials[keep]), trials[keep]  # a device cannot report outside [0, n]
     if n.size == 0:
         return Pooled(0.0, 0.0, 0.0, 0, 0.0, 1.0, 0, 0.0)
     w, cap = capped_weights(n)
@@ -230,7 +230,7 @@ def pool_histograms(hists: Floats) -> tuple[Floats, Pooled]:
 
     Returns the merged histogram and a :class:`Pooled` describing the weighting (its rate is unused).
     """
-    hists = np.atleast_2d(np.asarray(hists, dtype=np.float64))
+    hists = np.clip(np.atleast_2d(np.asarray(hists, dtype=np.float64)), 0.0, None)
     totals = hists.sum(axis=1)
     keep = totals > 0
     hists, totals = hists[keep], totals[keep]

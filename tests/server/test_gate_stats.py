@@ -208,3 +208,11 @@ def test_device_gates_count_each_device_once() -> None:
     results = {g.name: g for g in evaluate_gates(GateSpec(), replace(GroupStats(), devices_reporting=20,
                                                                       crashed_devices=1), GroupStats())}
     assert results["crash_rate"].status is GateStatus.OK and results["crash_rate"].value == 0.05
+
+
+def test_impossible_counts_stay_within_bounds() -> None:
+    """More correct labels than labels, or negative counts, from one device: rates stay in [0, 1]."""
+    pooled = gs.pool_rates(np.array([-50.0, 3.0, 4.0]), np.array([10.0, 100.0, 100.0]))
+    assert 0 <= pooled.rate <= 1
+    merged, _ = gs.pool_histograms(np.array([[5.0, -100.0, 3.0], [1.0, 1.0, 1.0]]))
+    assert np.all(merged >= -1e-12)
