@@ -120,3 +120,12 @@ def test_bad_scenarios_are_refused_with_the_key_named(change: dict[str, Any], me
     with pytest.raises(ScenarioError) as err:
         scenario_from_dict(doc)
     assert message in str(err.value)
+
+
+def test_summary_shows_each_gate_with_its_interval() -> None:
+    from edgepack.fleet.summary import gate_text
+
+    g = {"name": "accuracy_drop", "status": "breached", "value": 0.0556, "lower": 0.0203, "upper": 0.0909,
+         "threshold": 0.02, "comparison": "<="}
+    assert gate_text(g) == "accuracy_drop 0.0556 [0.0203, 0.0909] (<= 0.02) BREACHED"
+    assert gate_text({**g, "status": "no_data", "value": None, "lower": None}) == "accuracy_drop - (<= 0.02) no data"
