@@ -5,8 +5,10 @@ local files), builds the digits example with the converter, enrolls a fleet of s
 the real agent (each with its own state directory, credential, worker process and local API), sends them
 predictions and feedback, and runs four rollouts:
 
-1. ``1.0.0`` to the whole fleet (the starting point);
-2. ``1.1.0`` through 1 → 10 → 50 → 100 %, advancing on its own as the gates hold;
+1. ``1.0.0`` to the whole fleet (the starting point: its error and accuracy gates, which have no traffic
+   and no previous version to compare with, are waived explicitly with ``allow_unproven``);
+2. ``1.1.0`` through 1 → 10 → 50 → 100 % (the first phase holds 3 devices, the fewest on which the crash
+   gate can act), advancing on its own as each gate's interval shows it within its limit;
 3. ``1.2.0``, a model that is much less accurate: the accuracy gate halts it in the first phase and the
    fleet is rolled back;
 4. ``1.3.0``, a model that kills its worker: the install-failure and crash gates halt it in the first
@@ -113,12 +115,12 @@ def _render(title: str, rollout: dict[str, Any], devices: list[Any], traffic: Tr
 
 def run_rollout(console: Console, admin: Any, devices: list[Any], traffic: Traffic, *, version: str,
                 phases: list[float],
-                soak: float, title: str, timeout: float, gates: dict[str, Any]) -> Outcome:
+                soak: float, title: str, timeout: float, gates: dict[str, Any], canary_devices: int = 1) -> Outcome:
     t0 = time.monotonic()
     r = admin.post("/api/v1/rollouts", json={
         "bundle": {"name": "digits-cnn", "version": version}, "selector": {"hardware_ids": [HARDWARE]},
         "phases": phases, "min_soak_s": soak, "min_devices": 1, "gates": gates, "start": True,
-        "reason": f"edgepack demo: {title}"})
+        "canary_devices": canary_devices, "reason": f"edgepack demo: {title}"})
     if r.status_code != 201:
         raise RuntimeError(f"creating the rollout of {version} failed: {r.status_code} {r.text}")
     rid = r.json()["id"]
@@ -227,29 +229,37 @@ def demo(
                 fleet.append(device.start())
             console.print(f"{len(fleet)} devices enrolled and checking in every 2 s")
             traffic = Traffic(fleet, rate)
-            # 40 labels before the accuracy gates count: with 10, one unlucky miss on a 98 % model reads as a
-            # 10-point drop and halts a good release. The bad release (about 40 % accurate) still trips at 40.
-            gates = {"min_requests": 20, "min_feedback": 40, "max_accuracy_drop": 0.1,
+            # Gates decide on always-valid intervals, so a few unlucky labels do not halt a good release; 20
+            # labels (and requests) are the least a gate needs before it may pass. A phase waits while a gate
+            # lacks data. The first version has nothing to compare with and no traffic yet: its rollout waives
+            # the error and accuracy gates explicitly (allow_unproven, recorded in the audit trail).
+            gates = {"min_requests": 20, "min_feedback": 20, "max_accuracy_drop": 0.1,
                      "max_p95_latency_regression": None, "max_error_rate": 0.2}
+            first = {**gates, "allow_unproven": ["error_rate", "accuracy_drop"]}
+            # the crash and install gates need 3 devices failing to be sure (a 1-device canary cannot tell a
+            # crashing build from bad luck), so the first phase of each phased rollout holds 3 devices
+            canary = 3
 
             console.rule("[bold]4. roll out 1.0.0 to the whole fleet")
             outcomes.append(run_rollout(console, admin, fleet, traffic, version="1.0.0", phases=[100], soak=soak,
-                                        title="1.0.0 to everyone", timeout=300, gates=gates))
+                                        title="1.0.0 to everyone", timeout=300, gates=first))
             if not _wait_fleet(fleet, "1.0.0", 120):
                 raise RuntimeError(f"the fleet did not install 1.0.0: {dict(_fleet_versions(fleet))}")
             traffic.start()  # predictions and feedback from now on: the gates of the next rollouts read them
             console.rule("[bold]5. roll out 1.1.0 in phases 1 -> 10 -> 50 -> 100 %")
             outcomes.append(run_rollout(console, admin, fleet, traffic, version="1.1.0", phases=[1, 10, 50, 100],
-                                        soak=soak, title="1.1.0 phased", timeout=600, gates=gates))
+                                        soak=soak, title="1.1.0 phased", timeout=600, gates=gates,
+                                        canary_devices=canary))
             _wait_fleet(fleet, "1.1.0", 120)
             console.rule("[bold]6. roll out 1.2.0 (much less accurate)")
             outcomes.append(run_rollout(console, admin, fleet, traffic, version="1.2.0", phases=[1, 10, 50, 100],
                                         soak=max(soak, 30.0), title="1.2.0 (bad accuracy)", timeout=300,
-                                        gates=gates))
+                                        gates=gates, canary_devices=canary))
             _wait_fleet(fleet, "1.1.0", 120)
             console.rule("[bold]7. roll out 1.3.0 (kills its worker)")
             outcomes.append(run_rollout(console, admin, fleet, traffic, version="1.3.0", phases=[1, 10, 50, 100],
-                                        soak=max(soak, 30.0), title="1.3.0 (crashes)", timeout=300, gates=gates))
+                                        soak=max(soak, 30.0), title="1.3.0 (crashes)", timeout=300, gates=gates,
+                                        canary_devices=canary))
             rolled_back = _wait_fleet(fleet, "1.1.0", 120)
 
         _summary(console, outcomes, fleet, server, rolled_back, time.monotonic() - t_start)

@@ -196,6 +196,9 @@ def rollout_create(
     soak: float | None = typer.Option(None, help="Minimum soak time per phase, seconds."),
     min_devices: int | None = typer.Option(None, help="Minimum reporting devices per phase."),
     gate: list[str] = typer.Option([], help="Gate threshold, e.g. max_crash_rate=0.01 or min_accuracy=0.9."),
+    canary_devices: int = typer.Option(1, help="The first phase holds at least this many devices."),
+    allow_unproven: list[str] = typer.Option(
+        [], help="Let phases advance while this gate has no data or an undecided interval (audited); repeatable."),
     on_breach: str = typer.Option("rollback", help="rollback or halt."),
     start: bool = typer.Option(False, help="Start right away."),
     reason: str = ReasonOpt, server: str = ServerOpt, token: str = TokenOpt, as_json: bool = JsonOpt,
@@ -211,8 +214,13 @@ def rollout_create(
     if device:
         selector["device_ids"] = device
     gates = {key: _gate_value(value) for key, value in _kv(gate, "--gate").items()}
+    if allow_unproven:
+        given = gates.get("allow_unproven") or []
+        gates["allow_unproven"] = [*([given] if isinstance(given, str) else given),
+                                   *(g.strip() for a in allow_unproven for g in a.split(",") if g.strip())]
     body: dict[str, Any] = {"bundle": {"name": name, "version": version}, "selector": selector,
-                            "on_breach": on_breach, "start": start, "reason": reason, "gates": gates}
+                            "on_breach": on_breach, "start": start, "reason": reason, "gates": gates,
+                            "canary_devices": canary_devices}
     if phases:
         body["phases"] = [float(p) for p in phases.replace("/", ",").split(",") if p.strip()]
     if soak is not None:
@@ -227,7 +235,7 @@ def rollout_create(
 
 
 def _gate_value(value: str) -> Any:
-    """``off``/``none`` turn a gate off; numbers are numbers; ``a,b`` is a list (require_data). The server
+    """``off``/``none`` turn a gate off; numbers are numbers; ``a,b`` is a list (allow_unproven). The server
     checks names and values and lists the known gates when one is wrong."""
     if value.strip().lower() in ("off", "none"):
         return None
@@ -256,6 +264,15 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _interval(g: dict[str, Any]) -> str:
+    """The gate's always-valid interval, e.g. ``[0.012, 0.081] 99.8%``; ``-`` when it has none."""
+    lower, upper, alpha = g.get("lower"), g.get("upper"), g.get("alpha")
+    if lower is None and upper is None:
+        return "-"
+    level = f" {100 * (1 - alpha):.4g}%" if alpha else ""
+    return f"[{_fmt(lower)}, {_fmt(upper) if upper is not None else 'inf'}]{level}"
+
+
 def print_status(status: dict[str, Any]) -> None:
     typer.echo(f"rollout {status['id']}: {status['bundle']['name']} {status['bundle']['version']}  "
                f"state={status['state']}  phase={status['current_phase']}"
@@ -264,8 +281,13 @@ def print_status(status: dict[str, Any]) -> None:
              f"{p['cumulative_reporting']}/{p['cumulative_required']}", f"{p['min_soak_s']:g}s"]
             for p in status["phases"]],
            ["phase", "share", "status", "devices", "reporting", "reporting/required (cum.)", "min soak"])
-    _table([[g["name"], g["status"], _fmt(g["value"]), f"{g['comparison']} {_fmt(g['threshold'])}", g["detail"]]
-            for g in status["decision"]["gates"]], ["gate", "status", "value", "threshold", "detail"])
+    _table([[g["name"], g["status"], _fmt(g["value"]), _interval(g), f"{g['comparison']} {_fmt(g['threshold'])}",
+             g["detail"]] for g in status["decision"]["gates"]],
+           ["gate", "status", "value", "interval", "threshold", "detail"])
+    need = status.get("devices_to_halt")
+    if need and status["phases"] and status["phases"][0]["devices"] < need:
+        typer.echo(f"note: the first phase has {status['phases'][0]['devices']} device(s); the crash and install "
+                   f"gates can halt only from {need} (create with --canary-devices {need})")
     typer.echo(f"next: {status['decision']['verdict']} ({status['decision']['reason']})")
     if status.get("halt"):
         typer.echo(f"halted: {status['halt'].get('reason')}")

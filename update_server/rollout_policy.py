@@ -10,18 +10,10 @@ Cohorts: a device's bucket is a hash of (rollout id, device id) mapped to [0, 10
 first phase whose percentage exceeds its bucket. Membership is therefore stable across pause and resume,
 and a device that enrolls later lands in the phase it would have had from the start.
 
-Gates (each reports its value against its threshold; a gate without enough data is ``NO_DATA`` and
-neither passes nor blocks):
-
-* ``install_failure_rate``: devices that reported an install failure of the target / devices that
-  reported any event about it;
-* ``crash_rate``: devices on the target that crashed at least once / devices reporting on the target;
-* ``error_rate``: errors / requests on the target (needs ``min_requests``);
-* ``accuracy``: feedback correct / feedback count on the target, against an absolute floor;
-* ``accuracy_drop``: control accuracy minus target accuracy, against ``max_accuracy_drop``;
-* ``p95_latency_regression``: target p95 / control p95 - 1 from merged histograms;
-* ``input_drift`` (off unless ``max_input_drift`` is set): the target's worst per-feature PSI against the
-  bundle's reference inputs (``update_server.drift``).
+Gates (``update_server.gates``): each reports an estimate with an always-valid interval and a status.
+A breached gate halts; a configured gate that is ``no_data`` or ``unproven`` keeps the phase waiting unless
+the spec names it in ``allow_unproven`` (an explicit, audited opt-out). Devices are weighted, not their
+raw counts (``update_server.gate_stats``).
 
 The control group is the rollout's devices while on another version than the target (docs/server.md).
 """
@@ -37,8 +29,23 @@ from datetime import datetime
 from typing import Any
 
 from update_server.drift import InputDrift
+from update_server.gate_stats import beta_binomial_cs
+from update_server.gates import (
+    GATE_NAMES,
+    LATENCY_BOUNDS_MS,
+    DeviceTable,
+    GateResult,
+    GateSpec,
+    GateStatus,
+    GroupStats,
+    evaluate_gates,
+)
 
-LATENCY_BOUNDS_MS: tuple[float, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+__all__ = ["ACTIVE_STATES", "GATE_NAMES", "LATENCY_BOUNDS_MS", "TRANSITIONS", "Action", "BreachPolicy", "Decision",
+           "DeviceTable", "GateResult", "GateSpec", "GateStatus", "GroupStats", "IllegalTransition", "PhaseSpec",
+           "Progress", "RolloutSpec", "RolloutState", "RolloutStats", "Verdict", "cohort_bucket", "decide",
+           "devices_to_halt", "evaluate_gates", "next_state", "percentile_from_histogram", "phase_of",
+           "required_devices", "with_state"]
 
 
 class RolloutState(enum.Enum):
@@ -123,40 +130,17 @@ class PhaseSpec:
 
 
 @dataclass(frozen=True)
-class GateSpec:
-    max_install_failure_rate: float | None = 0.05
-    max_crash_rate: float | None = 0.05
-    max_error_rate: float | None = 0.02
-    min_accuracy: float | None = None
-    max_accuracy_drop: float | None = 0.02
-    max_p95_latency_regression: float | None = 0.25
-    min_requests: int = 100
-    min_feedback: int = 50
-    max_input_drift: float | None = None
-    min_drift_samples: int = 1000
-    require_data: tuple[str, ...] = ()
-    """Gates that must have data (not ``no_data``) before a phase may advance, e.g. ("accuracy_drop",):
-    without it a phase that soaked too briefly to collect labels could advance on gates that never counted."""
-
-    def __post_init__(self) -> None:
-        names = tuple(self.require_data)
-        unknown = sorted(set(names) - set(GATE_NAMES))
-        if unknown:
-            raise ValueError(f"require_data names unknown gates {unknown}; known: {list(GATE_NAMES)}")
-        object.__setattr__(self, "require_data", names)
-
-
-GATE_NAMES = ("install_failure_rate", "crash_rate", "error_rate", "accuracy", "accuracy_drop",
-              "p95_latency_regression", "input_drift")
-
-
-@dataclass(frozen=True)
 class RolloutSpec:
     phases: tuple[PhaseSpec, ...]
     gates: GateSpec = field(default_factory=GateSpec)
     on_breach: BreachPolicy = BreachPolicy.ROLLBACK
+    canary_devices: int = 1
+    """The first phase holds at least this many members (the lowest buckets), fixed at creation. A device
+    gate cannot halt on fewer devices than :func:`devices_to_halt` says, whatever they report."""
 
     def __post_init__(self) -> None:
+        if self.canary_devices < 1:
+            raise ValueError(f"canary_devices must be at least 1, got {self.canary_devices}")
         pct = [p.percent for p in self.phases]
         if not pct or pct[-1] != 100 or pct[0] <= 0 or any(b <= a for a, b in itertools.pairwise(pct)):
             raise ValueError(f"phase percentages must grow strictly from above 0 to 100, got {pct}")
@@ -165,30 +149,30 @@ class RolloutSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {"phases": [asdict(p) for p in self.phases], "gates": asdict(self.gates),
-                "on_breach": self.on_breach.value}
+                "on_breach": self.on_breach.value, "canary_devices": self.canary_devices}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RolloutSpec:
         return cls(phases=tuple(PhaseSpec(float(p["percent"]), float(p["min_soak_s"]), int(p["min_devices"]))
                                 for p in d["phases"]),
                    gates=GateSpec(**dict(d.get("gates", {}))),
-                   on_breach=BreachPolicy(d.get("on_breach", "rollback")))
+                   on_breach=BreachPolicy(d.get("on_breach", "rollback")),
+                   canary_devices=int(d.get("canary_devices", 1)))
 
 
-@dataclass(frozen=True)
-class GroupStats:
-    """Telemetry sums of one group of devices (target or control)."""
+def devices_to_halt(gates: GateSpec, limit: int = 1000) -> int | None:
+    """The fewest devices on which a device gate (install failures, crashes) can halt: all of them failing.
 
-    devices_reporting: int = 0
-    """Devices with at least one telemetry window."""
-    requests: int = 0
-    errors: int = 0
-    feedback_count: int = 0
-    feedback_correct: int = 0
-    latency_counts: tuple[int, ...] = ()
-    crashed_devices: int = 0
-    devices_with_events: int = 0
-    failed_devices: int = 0
+    A single device can never show a 5 % crash rate exceeded at 99.8 % confidence; a first phase smaller
+    than this cannot halt on those gates (docs/server.md, "How gates decide"). None when both are off.
+    """
+    limits = [x for x in (gates.max_install_failure_rate, gates.max_crash_rate) if x is not None]
+    if not limits:
+        return None
+    for n in range(1, limit + 1):
+        if beta_binomial_cs(n, n, gates.gate_alpha())[0] > min(limits):
+            return n
+    return limit
 
 
 @dataclass(frozen=True)
@@ -211,24 +195,6 @@ class RolloutStats:
     """The target's input drift since the rollout started (None when not gathered)."""
 
 
-class GateStatus(enum.Enum):
-    OK = "ok"
-    BREACHED = "breached"
-    NO_DATA = "no_data"
-    OFF = "off"
-
-
-@dataclass(frozen=True)
-class GateResult:
-    name: str
-    status: GateStatus
-    value: float | None
-    threshold: float | None
-    comparison: str
-    """How value is compared with threshold: "<=" or ">="."""
-    detail: str = ""
-
-
 class Verdict(enum.Enum):
     NONE = "none"
     ADVANCE = "advance"
@@ -243,6 +209,8 @@ class Decision:
     gates: tuple[GateResult, ...]
     rollback: bool = False
     next_phase: int | None = None
+    unproven: tuple[str, ...] = ()
+    """Gates that lacked data when advancing or completing, let through by the spec's ``allow_unproven``."""
 
 
 def cohort_bucket(rollout_id: str, device_id: str) -> float:
@@ -278,82 +246,6 @@ def percentile_from_histogram(counts: Sequence[int], q: float,
     return float(bounds[-1])
 
 
-def _rate(name: str, num: int, den: int, limit: float | None, *, min_den: int = 1, what: str = "") -> GateResult:
-    if limit is None:
-        return GateResult(name, GateStatus.OFF, None, None, "<=")
-    if den < min_den or den <= 0:
-        return GateResult(name, GateStatus.NO_DATA, None, limit, "<=", f"{den}/{min_den} {what}")
-    value = num / den
-    status = GateStatus.BREACHED if value > limit else GateStatus.OK
-    return GateResult(name, status, round(value, 6), limit, "<=", f"{num}/{den} {what}")
-
-
-def evaluate_gates(gates: GateSpec, target: GroupStats, control: GroupStats, *,
-                   drift: InputDrift | None = None) -> tuple[GateResult, ...]:
-    """Every gate's value against its threshold."""
-    results = [
-        _rate("install_failure_rate", target.failed_devices, target.devices_with_events,
-              gates.max_install_failure_rate, what="devices"),
-        _rate("crash_rate", target.crashed_devices, max(target.devices_reporting, target.crashed_devices),
-              gates.max_crash_rate, what="devices"),
-        _rate("error_rate", target.errors, target.requests, gates.max_error_rate,
-              min_den=gates.min_requests, what="requests"),
-    ]
-    acc_t = target.feedback_correct / target.feedback_count if target.feedback_count >= gates.min_feedback \
-        else None
-    acc_c = control.feedback_correct / control.feedback_count if control.feedback_count >= gates.min_feedback \
-        else None
-    if gates.min_accuracy is None:
-        results.append(GateResult("accuracy", GateStatus.OFF, None, None, ">="))
-    elif acc_t is None:
-        results.append(GateResult("accuracy", GateStatus.NO_DATA, None, gates.min_accuracy, ">=",
-                                  f"{target.feedback_count}/{gates.min_feedback} feedback"))
-    else:
-        results.append(GateResult("accuracy", GateStatus.BREACHED if acc_t < gates.min_accuracy else GateStatus.OK,
-                                  round(acc_t, 6), gates.min_accuracy, ">=",
-                                  f"{target.feedback_correct}/{target.feedback_count} correct"))
-    if gates.max_accuracy_drop is None:
-        results.append(GateResult("accuracy_drop", GateStatus.OFF, None, None, "<="))
-    elif acc_t is None or acc_c is None:
-        results.append(GateResult("accuracy_drop", GateStatus.NO_DATA, None, gates.max_accuracy_drop, "<=",
-                                  f"feedback target {target.feedback_count}, control {control.feedback_count}, "
-                                  f"need {gates.min_feedback} each"))
-    else:
-        drop = acc_c - acc_t
-        results.append(GateResult("accuracy_drop",
-                                  GateStatus.BREACHED if drop > gates.max_accuracy_drop else GateStatus.OK,
-                                  round(drop, 6), gates.max_accuracy_drop, "<=",
-                                  f"control {acc_c:.4f}, target {acc_t:.4f}"))
-    limit = gates.max_p95_latency_regression
-    t_n, c_n = sum(target.latency_counts), sum(control.latency_counts)
-    if limit is None:
-        results.append(GateResult("p95_latency_regression", GateStatus.OFF, None, None, "<="))
-    elif t_n < gates.min_requests or c_n < gates.min_requests:
-        results.append(GateResult("p95_latency_regression", GateStatus.NO_DATA, None, limit, "<=",
-                                  f"latency samples target {t_n}, control {c_n}, need {gates.min_requests} each"))
-    else:
-        p_t = percentile_from_histogram(target.latency_counts, 0.95) or 0.0
-        p_c = percentile_from_histogram(control.latency_counts, 0.95) or 0.0
-        value = (p_t / p_c - 1.0) if p_c > 0 else 0.0
-        results.append(GateResult("p95_latency_regression",
-                                  GateStatus.BREACHED if value > limit else GateStatus.OK,
-                                  round(value, 6), limit, "<=", f"p95 control {p_c:.2f} ms, target {p_t:.2f} ms"))
-    results.append(_drift_gate(gates, drift))
-    return tuple(results)
-
-
-def _drift_gate(gates: GateSpec, drift: InputDrift | None) -> GateResult:
-    limit = gates.max_input_drift
-    if limit is None:
-        return GateResult("input_drift", GateStatus.OFF, None, None, "<=")
-    if drift is None or drift.value is None or drift.samples < gates.min_drift_samples:
-        why = drift.reason if drift is not None and drift.reason else \
-            f"{drift.samples if drift else 0}/{gates.min_drift_samples} samples"
-        return GateResult("input_drift", GateStatus.NO_DATA, None, limit, "<=", why)
-    return GateResult("input_drift", GateStatus.BREACHED if drift.value > limit else GateStatus.OK,
-                      round(drift.value, 6), limit, "<=", f"worst feature {drift.worst}, {drift.samples} samples")
-
-
 def required_devices(spec: RolloutSpec, stats: RolloutStats, phase: int) -> tuple[int, int]:
     """(reporting, required) devices of phases 0..phase on the target."""
     members = sum(n for p, n in stats.members_by_phase.items() if p <= phase)
@@ -369,8 +261,9 @@ def decide(spec: RolloutSpec, stats: RolloutStats, now: datetime) -> Decision:
         return Decision(Verdict.NONE, f"rollout is {progress.state.value}", gates)
     breached = [g for g in gates if g.status is GateStatus.BREACHED]
     if breached:
-        why = "; ".join(f"{g.name} {g.value} > {g.threshold}" if g.comparison == "<="
-                        else f"{g.name} {g.value} < {g.threshold}" for g in breached)
+        why = "; ".join(f"{g.name} {g.value} (interval [{g.lower}, {g.upper}]) > {g.threshold}"
+                        if g.comparison == "<=" else
+                        f"{g.name} {g.value} (interval [{g.lower}, {g.upper}]) < {g.threshold}" for g in breached)
         return Decision(Verdict.HALT, f"gate breached: {why}", gates,
                         rollback=spec.on_breach is BreachPolicy.ROLLBACK)
     if progress.state is RolloutState.PAUSED:
@@ -381,17 +274,21 @@ def decide(spec: RolloutSpec, stats: RolloutStats, now: datetime) -> Decision:
     need_soak = spec.phases[phase].min_soak_s
     if soaked < need_soak:
         return Decision(Verdict.NONE, f"soaking: {soaked:.0f}/{need_soak:.0f} s", gates)
-    missing = [g.name for g in gates if g.name in spec.gates.require_data and g.status is GateStatus.NO_DATA]
-    if missing:
-        return Decision(Verdict.NONE, f"waiting for gate data: {', '.join(missing)}", gates)
+    waiting = [g for g in gates if g.blocks and g.name not in spec.gates.allow_unproven]
+    if waiting:
+        return Decision(Verdict.NONE, "waiting for gate data: " + "; ".join(
+            f"{g.name} {g.status.value} ({g.detail})" for g in waiting), gates)
     reporting, required = required_devices(spec, stats, phase)
     if reporting < required:
         return Decision(Verdict.NONE, f"waiting for devices: {reporting}/{required} reporting on the target",
                         gates)
+    unproven = tuple(g.name for g in gates if g.blocks)
+    note = f"; allowed unproven: {', '.join(unproven)}" if unproven else ""
     if phase + 1 >= len(spec.phases):
-        return Decision(Verdict.COMPLETE, f"final phase soaked {soaked:.0f} s with {reporting} devices", gates)
-    return Decision(Verdict.ADVANCE, f"phase {phase} soaked {soaked:.0f} s with {reporting}/{required} devices",
-                    gates, next_phase=phase + 1)
+        return Decision(Verdict.COMPLETE, f"final phase soaked {soaked:.0f} s with {reporting} devices{note}", gates,
+                        unproven=unproven)
+    return Decision(Verdict.ADVANCE, f"phase {phase} soaked {soaked:.0f} s with {reporting}/{required} devices"
+                    f"{note}", gates, next_phase=phase + 1, unproven=unproven)
 
 
 def with_state(stats: RolloutStats, state: RolloutState) -> RolloutStats:

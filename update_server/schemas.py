@@ -99,6 +99,7 @@ class RolloutCreate(_In):
     min_devices: int | None = Field(None, ge=0)
     gates: dict[str, Any] | None = None
     on_breach: Literal["rollback", "halt"] = "rollback"
+    canary_devices: int = Field(1, ge=1, description="The first phase holds at least this many devices.")
     start: bool = False
     reason: str = ""
 

@@ -110,7 +110,10 @@ class Fleet:
         self.load = LoadStats()
         self.crash_rates: dict[str, float] = {v: b.crash_per_device_minute / 60.0 for v, b in scn.bundles.items()
                                               if b.crash_per_device_minute}
-        self.injected = {"crashes": 0}
+        self.inference_crash: dict[str, float] = {v: b.crash_per_inference for v, b in scn.bundles.items()
+                                                  if b.crash_per_inference}
+        self.label_flip: dict[str, float] = {v: b.accuracy_drop for v, b in scn.bundles.items() if b.accuracy_drop}
+        self.injected = {"crashes": 0, "inference_crashes": 0, "labels_flipped": 0}
         self.agent_errors: list[str] = []
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -278,7 +281,23 @@ class Fleet:
                 continue
             self._use(dev, *bodies[rng.randrange(len(bodies))], rng)
 
+    def _serving_version(self, dev: SimDevice) -> str | None:
+        sup = dev.supervisor
+        serving = sup.serving if sup is not None else None
+        return serving.ref.version if serving is not None and serving.ref is not None else None
+
+    def _labelled(self, dev: SimDevice) -> bool:
+        """Whether this device's users send labels at all (stable per device: label sparsity)."""
+        share = self.scn.fleet.labelled_devices
+        return share >= 1 or random.Random(f"{self.scn.seed}:{dev.device_id}").random() < share
+
     def _use(self, dev: SimDevice, body: bytes, labels: list[str], rng: random.Random) -> None:
+        version = self._serving_version(dev)
+        crash_p = self.inference_crash.get(version or "", 0.0)
+        if crash_p and rng.random() < crash_p and dev.supervisor is not None and dev.supervisor.crash():
+            with self.load.lock:
+                self.injected["inference_crashes"] += 1
+            return  # the call that killed the worker gets no answer
         status, answer = dev.agent.predict(body)
         load = self.load
         if status != 200:
@@ -289,9 +308,15 @@ class Fleet:
         with load.lock:
             load.calls += 1
             load.ok += 1
-        if rng.random() >= self.scn.fleet.feedback:
+        if rng.random() >= self.scn.fleet.feedback or not self._labelled(dev):
             return
         pid = json.loads(answer)["prediction_id"]
+        flip = self.label_flip.get(version or "", 0.0)
+        if flip:  # a graded regression: this share of labels is replaced by a wrong one
+            flipped = [str((int(t) + 1) % 10) if rng.random() < flip else t for t in labels]
+            with self.load.lock:
+                self.injected["labels_flipped"] += sum(a != b for a, b in zip(flipped, labels, strict=True))
+            labels = flipped
         status, ans = dev.agent.feedback(json.dumps({"prediction_id": pid, "label": labels}).encode())
         if status == 200:
             correct = sum(json.loads(ans)["correct"])
@@ -334,7 +359,9 @@ class Fleet:
         return out
 
     def fault_counts(self) -> dict[str, int]:
-        total: dict[str, int] = {"crashes_injected": self.injected["crashes"]}
+        total: dict[str, int] = {"crashes_injected": self.injected["crashes"],
+                                 "inference_crashes_injected": self.injected["inference_crashes"],
+                                 "labels_flipped": self.injected["labels_flipped"]}
         for dev in self.devices:
             for k, v in dev.link.counts.items():
                 total[k] = total.get(k, 0) + v

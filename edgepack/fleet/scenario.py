@@ -43,7 +43,9 @@ class FleetSpec:
     """Prediction calls per device per second (each carries ``batch`` images)."""
     batch: int = 8
     feedback: float = 1.0
-    """Fraction of predictions that get their true label back."""
+    """Fraction of predictions that get their true label back (label sparsity)."""
+    labelled_devices: float = 1.0
+    """Fraction of devices whose users send labels at all (the others never do: sparse labels per device)."""
     state_dir: str = ""
     """Where the devices' state directories go; empty = a fresh directory on /dev/shm (tmpfs) if present."""
 
@@ -88,6 +90,12 @@ class BundleSpec:
     """A signed ``.edgepack`` to use instead of building one (signed with the scenario's ``keys``)."""
     crash_per_device_minute: float = 0.0
     """Extra worker crashes of a device while it serves this bundle (a crashing build)."""
+    crash_per_inference: float = 0.0
+    """Probability that one prediction call on this bundle kills the device's worker."""
+    accuracy_drop: float = 0.0
+    """Graded regression: this share of the labels sent back for this bundle's predictions is replaced by a
+    wrong one, so its measured accuracy is about this much lower (0.05: about 5 points; exactly
+    ``accuracy_drop * (accuracy - (1 - accuracy) / 9)``)."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,11 @@ class RolloutPlan:
     """Fraction of each phase's (cumulative) devices that must report on the target before advancing."""
     gates: Mapping[str, Any] = field(default_factory=dict)
     """Gate thresholds (server names, e.g. ``min_accuracy``); the string ``"off"`` turns a gate off."""
+    allow_unproven: tuple[str, ...] = ()
+    """The no-data policy: gates that may lack data (or an undecided interval) when a phase advances.
+    Empty (the default): every configured gate must have its data, a phase waits otherwise."""
+    canary_devices: int = 1
+    """The first phase holds at least this many devices."""
     on_breach: str = "rollback"
     timeout_s: float = 300.0
     settle_s: float = 30.0
@@ -130,7 +143,10 @@ class Scenario:
 
 _STATES = ("completed", "rolled_back", "halted", "aborted")
 _GATES = ("max_install_failure_rate", "max_crash_rate", "max_error_rate", "min_accuracy", "max_accuracy_drop",
-          "max_p95_latency_regression", "min_requests", "min_feedback")
+          "max_p95_latency_regression", "min_requests", "min_feedback", "false_halt_rate", "margin_error_rate",
+          "margin_accuracy", "margin_accuracy_drop", "margin_p95_latency_regression")
+_GATE_NAMES = ("install_failure_rate", "crash_rate", "error_rate", "accuracy", "accuracy_drop",
+               "p95_latency_regression", "input_drift")
 
 
 def _table(cls: type, raw: Any, where: str, **fixed: Any) -> Any:
@@ -193,7 +209,7 @@ def _check(scn: Scenario) -> None:
         raise ScenarioError("[fleet] hardware_ids must name at least one hardware id")
     if f.poll_interval_s < 1:
         raise ScenarioError("[fleet] poll_interval_s must be at least 1 (the server counts whole seconds)")
-    for name in ("feedback",):
+    for name in ("feedback", "labelled_devices"):
         if not 0 <= getattr(f, name) <= 1:
             raise ScenarioError(f"[fleet] {name} is a fraction between 0 and 1, found {getattr(f, name)}")
     fa = scn.faults
@@ -210,6 +226,10 @@ def _check(scn: Scenario) -> None:
     for b in scn.bundles.values():
         if b.quality not in ("good", "bad"):
             raise ScenarioError(f"[bundles.\"{b.version}\"] quality must be good or bad, found {b.quality!r}")
+        for name in ("crash_per_inference", "accuracy_drop"):
+            if not 0 <= getattr(b, name) <= 1:
+                raise ScenarioError(f"[bundles.\"{b.version}\"] {name} is a fraction between 0 and 1, "
+                                    f"found {getattr(b, name)}")
         if b.file and not scn.keys:
             raise ScenarioError(f"[bundles.\"{b.version}\"] file needs the top-level `keys` that signed it")
     if not scn.rollouts:
@@ -234,6 +254,11 @@ def _check(scn: Scenario) -> None:
         bad = sorted(set(r.gates) - set(_GATES))
         if bad:
             raise ScenarioError(f"{where}: unknown gate(s) {bad}; known: {list(_GATES)}")
+        bad = sorted({str(g) for g in r.allow_unproven} - set(_GATE_NAMES))
+        if bad:
+            raise ScenarioError(f"{where}: allow_unproven names unknown gate(s) {bad}; known: {list(_GATE_NAMES)}")
+        if r.canary_devices < 1:
+            raise ScenarioError(f"{where}: canary_devices must be at least 1, found {r.canary_devices}")
 
 
 def scenario_from_dict(doc: Mapping[str, Any], *, source: str = "<dict>", base: Path | None = None) -> Scenario:
@@ -280,5 +305,8 @@ def load_scenario(path: Path) -> Scenario:
 
 
 def gate_values(plan: RolloutPlan) -> dict[str, Any]:
-    """The rollout's gates as the server's API takes them (``"off"`` -> null)."""
-    return {k: (None if v == "off" else v) for k, v in plan.gates.items()}
+    """The rollout's gates as the server's API takes them (``"off"`` -> null), with the no-data policy."""
+    gates: dict[str, Any] = {k: (None if v == "off" else v) for k, v in plan.gates.items()}
+    if plan.allow_unproven:
+        gates["allow_unproven"] = list(plan.allow_unproven)
+    return gates

@@ -87,7 +87,7 @@ def run_rollout(scn: Scenario, plan: RolloutPlan, fleet: Any, svc: Services,
     ingested0, published0 = _counter(admin, "telemetry_ingested"), fleet.published()
     r = admin.post("/api/v1/rollouts", json={
         "bundle": {"name": scn.model, "version": plan.bundle}, "phases": _min_devices(plan, scn.fleet.devices),
-        "gates": gate_values(plan), "on_breach": plan.on_breach, "start": True,
+        "gates": gate_values(plan), "on_breach": plan.on_breach, "start": True, "canary_devices": plan.canary_devices,
         "reason": f"fleet-sim {scn.name}"})
     if r.status_code != 201:
         raise RuntimeError(f"creating the rollout of {plan.bundle} failed: HTTP {r.status_code} {r.text[:500]}")

@@ -94,11 +94,13 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 
 def gate_text(g: dict[str, Any]) -> str:
-    """``accuracy 0.1947 (>= 0.8) BREACHED``."""
+    """``accuracy 0.1947 [0.15, 0.24] (>= 0.8) BREACHED``: value, always-valid interval, threshold, status."""
     mark = {"ok": "ok", "breached": "BREACHED", "no_data": "no data", "off": "off"}.get(g["status"], g["status"])
     if g["status"] == "off":
         return f"{g['name']} off"
-    return f"{g['name']} {_fmt(g.get('value'), 4)} ({g.get('comparison', '')} {_fmt(g.get('threshold'), 4)}) {mark}"
+    interval = f" [{_fmt(g['lower'], 4)}, {_fmt(g['upper'], 4)}]" if g.get("lower") is not None else ""
+    return (f"{g['name']} {_fmt(g.get('value'), 4)}{interval} ({g.get('comparison', '')} "
+            f"{_fmt(g.get('threshold'), 4)}) {mark}")
 
 
 def render(summary: Summary, console: Any = None) -> None:

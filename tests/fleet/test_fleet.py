@@ -27,7 +27,7 @@ def _scenario(tmp_path: Path) -> dict[str, Any]:
               # an upper bound: the wait ends as soon as every device is where the rollout's end sends it. A rolled
               # back device that had committed the bad build downloads and trials the old one again, which on
               # two shared, loaded cores took longer than 20 s (one device was still on 1.3.0)
-              "settle_s": 120}
+              "settle_s": 120, "canary_devices": 3}
     return {
         "name": "ci-150", "seed": 3,
         "fleet": {"devices": 150, "hardware_ids": ["x86-kiosk", "rpi4"], "step_threads": 12, "poll_interval_s": 10,
@@ -41,7 +41,8 @@ def _scenario(tmp_path: Path) -> dict[str, Any]:
                     "1.3.0": {"release_counter": 4, "crash_per_device_minute": 20.0}},
         "rollout": [
             {"bundle": "1.0.0", "phases": [100], "min_soak_s": 0, "min_reporting": 0.85,
-             "gates": {"max_p95_latency_regression": "off"}, "timeout_s": 120, "expect": "completed"},
+             "gates": {"max_p95_latency_regression": "off"}, "allow_unproven": ["accuracy_drop"], "timeout_s": 120,
+             "expect": "completed"},
             {"bundle": "1.1.0", **staged, "gates": GATES, "expect": "completed"},
             {"bundle": "1.2.0", **staged, "gates": GATES, "expect": "rolled_back", "expect_gate": "accuracy",
              "expect_halt_phase": 0},
@@ -113,9 +114,21 @@ def test_example_scenarios_are_valid() -> None:
     ({"rollout": []}, "has no [[rollout]]"),
     ({"server": {"settings": {"ingest_flsh_s": 1}}}, "[server] settings has unknown key(s) ['ingest_flsh_s']"),
     ({"seed": "x"}, "seed must be a whole number"),
+    ({"rollout": [{"bundle": "1.0.0", "allow_unproven": ["acuracy"]}]}, "allow_unproven names unknown gate(s)"),
+    ({"bundles": {"1.0.0": {"release_counter": 1, "crash_per_inference": 2}}}, "crash_per_inference is a fraction"),
+    ({"fleet": {"labelled_devices": 1.5}}, "labelled_devices is a fraction"),
 ])
 def test_bad_scenarios_are_refused_with_the_key_named(change: dict[str, Any], message: str) -> None:
     doc = {"bundles": {"1.0.0": {"release_counter": 1}}, "rollout": [{"bundle": "1.0.0"}], **change}
     with pytest.raises(ScenarioError) as err:
         scenario_from_dict(doc)
     assert message in str(err.value)
+
+
+def test_summary_shows_each_gate_with_its_interval() -> None:
+    from edgepack.fleet.summary import gate_text
+
+    g = {"name": "accuracy_drop", "status": "breached", "value": 0.0556, "lower": 0.0203, "upper": 0.0909,
+         "threshold": 0.02, "comparison": "<="}
+    assert gate_text(g) == "accuracy_drop 0.0556 [0.0203, 0.0909] (<= 0.02) BREACHED"
+    assert gate_text({**g, "status": "no_data", "value": None, "lower": None}) == "accuracy_drop - (<= 0.02) no data"

@@ -92,7 +92,7 @@ def build(keys: KeyStore, bundles: dict[str, Any], work: Path, broker: Any, n: i
         with live.admin as client:
             r = client.post("/api/v1/rollouts", json={
                 "bundle": {"name": "digits", "version": "1.2.0"}, "selector": {"group": "a"},
-                "phases": [50, 100], "min_soak_s": 3600, "on_breach": "halt", "start": True,
+                "phases": [50, 100], "min_soak_s": 3600, "on_breach": "halt", "start": True, "canary_devices": 3,
                 "gates": {"max_crash_rate": 0.1}, "reason": "dashboard scenario: a release that crashes"})
             assert r.status_code == 201, r.text
             halted = r.json()["id"]
@@ -109,8 +109,9 @@ def build(keys: KeyStore, bundles: dict[str, Any], work: Path, broker: Any, n: i
         time.sleep(1.0)
         for d in devices:
             publish_window(pub, d, x[rng.choice(len(x), 100)])
-        crashed = next(d for d in devices if d.device_id.startswith("kiosk-a") and d.active["version"] == "1.2.0")
-        pub.event(crashed, "crash", target=crashed.active, detail={"exitcode": -11, "phase": "serving"})
+        # the release crashes on every device that got it (the crash gate needs 3 crashed devices to be sure)
+        for crashed in [d for d in devices if d.device_id.startswith("kiosk-a") and d.active["version"] == "1.2.0"]:
+            pub.event(crashed, "crash", target=crashed.active, detail={"exitcode": -11, "phase": "serving"})
         try:
             wait_for(lambda: live.admin.get(f"/api/v1/rollouts/{halted}").json()["state"] == "halted", timeout=30,
                      what="the crash gate to halt 1.2.0")

@@ -46,11 +46,18 @@ def test_admin_cli(server: LiveServer, digits_bundles: dict) -> None:
     assert "3 device(s)" in run("devices", "list", "--group", "lab")
     out = run("rollout", "create", "digits", "1.1.0", "--group", "lab", "--phases", "50,100", "--soak", "600",
               "--gate", "max_crash_rate=0.01", "--gate", "min_accuracy=0.9", "--gate", "require_data=accuracy",
-              "--start", "--reason", "try it")
+              "--allow-unproven", "p95_latency_regression", "--start", "--reason", "try it")
     rid = re.search(r"rollout (r-[0-9a-f]+)", out).group(1)
-    assert "require_data" in json.dumps(json.loads(run("rollout", "status", rid, "--json")))
+    as_json = json.loads(run("rollout", "status", rid, "--json"))
+    assert "require_data" in json.dumps(as_json)
+    assert as_json["spec"]["gates"]["allow_unproven"] == ["p95_latency_regression"]
+    assert {"lower", "upper", "alpha"} <= set(as_json["decision"]["gates"][0])
     status = run("rollout", "status", rid)
     assert "crash_rate" in status and "<= 0.01" in status and "min soak" in status and "soaking" in status
+    assert "interval" in status
+    waived = [e for e in json.loads(run("rollout", "audit", rid, "--json")) if e["action"] == "rollout.allow_unproven"]
+    assert [e["detail"]["gates"] for e in waived] == [["p95_latency_regression"]]
+    assert waived[0]["actor"].startswith("test-admin")  # who waived it
     assert "paused" in run("rollout", "pause", rid, "--reason", "[urgent] lunch")
     assert "running" in run("rollout", "resume", rid, "--reason", "back")
     assert "phase 1" in run("rollout", "advance", rid, "--reason", "looks good")

@@ -33,6 +33,7 @@ from update_server.rollout_policy import (
     RolloutState,
     Verdict,
     decide,
+    devices_to_halt,
     next_state,
     required_devices,
 )
@@ -76,7 +77,8 @@ def build_spec(ctx: ServerContext, req: Mapping[str, Any]) -> RolloutSpec:
         else:
             phases = tuple(PhaseSpec(p, soak, min_dev) for p in s.default_phases)
         gates = GateSpec(**{**asdict(GateSpec()), **_checked_gates(dict(req.get("gates") or {}))})
-        return RolloutSpec(phases=phases, gates=gates, on_breach=BreachPolicy(req.get("on_breach", "rollback")))
+        return RolloutSpec(phases=phases, gates=gates, on_breach=BreachPolicy(req.get("on_breach", "rollback")),
+                           canary_devices=int(req.get("canary_devices") or 1))
     except (ValueError, TypeError, KeyError) as exc:
         raise BadRequest(f"invalid rollout spec: {exc}") from exc
 
@@ -90,13 +92,16 @@ def _checked_gates(given: dict[str, Any]) -> dict[str, Any]:
     for name, value in given.items():
         default = defaults[name]
         if isinstance(default, (tuple, list)):
-            if isinstance(value, str):  # the CLI's --gate require_data=accuracy_drop,crash_rate
+            if isinstance(value, str):  # the CLI's --gate allow_unproven=accuracy_drop,crash_rate
                 value = given[name] = [v.strip() for v in value.split(",") if v.strip()]
             ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
             want = "a list of gate names"
         elif isinstance(default, int) and not isinstance(default, bool):
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
             want = "a whole number >= 0"
+        elif isinstance(default, float) and not name.startswith(("max_", "min_")):  # false_halt_rate, margin_*
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            want = "a number"
         elif default is None or isinstance(default, float):
             ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
             want = "a number, or null (off)"
@@ -139,10 +144,11 @@ def create_rollout(ctx: ServerContext, req: Mapping[str, Any], *, actor: str) ->
             raise Conflict(f"{len(clash)} of these devices are already in active rollout(s) {', '.join(other)} "
                            f"of {bundle.name}; finish, abort or roll that back first",
                            code="rollout_conflict", detail={"rollouts": other, "devices": sorted(clash)[:20]})
-        if rows and not any(r["phase_index"] == 0 for r in rows):
-            # A first phase that rounds to no device (1 % of 40) would skip the canary: the member with the
-            # lowest bucket joins it. Stored with the membership, so it holds across pause and resume.
-            min(rows, key=lambda r: r["bucket"])["phase_index"] = 0
+        # A first phase that rounds to fewer devices than the canary needs (1 % of 40 is none) would skip the
+        # canary: the members with the lowest buckets join it (at least one; canary_devices asks for more).
+        # Stored with the membership, so it holds across pause and resume.
+        for r in sorted(rows, key=lambda r: r["bucket"])[:spec.canary_devices]:
+            r["phase_index"] = 0
         session.add(rollout)
         session.flush()
         if rows:
@@ -151,6 +157,11 @@ def create_rollout(ctx: ServerContext, req: Mapping[str, Any], *, actor: str) ->
               reason=str(req.get("reason") or ""), detail={"bundle": f"{bundle.name}/{bundle.version}",
                                                           "selector": selector, "members": len(rows),
                                                           "spec": spec.to_dict()})
+        if spec.gates.allow_unproven:
+            # the opt-out from "no data blocks": its own entry, so the trail shows who waived which gate
+            audit(session, now=now, actor=actor, action="rollout.allow_unproven", subject=rollout.id,
+                  rollout_id=rollout.id, reason=str(req.get("reason") or ""),
+                  detail={"gates": list(spec.gates.allow_unproven)})
         notify: list[str] = []
         if req.get("start"):
             notify = _transition(session, rollout, Action.START, actor=actor, reason=str(req.get("reason") or ""),
@@ -244,7 +255,10 @@ def act(ctx: ServerContext, rollout_id: str, action: Action, *, actor: str, reas
 def decision_view(decision: Decision) -> dict[str, Any]:
     return {"verdict": decision.verdict.value, "reason": decision.reason, "rollback": decision.rollback,
             "gates": [{"name": g.name, "status": g.status.value, "value": g.value, "threshold": g.threshold,
-                       "comparison": g.comparison, "detail": g.detail} for g in decision.gates]}
+                       "comparison": g.comparison, "detail": g.detail, "lower": g.lower, "upper": g.upper,
+                       "alpha": g.alpha, "devices": g.devices, "max_share": g.max_share}
+                      for g in decision.gates],
+            "unproven": list(decision.unproven)}
 
 
 def evaluate(ctx: ServerContext, rollout_id: str) -> Decision | None:
@@ -264,12 +278,13 @@ def evaluate(ctx: ServerContext, rollout_id: str) -> Decision | None:
         if rollout.last_decision != view:
             rollout.last_decision = view
         changed: list[str] = []
+        waived = {"unproven": list(decision.unproven), "allowed_by": rollout.created_by} if decision.unproven else {}
         if decision.verdict is Verdict.ADVANCE:
             changed = _transition(session, rollout, Action.ADVANCE, actor="system", reason=decision.reason,
-                                  now=now, detail={"gates": view["gates"]})
+                                  now=now, detail={"gates": view["gates"], **waived})
         elif decision.verdict is Verdict.COMPLETE:
             changed = _transition(session, rollout, Action.COMPLETE, actor="system", reason=decision.reason, now=now,
-                                  detail={"gates": view["gates"]})
+                                  detail={"gates": view["gates"], **waived})
         elif decision.verdict is Verdict.HALT:
             breached = [g for g in view["gates"] if g["status"] == "breached"]
             blockers = rollback_blockers(ctx, session, rollout) if decision.rollback else []
@@ -334,8 +349,9 @@ def rollout_status(ctx: ServerContext, rollout_id: str) -> dict[str, Any]:
                            "cumulative_required": required, "status": status})
         soaked = (now - rollout.phase_started_at).total_seconds() if rollout.phase_started_at else None
         return {**rollout_summary(rollout), "spec": rollout.spec, "phases": phases, "phase_soaked_s": soaked,
+                "devices_to_halt": devices_to_halt(spec.gates),
                 "decision": decision_view(decision),
-                "target": asdict(stats.target), "control": asdict(stats.control)}
+                "target": stats.target.sums(), "control": stats.control.sums()}
 
 
 def audit_entries(session: Session, rollout_id: str | None = None, limit: int = 200) -> list[dict[str, Any]]:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import case, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from update_server.models import LATENCY_COLUMNS, Rollout, RolloutDevice, TelemetryAggregate
-from update_server.rollout_policy import GroupStats, Progress, RolloutState, RolloutStats
+from update_server.rollout_policy import DeviceTable, GroupStats, Progress, RolloutState, RolloutStats
 from update_server.services.health_views import version_drift
 
 TA, RD = TelemetryAggregate, RolloutDevice
@@ -21,26 +21,30 @@ DRIFT_TTL_S = 5.0
 """The drift gate's value is reused this long (it sums many histograms; drift moves slowly)."""
 
 
-def _count_if(cond: Any) -> Any:
-    return func.coalesce(func.sum(case((cond, 1), else_=0)), 0)
-
-
 def _sum(col: Any) -> Any:
     return func.coalesce(func.sum(col), 0)
 
 
 def _group(session: Session, rollout: Rollout, *, target: bool) -> GroupStats:
+    """The group's sums, and its per-device sums for device weighting (one row per device: a control device
+    may have run several other versions)."""
     version_cond = TA.bundle_version == rollout.target_version if target else \
         TA.bundle_version != rollout.target_version
-    cols = [_count_if(TA.windows > 0), _sum(TA.requests), _sum(TA.errors), _sum(TA.feedback_count),
-            _sum(TA.feedback_correct), _count_if(TA.crashes > 0), _count_if(TA.events > 0),
-            _count_if(TA.install_failures > 0)] + [_sum(getattr(TA, c)) for c in LATENCY_COLUMNS]
-    row = session.execute(select(*cols).where(TA.rollout_id == rollout.id, TA.bundle_name == rollout.model_name,
-                                              version_cond)).one()
-    values = [int(v) for v in row]
-    return GroupStats(devices_reporting=values[0], requests=values[1], errors=values[2], feedback_count=values[3],
-                      feedback_correct=values[4], crashed_devices=values[5], devices_with_events=values[6],
-                      failed_devices=values[7], latency_counts=tuple(values[8:]))
+    cols = [func.max(TA.windows), _sum(TA.requests), _sum(TA.errors), _sum(TA.feedback_count),
+            _sum(TA.feedback_correct), func.max(TA.crashes), func.max(TA.events),
+            func.max(TA.install_failures)] + [_sum(getattr(TA, c)) for c in LATENCY_COLUMNS]
+    rows = session.execute(select(TA.device_id, *cols)
+                           .where(TA.rollout_id == rollout.id, TA.bundle_name == rollout.model_name, version_cond)
+                           .group_by(TA.device_id)).all()
+    values = [[int(v or 0) for v in row[1:]] for row in rows]
+    per_device = DeviceTable.of([(v[1], v[2], v[3], v[4], tuple(v[8:])) for v in values])
+    return GroupStats(devices_reporting=sum(v[0] > 0 for v in values), requests=sum(v[1] for v in values),
+                      errors=sum(v[2] for v in values), feedback_count=sum(v[3] for v in values),
+                      feedback_correct=sum(v[4] for v in values), crashed_devices=sum(v[5] > 0 for v in values),
+                      devices_with_events=sum(v[6] > 0 for v in values),
+                      failed_devices=sum(v[7] > 0 for v in values),
+                      latency_counts=tuple(sum(v[8 + i] for v in values) for i in range(len(LATENCY_COLUMNS))),
+                      per_device=per_device)
 
 
 def gather_stats(session: Session, rollout: Rollout) -> RolloutStats:
