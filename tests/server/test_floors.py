@@ -222,7 +222,7 @@ def test_an_automatic_rollback_to_a_withdrawn_version_is_not_applied(db_url: str
         director_root = keys.director_root_path.read_bytes()
         client = live.admin
         r = _post(client, "/api/v1/rollouts", bundle={"name": "digits", "version": "1.1.0"}, phases=[100],
-                  min_soak_s=3600, gates={"max_crash_rate": 0.05}, start=True)
+                  min_soak_s=3600, gates={"max_crash_rate": 0.05, "false_halt_rate": 0.2}, start=True)
         assert r.status_code == 201, r.text
         rid = r.json()["id"]
         for d in devices:
@@ -236,7 +236,8 @@ def test_an_automatic_rollback_to_a_withdrawn_version_is_not_applied(db_url: str
 
         wait_for(reporting, timeout=60, interval=0.3, what="both devices reporting on 1.1.0")
         before = _db(live)["devices"]
-        pub.event(devices[0], "crash", detail={"signal": 11, "phase": "serving"})
+        for d in devices:  # both crash: with false_halt_rate 0.2 two devices of two can halt the crash gate
+            pub.event(d, "crash", detail={"signal": 11, "phase": "serving"})
         wait_for(lambda: client.get(f"/api/v1/rollouts/{rid}").json()["state"] == "halted", timeout=60,
                  what="the crash to halt the rollout")
         status = client.get(f"/api/v1/rollouts/{rid}").json()

@@ -196,7 +196,7 @@ def test_halt_rolls_back_to_the_last_committed_version_not_a_refused_one(mqtt_se
         assert devices["refuser"]["assigned"]["version"] == "1.1.0"  # still assigned what it refused
         assert devices["refuser"]["active"]["version"] == "1.0.0"
 
-        c = rollout("1.2.0", gates={"max_crash_rate": 0.05})
+        c = rollout("1.2.0", gates={"max_crash_rate": 0.05, "false_halt_rate": 0.2})
         targets = {m["device_id"]: m["rollback_version"] for m in client.get(f"/api/v1/rollouts/{c}/devices").json()}
         assert targets == {"refuser": "1.0.0", "taker": "1.1.0"}  # shown before any rollback
         for d in (refuser, taker):
@@ -210,7 +210,8 @@ def test_halt_rolls_back_to_the_last_committed_version_not_a_refused_one(mqtt_se
             return bool(client.get(f"/api/v1/rollouts/{c}").json()["target"]["devices_reporting"] == 2)
 
         wait_for(reporting, timeout=60, interval=0.3, what="both devices reporting on 1.2.0")
-        pub.event(refuser, "crash", detail={"signal": 11, "phase": "serving"})
+        for d in (refuser, taker):  # both crash: with false_halt_rate 0.2 two devices of two can halt the gate
+            pub.event(d, "crash", detail={"signal": 11, "phase": "serving"})
         wait_for(lambda: client.get(f"/api/v1/rollouts/{c}").json()["state"] == "rolled_back", timeout=60,
                  what="the crash to halt and roll back rollout C")
         back = {d.device_id: d.sync(director_root) for d in (refuser, taker)}
