@@ -7,10 +7,10 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from update_server.models import Bundle, Device, Rollout, RolloutDevice
+from update_server.models import Bundle, Device, Rollout, RolloutDevice, TelemetryEvent
 from update_server.rollout_policy import ACTIVE_STATES, RolloutSpec, RolloutState, cohort_bucket, phase_of
 
 ACTIVE = [s.value for s in ACTIVE_STATES]
@@ -47,17 +47,35 @@ def member_row(rollout: Rollout, spec: RolloutSpec, *, device_id: str, previous:
             "phase_index": phase_of(bucket, spec.phases), "previous_bundle_id": previous, "joined_at": now}
 
 
-def previous_of(active: tuple[str | None, str | None], by_name: dict[tuple[str, str], int]) -> int | None:
-    """The rollback target of a device joining a rollout: the bundle it last committed, i.e. the one it reports
-    as installed and running at check-in (the agent reports its committed bundle: it does not check in during
-    activation or trial, and a refused or failed update leaves the report on the bundle it kept).
+def previous_of(active: tuple[str | None, str | None], by_name: dict[tuple[str, str], int],
+                committed: tuple[str, str] | None = None) -> int | None:
+    """The rollback target of a device joining a rollout: the bundle it last committed.
 
-    Never its *assigned* bundle: an assignment the device refused (an aborted rollout's version it failed to
-    install) is not something it can go back to. None when it has reported none the server knows: a rollback
-    then leaves the device on what it runs."""
+    ``committed`` is the target of the newest ``committed`` event the device sent (telemetry, see
+    :func:`last_committed`); without one, the bundle it reports as installed and running at check-in (the agent
+    reports its committed bundle: it does not check in during activation or trial, and a refused or failed
+    update leaves the report on the bundle it kept). The event comes first: a device that committed an update
+    a moment ago has not checked in since, and its check-in report still names the bundle before.
+
+    Never its *assigned* bundle as such: an assignment the device refused (an aborted rollout's version it
+    failed to install) is not something it can go back to. None when it has reported none the server knows:
+    a rollback then leaves the device on what it runs."""
+    if committed is not None and committed in by_name:
+        return by_name[committed]
     if active[0] and active[1]:
         return by_name.get((active[0], active[1]))
     return None
+
+
+def last_committed(session: Session, device_ids: list[str] | None = None) -> dict[str, tuple[str, str]]:
+    """Device id -> (name, version) of the newest ``committed`` event it sent (for :func:`previous_of`)."""
+    newest = (select(func.max(TelemetryEvent.id)).where(TelemetryEvent.event == "committed")
+              .group_by(TelemetryEvent.device_id))
+    if device_ids is not None:
+        newest = newest.where(TelemetryEvent.device_id.in_(device_ids))
+    rows = session.execute(select(TelemetryEvent.device_id, TelemetryEvent.target_name, TelemetryEvent.target_version)
+                           .where(TelemetryEvent.id.in_(newest.scalar_subquery())))
+    return {d: (n, v) for d, n, v in rows if n and v}
 
 
 def busy_devices(session: Session, model_name: str, exclude: str | None = None) -> dict[str, str]:
@@ -77,6 +95,7 @@ def join_rollouts(session: Session, device: Device, now: datetime) -> bool:
     seen_models: set[str] = set()
     rollouts = session.scalars(select(Rollout).where(Rollout.state.in_(ACTIVE)).order_by(Rollout.created_at))
     by_name = previous_bundle_ids(session)
+    committed = last_committed(session, [device.id]).get(device.id)
     for rollout in rollouts:
         if rollout.model_name in seen_models:
             continue
@@ -88,7 +107,7 @@ def join_rollouts(session: Session, device: Device, now: datetime) -> bool:
         seen_models.add(rollout.model_name)
         spec = RolloutSpec.from_dict(rollout.spec)
         row = member_row(rollout, spec, device_id=device.id, now=now, previous=previous_of(
-            (device.active_name, device.active_version), by_name))
+            (device.active_name, device.active_version), by_name, committed))
         session.add(RolloutDevice(**row))
         if rollout.state in (RolloutState.RUNNING.value, RolloutState.PAUSED.value) \
                 and row["phase_index"] <= rollout.current_phase:

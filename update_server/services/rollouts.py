@@ -51,6 +51,7 @@ from update_server.services.membership import (
     SELECTOR_KEYS,
     bundle_fits,
     busy_devices,
+    last_committed,
     member_row,
     previous_bundle_ids,
     previous_of,
@@ -127,6 +128,7 @@ def create_rollout(ctx: ServerContext, req: Mapping[str, Any], *, actor: str) ->
                           target_version=bundle.version, selector=selector, spec=spec.to_dict(),
                           state=RolloutState.CREATED.value, current_phase=0, created_at=now, created_by=actor)
         by_name = previous_bundle_ids(session)
+        committed = last_committed(session)
         busy = busy_devices(session, bundle.name)
         rows, clash = [], {}
         for d in session.execute(select(Device.id, Device.group_name, Device.tags, Device.hardware_id,
@@ -138,7 +140,7 @@ def create_rollout(ctx: ServerContext, req: Mapping[str, Any], *, actor: str) ->
                 clash[d.id] = busy[d.id]
                 continue
             rows.append(member_row(rollout, spec, device_id=d.id, now=now, previous=previous_of(
-                (d.active_name, d.active_version), by_name)))
+                (d.active_name, d.active_version), by_name, committed.get(d.id))))
         if clash:
             other = sorted(set(clash.values()))
             raise Conflict(f"{len(clash)} of these devices are already in active rollout(s) {', '.join(other)} "
