@@ -125,6 +125,23 @@ def maintain_repository(ctx: ServerContext) -> None:
         prune_health(session, now)
 
 
+def _check_broker_in_background(ctx: ServerContext) -> None:
+    """Probe the broker's settings (``broker.check``) without delaying the start; log what to change."""
+    from update_server.broker.check import check_broker
+
+    def run() -> None:
+        try:
+            report = check_broker(ctx.settings)
+        except Exception:
+            log.exception("the broker check failed (edgepack-server check-broker runs it by hand)")
+            return
+        for line in report.lines():
+            (log.warning if report.problems else log.info)("broker check: %s", line)
+        ctx.broker_report = report
+
+    threading.Thread(target=run, name="broker-check", daemon=True).start()
+
+
 def create_app(settings: Settings | None = None, *, background: bool = True) -> FastAPI:
     """The FastAPI app. ``background=False`` leaves out loops and MQTT (for tools and some tests)."""
     settings = settings or Settings.load()
@@ -139,27 +156,35 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         if ctx.broker is not None and settings.mqtt_url:  # enrollment needs it, with or without background
             ctx.broker.start()
             started.append(ctx.broker)
-        if background:
-            if settings.mqtt_url:
-                from update_server.ingest import Ingester, Notifier
-
-                notifier = Notifier(ctx)
-                notifier.start()
-                ctx.notify = notifier
-                started.append(notifier)
-                ingester = Ingester(ctx)
-                ingester.start()
-                app.state.ingester = ingester
-                started.append(ingester)
-            started.append(Loop("gate-loop", settings.gate_interval_s, lambda: evaluate_all(ctx)))
-            started.append(Loop("repo-loop", settings.repo_refresh_interval_s, lambda: maintain_repository(ctx)))
-            for loop in started[-2:]:
-                loop.start()
+        served = False
         try:
+            if background:
+                if settings.mqtt_url:
+                    from update_server.ingest import Ingester, Notifier
+
+                    notifier = Notifier(ctx)
+                    notifier.start()
+                    ctx.notify = notifier
+                    started.append(notifier)
+                    ingester = Ingester(ctx)
+                    ingester.start()
+                    app.state.ingester = ingester
+                    started.append(ingester)
+                    if settings.broker_check:
+                        _check_broker_in_background(ctx)
+                started.append(Loop("gate-loop", settings.gate_interval_s, lambda: evaluate_all(ctx)))
+                started.append(Loop("repo-loop", settings.repo_refresh_interval_s, lambda: maintain_repository(ctx)))
+                for loop in started[-2:]:
+                    loop.start()
+            served = True
             yield
         finally:
             for item in reversed(started):
-                item.stop()
+                if item is getattr(app.state, "ingester", None):
+                    # A start that failed must not leave a session in the shared subscription taking telemetry.
+                    item.stop(release=not served)
+                else:
+                    item.stop()
             ctx.engine.dispose()
             if ctx.checkin_pool is not None:
                 await ctx.checkin_pool.close()
@@ -183,14 +208,27 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
 
     @app.get("/readyz", tags=["health"])
     def readyz() -> JSONResponse:
+        """Ready: the database answers and, when this server ingests telemetry, the ingester is connected,
+        its threads alive and its writer not stuck (``Ingester.health``). 503 names the reason."""
+        ingester = getattr(app.state, "ingester", None)
+        body: dict[str, Any] = {"status": "ready"}
+        if ingester is not None:
+            health = ingester.health()
+            body["ingester"] = health.as_dict()
+            if health.problem:
+                body["status"] = health.problem
+        if ctx.broker_report is not None:
+            body["broker_check"] = ctx.broker_report.problems or "ok"
         try:
             with ctx.engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
         except Exception as exc:
             if is_unavailable(exc):
-                return JSONResponse({"status": "database unavailable"}, status_code=503,
+                return JSONResponse({**body, "status": "database unavailable"}, status_code=503,
                                     headers={"Retry-After": "2"})
             raise
-        return JSONResponse({"status": "ready"})
+        if body["status"] != "ready":
+            return JSONResponse(body, status_code=503, headers={"Retry-After": "2"})
+        return JSONResponse(body)
 
     return app

@@ -121,8 +121,17 @@ def _run(settings: Settings, log_level: str) -> None:
     else:
         from update_server.app import create_app
 
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
-                    access_log=False, ssl_certfile=cert, ssl_keyfile=tls_key)
+        # Bind first: uvicorn would run the lifespan (which connects the ingester into the shared subscription)
+        # before binding, so a port in use would leave a broker session behind taking telemetry.
+        # (With several workers uvicorn binds in the parent before any worker starts.)
+        config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
+                                access_log=False, ssl_certfile=cert, ssl_keyfile=tls_key)
+        try:
+            sock = config.bind_socket()
+        except SystemExit as exc:  # uvicorn logged why (address in use, permission)
+            typer.echo(f"error: cannot listen on {settings.host}:{settings.port}; nothing was started", err=True)
+            raise typer.Exit(1) from exc
+        uvicorn.Server(config).run(sockets=[sock])
 
 
 @app.command()
@@ -161,6 +170,32 @@ def ingest(config: Path | None = ConfigOpt, log_level: str = typer.Option("info"
     finally:
         ingester.stop()
         ctx.engine.dispose()
+
+
+@app.command("check-broker")
+def check_broker_cmd(config: Path | None = ConfigOpt,
+                     messages: int = typer.Option(1500, help="QoS 1 messages queued for the probe while it is "
+                                                             "away (more than Mosquitto's default cap of 1000)."),
+                     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
+    """Check the broker keeps the server's session and queues a large backlog for it; print what to set.
+
+    Exit code 0 when it does, 1 when something must change in the broker's configuration."""
+    import json
+
+    from update_server.broker.check import check_broker
+
+    settings = _settings(config)
+    if not settings.mqtt_url:
+        typer.echo("error: EDGEPACK_MQTT_URL is not set; there is no broker to check", err=True)
+        raise typer.Exit(2)
+    report = check_broker(settings, messages=messages)
+    if json_out:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        for line in report.lines():
+            typer.echo(line)
+        typer.echo("ok" if report.ok else "the broker needs changes (see the PROBLEM lines)")
+    raise typer.Exit(0 if report.ok else 1)
 
 
 @app.command("migrate")

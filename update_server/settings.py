@@ -85,6 +85,14 @@ class Settings(BaseSettings):
     ingest_batch: int = 2000
     ingest_flush_s: float = 0.05
     ingest_queue: int = 200_000
+    max_request_rate: float = Field(10_000.0, gt=0, description="requests per second one device can serve: a "
+                                     "telemetry window claiming more for its duration is dropped (implausible_rate)")
+    mqtt_session_expiry_s: int = Field(24 * 3600, ge=0, le=2**32 - 1, description="how long the broker keeps "
+                                       "the ingester's session (and queues its telemetry) while it is away")
+    ingest_stuck_s: float = Field(60.0, gt=0, description="/readyz fails when queued telemetry has not been "
+                                  "committed for this long")
+    broker_check: bool = Field(True, description="at start, probe the broker's session and queue settings and "
+                                                 "log what to change (edgepack-server check-broker)")
 
     # --- rollouts
     default_phases: tuple[float, ...] = DEFAULT_PHASES
