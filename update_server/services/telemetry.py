@@ -174,7 +174,9 @@ def parse(topic: str, payload: bytes, *, prefix: str, max_bytes: int, max_rate: 
     try:
         msg = Telemetry.model_validate_json(payload)
     except ValidationError as exc:
-        raise Rejected("malformed", str(exc.errors()[:1])) from None
+        errors = exc.errors()
+        bound = any(e["type"] in ("less_than_equal", "greater_than_equal") for e in errors)
+        raise Rejected("out_of_range" if bound else "malformed", str(errors[:1])) from None
     if msg.device_id != parts[len(base)]:
         raise Rejected("device_mismatch", f"topic {parts[len(base)]} != payload {msg.device_id}")
     if parts[-1] != msg.kind:
