@@ -198,6 +198,29 @@ def check_broker_cmd(config: Path | None = ConfigOpt,
     raise typer.Exit(0 if report.ok else 1)
 
 
+@app.command("release-session")
+def release_session_cmd(config: Path | None = ConfigOpt) -> None:
+    """End the broker session of this replica's mqtt_client_id (a replica retired for good): otherwise the
+    session keeps taking its share of the telemetry until it expires. Stop the replica first."""
+    from update_server.broker.endpoint import Endpoint
+    from update_server.mqtt_wire import MqttError, WireClient
+
+    settings = _settings(config)
+    if not settings.mqtt_url:
+        typer.echo("error: EDGEPACK_MQTT_URL is not set", err=True)
+        raise typer.Exit(2)
+    b = Endpoint.for_server(settings, account="ingest")
+    for client_id in settings.ingest_client_ids():  # one per worker
+        client = WireClient(b.host, b.port, client_id, protocol=5 if settings.mqtt_protocol == "5" else 4,
+                            username=b.username, password=b.password, ssl_context=b.ssl_context())
+        try:
+            client.release_session()
+        except (MqttError, OSError) as exc:
+            typer.echo(f"error: could not reach the broker at {b.host}:{b.port}: {exc}", err=True)
+            raise typer.Exit(1) from exc
+        typer.echo(f"ended the broker session of {client_id}")
+
+
 @app.command("migrate")
 def migrate_cmd(config: Path | None = ConfigOpt) -> None:
     """Create or upgrade the database schema (also done at start-up unless auto_migrate is off)."""

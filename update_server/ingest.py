@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from update_server.broker.endpoint import Endpoint
 from update_server.context import ServerContext
@@ -31,6 +32,39 @@ from update_server.mqtt_wire import Message, MqttError, WireClient
 from update_server.services.telemetry import MembershipCache, Telemetry, parse_one, write_batch
 
 log = logging.getLogger(__name__)
+
+
+class WorkerSlot:
+    """Which of the ``workers`` ingest client ids this process uses: the first slot whose lock file
+    (``<data_dir>/ingest-slots/slot-<i>.lock``) it can lock (``flock``, released when the process dies).
+
+    A persistent session is only useful if the same client id comes back after a restart. A process id in
+    the client id (as before) left every restart's sessions behind, each taking its share of the telemetry
+    for a day with nobody to read it; slots give the workers of a restarted server the same ids again."""
+
+    def __init__(self, index: int, fd: int) -> None:
+        self.index, self._fd = index, fd
+
+    @classmethod
+    def claim(cls, directory: Path, count: int) -> WorkerSlot | None:
+        import fcntl
+        import os
+
+        directory.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            fd = os.open(directory / f"slot-{i}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue
+            return cls(i, fd)
+        return None
+
+    def release(self) -> None:
+        import os
+
+        os.close(self._fd)
 
 
 @dataclass(frozen=True)
@@ -73,6 +107,8 @@ class Ingester:
         self._last_commit: float | None = None
         self._batch_since: float | None = None
         self._last_error = ""
+        self._slot: WorkerSlot | None = None
+        self._ephemeral = False
 
     # ---- health --------------------------------------------------------------------------------------
     def health(self) -> IngestHealth:
@@ -97,9 +133,20 @@ class Ingester:
                             self.queue.qsize(), age, held, problem)
 
     # ---- network side --------------------------------------------------------------------------------
+    def _client_id(self) -> str:
+        s = self.ctx.settings
+        if s.workers <= 1:
+            return s.ingest_client_ids()[0]
+        self._slot = WorkerSlot.claim(s.data_dir / "ingest-slots", s.workers)
+        if self._slot is None:  # more processes than workers (should not happen): an id for this process only
+            self._ephemeral = True
+            log.warning("no free ingest slot of %d; this process's broker session ends when it stops", s.workers)
+            return s.effective_mqtt_client_id
+        return s.ingest_client_ids()[self._slot.index]
+
     def start(self) -> None:
         b = self.broker
-        self._client = WireClient(b.host, b.port, self.ctx.settings.effective_mqtt_client_id,
+        self._client = WireClient(b.host, b.port, self._client_id(),
                                   clean_start=False, session_expiry=self.ctx.settings.mqtt_session_expiry_s,
                                   protocol=5 if self.v5 else 4, username=b.username, password=b.password,
                                   ssl_context=b.ssl_context())
@@ -116,7 +163,7 @@ class Ingester:
         self._reader.join(10)
         if self._client is not None:
             self._client.close()
-            if release:
+            if release or self._ephemeral:
                 try:
                     self._client.release_session()
                     log.info("ended the broker session %s", self._client.client_id)
@@ -124,6 +171,8 @@ class Ingester:
                     log.warning("could not end the broker session %s (%s): it takes a share of the telemetry "
                                 "until it expires (mqtt_session_expiry_s); see docs/runbook.md",
                                 self._client.client_id, exc)
+        if self._slot is not None:
+            self._slot.release()
 
     def _run_reader(self) -> None:
         client = self._client

@@ -218,10 +218,20 @@ class Settings(BaseSettings):
         return warnings
 
     @property
+    def mqtt_client_id_base(self) -> str:
+        return self.mqtt_client_id or f"edgepack-server-{socket.gethostname()}-{self.port}"
+
+    def ingest_client_ids(self) -> list[str]:
+        """The ingester's client id of every worker: ``<base>`` with one worker, ``<base>-w<i>`` with several
+        (each worker process claims slot ``i``, ``ingest.WorkerSlot``, so the ids are stable across restarts)."""
+        base = self.mqtt_client_id_base
+        return [base] if self.workers <= 1 else [f"{base}-w{i}" for i in range(self.workers)]
+
+    @property
     def effective_mqtt_client_id(self) -> str:
         """Stable per replica so its persistent session survives restarts; with several worker processes
         each needs its own id (the broker would otherwise disconnect one for the other), so the pid is added."""
-        base = self.mqtt_client_id or f"edgepack-server-{socket.gethostname()}-{self.port}"
+        base = self.mqtt_client_id_base
         return f"{base}-{os.getpid()}" if self.workers > 1 else base
 
 

@@ -105,3 +105,17 @@ def test_readyz_reports_the_ingester(private_broker: Any, make_server: Callable[
     private_broker.start()
     wait_for(lambda: httpx.get(f"{server.url}/readyz").status_code == 200, timeout=60,
              what="/readyz to recover with the broker")
+
+
+def test_release_session_ends_a_retired_replicas_session() -> None:
+    client_id = f"retired-{uuid.uuid4().hex[:6]}"
+    with services.mosquitto(auth="none", tls=False) as broker:
+        old = WireClient("127.0.0.1", broker.port, client_id, clean_start=True, session_expiry=3600)
+        old.connect()
+        old.close()
+        result = CliRunner().invoke(server_cli.app, ["release-session"],
+                                    env=_env({**broker.server_settings(), "mqtt_client_id": client_id}))
+        assert result.exit_code == 0, result.output
+        probe = WireClient("127.0.0.1", broker.port, client_id, clean_start=False, session_expiry=0)
+        assert probe.connect() is False
+        probe.close()
