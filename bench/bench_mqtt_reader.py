@@ -94,8 +94,8 @@ def drain_paho(port: int, client_id: str, expect: int, batch: int) -> tuple[floa
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, manual_ack=True)
     c.on_message = on_message
     c.max_inflight_messages_set(65535)
-    from paho.mqtt.properties import Properties
     from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
 
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = 3600

@@ -189,7 +189,7 @@ class Ingester:
                         self._last_error = ""
                         delay = 0.2
                         log.info("ingesting telemetry from %s:%d (%s)", self.host, self.port, self.topic)
-            except Exception as exc:  # noqa: BLE001 - the reader reconnects whatever broke; it never dies
+            except Exception as exc:  # the reader reconnects whatever broke; it never dies
                 self.connected.clear()
                 self._last_error = str(exc)
                 self.ctx.counters.add("mqtt_reconnects")
@@ -237,7 +237,6 @@ class Ingester:
 
     def _commit(self, messages: list[Telemetry]) -> int:
         with self.ctx.sessions() as session, session.begin():
-            self.membership.refresh(session)
             return write_batch(session, messages, self.membership, self.ctx.clock())
 
     def _store(self, messages: list[Telemetry]) -> tuple[int, list[Telemetry]]:

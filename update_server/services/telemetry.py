@@ -210,7 +210,7 @@ class MembershipCache:
 
     New memberships are read by id (rows are inserted under the ``rollouts`` lock, so ids commit in
     order); the set of active rollouts is re-read each refresh, so a finished rollout stops collecting.
-    The ingester refreshes it in every batch's own transaction, before attributing the batch (two small
+    :func:`write_batch` refreshes it in every batch's own transaction, before attributing the batch (two small
     queries): a device's telemetry is sent after the check-in that follows its joining a rollout, so the
     membership row has committed before that telemetry's batch starts and the batch sees it. (A refresh at
     most every 0.5 s attributed telemetry arriving right after a join to no rollout.)
@@ -276,9 +276,12 @@ def _insert_seen(session: Session, ids: list[str], now: datetime) -> set[str]:
 
 def write_batch(session: Session, messages: Sequence[Telemetry], membership: MembershipCache,
                 now: datetime) -> int:
-    """Store a batch; returns how many messages were new (the rest were duplicates)."""
+    """Store a batch; returns how many messages were new (the rest were duplicates).
+
+    ``membership`` is refreshed first, in this transaction, so attribution never depends on the cache's age."""
     if not messages:
         return 0
+    membership.refresh(session)
     unique = {m.message_id: m for m in messages}
     new_ids = _insert_seen(session, sorted(unique), now)
     aggs: dict[tuple[str, str, str, str], dict[str, Any]] = {}
