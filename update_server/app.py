@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -207,10 +207,12 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["health"])
-    def readyz() -> JSONResponse:
+    def readyz(scope: Literal["all", "http"] = "all") -> JSONResponse:
         """Ready: the database answers and, when this server ingests telemetry, the ingester is connected,
-        its threads alive and its writer not stuck (``Ingester.health``). 503 names the reason."""
-        ingester = getattr(app.state, "ingester", None)
+        its threads alive and its writer not stuck (``Ingester.health``). 503 names the reason.
+        ``scope=http``: the database only (a load balancer that should keep routing check-ins while the
+        broker is down)."""
+        ingester = getattr(app.state, "ingester", None) if scope == "all" else None
         body: dict[str, Any] = {"status": "ready"}
         if ingester is not None:
             health = ingester.health()

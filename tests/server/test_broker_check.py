@@ -102,6 +102,7 @@ def test_readyz_reports_the_ingester(private_broker: Any, make_server: Callable[
                     what="/readyz to fail while the broker is down")
     assert "not connected to the broker" in down.json()["status"]
     assert down.headers["retry-after"] == "2"
+    assert httpx.get(f"{server.url}/readyz", params={"scope": "http"}).status_code == 200  # check-ins still work
     private_broker.start()
     wait_for(lambda: httpx.get(f"{server.url}/readyz").status_code == 200, timeout=60,
              what="/readyz to recover with the broker")
