@@ -120,3 +120,13 @@ def test_release_session_ends_a_retired_replicas_session() -> None:
         probe = WireClient("127.0.0.1", broker.port, client_id, clean_start=False, session_expiry=0)
         assert probe.connect() is False
         probe.close()
+
+
+def test_serve_logs_the_broker_check_at_start(make_server: Callable[..., LiveServer], tmp_path: Path) -> None:
+    with services.mosquitto(auth="none", tls=False, max_queued_messages=1000) as broker:
+        server = make_server(f"sqlite:///{tmp_path / 'c.db'}", mqtt_url=broker.url, broker_check=True,
+                             prefix=f"edgepack-chk-{uuid.uuid4().hex[:6]}/v1/devices")
+        body = wait_for(lambda: (r := httpx.get(f"{server.url}/readyz").json()).get("broker_check") and r,
+                        timeout=60, what="the start-up broker check")
+        server.stop()
+    assert "1000 of 1500" in body["broker_check"][0]
