@@ -7,7 +7,7 @@ import json
 
 from sqlalchemy import create_engine, func, select
 
-from tests.server.conftest import LiveServer, enrollment_token, wait_for
+from tests.server.conftest import LiveServer, enrollment_token, push, wait_for
 from tests.server.sim import Publisher, SimDevice
 from update_server.models import TelemetryAggregate, TelemetryEvent
 
@@ -65,3 +65,67 @@ def test_migrations_match_models(server: LiveServer) -> None:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     engine.dispose()
     assert diff == []
+
+
+def test_telemetry_right_after_a_rollout_starts_counts_for_it(server: LiveServer, digits_bundles: dict) -> None:
+    """Attribution reads the memberships committed before the batch, whatever the ingester's cache saw
+    earlier (a cache refreshed every 0.5 s credited such windows to no rollout: 22 of 24 devices reporting)."""
+    from datetime import datetime, timezone
+
+    from update_server.services.telemetry import MembershipCache, parse, write_batch
+
+    assert push(server, digits_bundles["1.0.0"]).status_code == 201
+    assert push(server, digits_bundles["1.1.0"]).status_code == 201
+    device = SimDevice(server.url, "attr-1")
+    device.enroll(enrollment_token(server))
+    device.active = {"name": "digits", "version": "1.0.0", "release_counter": 1, "variant": "onnx-fp32"}
+    assert device.checkin().status_code == 200
+    cache = MembershipCache()
+    with server.ctx.sessions() as session, session.begin():
+        cache.refresh(session)  # the ingester's view before the rollout exists
+    with server.admin as client:
+        r = client.post("/api/v1/rollouts", json={"bundle": {"name": "digits", "version": "1.1.0"}, "phases": [100],
+                                                 "start": True})
+        assert r.status_code == 201, r.text
+    rollout_id = r.json()["id"]
+    now = datetime.now(timezone.utc).isoformat()
+    prefix = server.prefix
+    body = {"schema": "edgepack.telemetry.v1", "kind": "window", "message_id": "a" * 32, "device_id": "attr-1",
+            "seq": 1, "sent_at": now, "bundle": device.active,
+            "window": {"start": now, "end": now, "requests": 5, "errors": 0}}
+    msg = parse(f"{prefix}/attr-1/telemetry/window", json.dumps(body).encode(), prefix=prefix, max_bytes=65536)
+    with server.ctx.sessions() as session, session.begin():
+        assert write_batch(session, [msg], cache, datetime.now(timezone.utc)) == 1
+    with server.ctx.sessions() as session:
+        row = session.scalars(select(TelemetryAggregate).where(TelemetryAggregate.device_id == "attr-1")).one()
+    assert row.rollout_id == rollout_id and row.requests == 5
+
+
+def test_worker_slots_give_restarted_workers_the_same_client_ids(tmp_path: object) -> None:
+    """With several workers each ingests as ``<id>-w<i>``: a slot is a lock held while the process lives, so
+    a restarted server's workers take the same ids again (a pid in the id left a stale session per restart)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from update_server.ingest import WorkerSlot
+    from update_server.settings import Settings
+
+    slots = Path(str(tmp_path)) / "ingest-slots"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from update_server.ingest import WorkerSlot; "
+        f"s = WorkerSlot.claim(Path({str(slots)!r}), 2); print(s.index, flush=True); sys.stdin.read()")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "0"  # another worker holds slot 0
+        mine = WorkerSlot.claim(slots, 2)
+        assert mine is not None and mine.index == 1
+        assert WorkerSlot.claim(slots, 2) is None  # both taken
+    finally:
+        holder.communicate("", timeout=30)  # that worker exits: its lock goes with it
+    again = WorkerSlot.claim(slots, 2)
+    assert again is not None and again.index == 0
+    again.release()
+    mine.release()
+    ids = Settings(mqtt_client_id="srv", workers=2).ingest_client_ids()
+    assert ids == ["srv-w0", "srv-w1"]
