@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -134,6 +134,23 @@ def maintain_repository(ctx: ServerContext) -> None:
         prune_health(session, now)
 
 
+def _check_broker_in_background(ctx: ServerContext) -> None:
+    """Probe the broker's settings (``broker.check``) without delaying the start; log what to change."""
+    from update_server.broker.check import check_broker
+
+    def run() -> None:
+        try:
+            report = check_broker(ctx.settings)
+        except Exception:
+            log.exception("the broker check failed (edgepack-server check-broker runs it by hand)")
+            return
+        for line in report.lines():
+            (log.warning if report.problems else log.info)("broker check: %s", line)
+        ctx.broker_report = report
+
+    threading.Thread(target=run, name="broker-check", daemon=True).start()
+
+
 def create_app(settings: Settings | None = None, *, background: bool = True) -> FastAPI:
     """The FastAPI app. ``background=False`` leaves out loops and MQTT (for tools and some tests)."""
     settings = settings or Settings.load()
@@ -151,27 +168,35 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         if ctx.broker is not None and settings.mqtt_url:  # enrollment needs it, with or without background
             ctx.broker.start()
             started.append(ctx.broker)
-        if background:
-            if settings.mqtt_url:
-                from update_server.ingest import Ingester, Notifier
-
-                notifier = Notifier(ctx)
-                notifier.start()
-                ctx.notify = notifier
-                started.append(notifier)
-                ingester = Ingester(ctx)
-                ingester.start()
-                app.state.ingester = ingester
-                started.append(ingester)
-            started.append(Loop("gate-loop", settings.gate_interval_s, lambda: evaluate_all(ctx)))
-            started.append(Loop("repo-loop", settings.repo_refresh_interval_s, lambda: maintain_repository(ctx)))
-            for loop in started[-2:]:
-                loop.start()
+        served = False
         try:
+            if background:
+                if settings.mqtt_url:
+                    from update_server.ingest import Ingester, Notifier
+
+                    notifier = Notifier(ctx)
+                    notifier.start()
+                    ctx.notify = notifier
+                    started.append(notifier)
+                    ingester = Ingester(ctx)
+                    ingester.start()
+                    app.state.ingester = ingester
+                    started.append(ingester)
+                    if settings.broker_check:
+                        _check_broker_in_background(ctx)
+                started.append(Loop("gate-loop", settings.gate_interval_s, lambda: evaluate_all(ctx)))
+                started.append(Loop("repo-loop", settings.repo_refresh_interval_s, lambda: maintain_repository(ctx)))
+                for loop in started[-2:]:
+                    loop.start()
+            served = True
             yield
         finally:
             for item in reversed(started):
-                item.stop()
+                if item is getattr(app.state, "ingester", None):
+                    # A start that failed must not leave a session in the shared subscription taking telemetry.
+                    item.stop(release=not served)
+                else:
+                    item.stop()
             ctx.engine.dispose()
             if ctx.checkin_pool is not None:
                 await ctx.checkin_pool.close()
@@ -195,10 +220,23 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["health"])
-    def readyz() -> JSONResponse:
-        """200 when the database answers; 503 + Retry-After at once while the guard has it down, else within
-        the guard's detection time (the SELECT 1 below is cut with every other statement)."""
-        unavailable = JSONResponse({"status": "database unavailable"}, status_code=503, headers={"Retry-After": "2"})
+    def readyz(scope: Literal["all", "http"] = "all") -> JSONResponse:
+        """Ready: the database answers and, when this server ingests telemetry, the ingester is connected,
+        its threads alive and its writer not stuck (``Ingester.health``). 503 names the reason.
+        ``scope=http``: the database only (a load balancer that should keep routing check-ins while the
+        broker is down). 503 + Retry-After at once while the database guard has the database down, else
+        within the guard's detection time (the SELECT 1 below is cut with every other statement)."""
+        ingester = getattr(app.state, "ingester", None) if scope == "all" else None
+        body: dict[str, Any] = {"status": "ready"}
+        if ingester is not None:
+            health = ingester.health()
+            body["ingester"] = health.as_dict()
+            if health.problem:
+                body["status"] = health.problem
+        if ctx.broker_report is not None:
+            body["broker_check"] = ctx.broker_report.problems or "ok"
+        unavailable = JSONResponse({**body, "status": "database unavailable"}, status_code=503,
+                                   headers={"Retry-After": "2"})
         if ctx.db_guard is not None and ctx.db_guard.down:
             return unavailable
         try:
@@ -208,6 +246,8 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
             if is_unavailable(exc):
                 return unavailable
             raise
-        return JSONResponse({"status": "ready"})
+        if body["status"] != "ready":
+            return JSONResponse(body, status_code=503, headers={"Retry-After": "2"})
+        return JSONResponse(body)
 
     return app

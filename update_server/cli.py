@@ -121,8 +121,17 @@ def _run(settings: Settings, log_level: str) -> None:
     else:
         from update_server.app import create_app
 
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
-                    access_log=False, ssl_certfile=cert, ssl_keyfile=tls_key)
+        # Bind first: uvicorn would run the lifespan (which connects the ingester into the shared subscription)
+        # before binding, so a port in use would leave a broker session behind taking telemetry.
+        # (With several workers uvicorn binds in the parent before any worker starts.)
+        config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
+                                access_log=False, ssl_certfile=cert, ssl_keyfile=tls_key)
+        try:
+            sock = config.bind_socket()
+        except SystemExit as exc:  # uvicorn logged why (address in use, permission)
+            typer.echo(f"error: cannot listen on {settings.host}:{settings.port}; nothing was started", err=True)
+            raise typer.Exit(1) from exc
+        uvicorn.Server(config).run(sockets=[sock])
 
 
 @app.command()
@@ -165,6 +174,55 @@ def ingest(config: Path | None = ConfigOpt, log_level: str = typer.Option("info"
         if ctx.db_guard is not None:
             ctx.db_guard.stop()
         ctx.engine.dispose()
+
+
+@app.command("check-broker")
+def check_broker_cmd(config: Path | None = ConfigOpt,
+                     messages: int = typer.Option(1500, help="QoS 1 messages queued for the probe while it is "
+                                                             "away (more than Mosquitto's default cap of 1000)."),
+                     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
+    """Check the broker keeps the server's session and queues a large backlog for it; print what to set.
+
+    Exit code 0 when it does, 1 when something must change in the broker's configuration."""
+    import json
+
+    from update_server.broker.check import check_broker
+
+    settings = _settings(config)
+    if not settings.mqtt_url:
+        typer.echo("error: EDGEPACK_MQTT_URL is not set; there is no broker to check", err=True)
+        raise typer.Exit(2)
+    report = check_broker(settings, messages=messages)
+    if json_out:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        for line in report.lines():
+            typer.echo(line)
+        typer.echo("ok" if report.ok else "the broker needs changes (see the PROBLEM lines)")
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command("release-session")
+def release_session_cmd(config: Path | None = ConfigOpt) -> None:
+    """End the broker session of this replica's mqtt_client_id (a replica retired for good): otherwise the
+    session keeps taking its share of the telemetry until it expires. Stop the replica first."""
+    from update_server.broker.endpoint import Endpoint
+    from update_server.mqtt_wire import MqttError, WireClient
+
+    settings = _settings(config)
+    if not settings.mqtt_url:
+        typer.echo("error: EDGEPACK_MQTT_URL is not set", err=True)
+        raise typer.Exit(2)
+    b = Endpoint.for_server(settings, account="ingest")
+    for client_id in settings.ingest_client_ids():  # one per worker
+        client = WireClient(b.host, b.port, client_id, protocol=5 if settings.mqtt_protocol == "5" else 4,
+                            username=b.username, password=b.password, ssl_context=b.ssl_context())
+        try:
+            client.release_session()
+        except (MqttError, OSError) as exc:
+            typer.echo(f"error: could not reach the broker at {b.host}:{b.port}: {exc}", err=True)
+            raise typer.Exit(1) from exc
+        typer.echo(f"ended the broker session of {client_id}")
 
 
 @app.command("migrate")

@@ -43,6 +43,8 @@ class ServerContext:
     """Devices' broker accounts (update_server/broker/); None: no broker configured."""
     metrics: Metrics = field(default_factory=Metrics)
     """Prometheus metrics of this process (summed over workers at /metrics); ``counters`` is their seam."""
+    broker_report: Any = None
+    """The start-up broker check's result (``broker.check.BrokerReport``), once it has run."""
     notify: Notify = lambda devices: None
     clock: Callable[[], datetime] = utcnow
 

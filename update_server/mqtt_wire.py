@@ -144,6 +144,17 @@ class WireClient:
             self.sock = None
         self._io_thread = None
 
+    def release_session(self, timeout: float = 10.0) -> None:
+        """End this client id's session on the broker: connect with clean start (the broker discards the old
+        session and its queue) and a session expiry of 0, then disconnect (the new one ends with it)."""
+        keep = self.clean_start, self.session_expiry
+        self.clean_start, self.session_expiry = True, 0
+        try:
+            self.connect(timeout)
+        finally:
+            self.clean_start, self.session_expiry = keep
+            self.close()
+
     def subscribe(self, topic: str, qos: int = 1) -> None:
         """Send SUBSCRIBE; the SUBACK is handled by :meth:`read` (``subscribed`` is set, or MqttError).
 
@@ -172,6 +183,8 @@ class WireClient:
         return self._dispatch(on_message, on_puback)
 
     def _dispatch(self, on_message: Callable[[Message], None], on_puback: Callable[[int], None] | None) -> int:
+        """Handle every complete packet in the buffer. A malformed packet raises :class:`MqttError` (only
+        that: the caller reconnects); the fields of each packet are checked against its own length."""
         buf, pos, n, end = self._buf, 0, 0, len(self._buf)
         while pos + 2 <= end:
             first = buf[pos]
@@ -180,6 +193,8 @@ class WireClient:
                 if i >= end:
                     self._buf = buf[pos:]
                     return n
+                if i - pos > 4:
+                    raise MqttError("malformed packet from the broker: remaining length longer than 4 bytes")
                 byte = buf[i]
                 length += (byte & 0x7F) * mult
                 mult *= 128
@@ -188,39 +203,20 @@ class WireClient:
                     break
             if i + length > end:
                 break
+            packet_end = i + length
             ptype = first >> 4
             if ptype == PUBLISH:
-                qos = (first >> 1) & 3
-                tlen = (buf[i] << 8) | buf[i + 1]
-                j = i + 2 + tlen
-                topic = bytes(buf[i + 2:j]).decode("utf-8", "replace")
-                pid = 0
-                if qos:
-                    pid = (buf[j] << 8) | buf[j + 1]
-                    j += 2
-                if self.v5:  # skip the properties
-                    plen, pmult = 0, 1
-                    while True:
-                        byte = buf[j]
-                        j += 1
-                        plen += (byte & 0x7F) * pmult
-                        pmult *= 128
-                        if not byte & 0x80:
-                            break
-                    j += plen
-                on_message(Message(topic, bytes(buf[j:i + length]), pid, qos, self.generation))
+                on_message(self._publish(buf, first, i, packet_end))
                 n += 1
             elif ptype == PUBACK:
+                if length < 2:
+                    raise MqttError(f"malformed PUBACK from the broker ({length} bytes)")
                 pid = (buf[i] << 8) | buf[i + 1]
                 self.inflight.discard(pid)
                 if on_puback is not None:
                     on_puback(pid)
             elif ptype == SUBACK:
-                if self.v5:
-                    plen = buf[i + 2]
-                    code = buf[i + 3 + plen] if i + 3 + plen < i + length else 0x80
-                else:
-                    code = buf[i + 2] if i + 2 < i + length else 0x80
+                code = self._suback_code(buf, i, packet_end)
                 if code > 2:
                     raise MqttError(f"subscription refused by the broker (reason code 0x{code:02x})")
                 self.subscribed.set()
@@ -228,9 +224,53 @@ class WireClient:
                 raise MqttError("the broker sent DISCONNECT")
             elif ptype != PINGRESP:
                 raise MqttError(f"unsupported packet type {ptype} from the broker")
-            pos = i + length
+            pos = packet_end
         self._buf = buf[pos:]
         return n
+
+    def _publish(self, buf: bytearray, first: int, i: int, end: int) -> Message:
+        """The PUBLISH whose variable header starts at ``buf[i]`` and which ends before ``buf[end]``."""
+        qos = (first >> 1) & 3
+        if qos == 3:
+            raise MqttError("malformed PUBLISH from the broker: QoS 3")
+        if i + 2 > end:
+            raise MqttError("malformed PUBLISH from the broker: no topic length")
+        j = i + 2 + ((buf[i] << 8) | buf[i + 1])
+        if j > end:
+            raise MqttError("malformed PUBLISH from the broker: topic longer than the packet")
+        topic = bytes(buf[i + 2:j]).decode("utf-8", "replace")
+        pid = 0
+        if qos:
+            if j + 2 > end:
+                raise MqttError("malformed PUBLISH from the broker: no packet id")
+            pid = (buf[j] << 8) | buf[j + 1]
+            j += 2
+        if self.v5:  # skip the properties
+            plen, pmult, start = 0, 1, j
+            while True:
+                if j >= end or j - start >= 4:
+                    raise MqttError("malformed PUBLISH from the broker: bad properties length")
+                byte = buf[j]
+                j += 1
+                plen += (byte & 0x7F) * pmult
+                pmult *= 128
+                if not byte & 0x80:
+                    break
+            j += plen
+            if j > end:
+                raise MqttError("malformed PUBLISH from the broker: properties longer than the packet")
+        return Message(topic, bytes(buf[j:end]), pid, qos, self.generation)
+
+    def _suback_code(self, buf: bytearray, i: int, end: int) -> int:
+        """The first reason code of a SUBACK (0x80, failure, when it has none)."""
+        if i + 2 > end:
+            raise MqttError("malformed SUBACK from the broker: no packet id")
+        k = i + 2
+        if self.v5:
+            if k >= end:
+                raise MqttError("malformed SUBACK from the broker: no properties length")
+            k += 1 + buf[k]  # properties (a SUBACK's are short: one length byte)
+        return buf[k] if k < end else 0x80
 
     def _read_packet(self, timeout: float) -> tuple[int, int, bytes]:
         assert self.sock is not None
@@ -239,6 +279,8 @@ class WireClient:
             if len(self._buf) >= 2:
                 length, mult, i = 0, 1, 1
                 while i < len(self._buf):
+                    if i > 4:
+                        raise MqttError("malformed packet from the broker: remaining length longer than 4 bytes")
                     byte = self._buf[i]
                     length += (byte & 0x7F) * mult
                     mult *= 128
@@ -255,7 +297,10 @@ class WireClient:
             if time.monotonic() > deadline:
                 raise MqttError("timed out waiting for the broker")
             self.sock.settimeout(max(0.05, deadline - time.monotonic()))
-            chunk = self.sock.recv(1 << 16)
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except OSError as exc:
+                raise MqttError(f"connection lost: {exc}") from exc
             if not chunk:
                 raise MqttError("the broker closed the connection")
             self._buf += chunk

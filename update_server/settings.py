@@ -104,6 +104,14 @@ class Settings(BaseSettings):
     ingest_batch: int = 2000
     ingest_flush_s: float = 0.05
     ingest_queue: int = 200_000
+    max_request_rate: float = Field(10_000.0, gt=0, description="requests per second one device can serve: a "
+                                     "telemetry window claiming more for its duration is dropped (implausible_rate)")
+    mqtt_session_expiry_s: int = Field(24 * 3600, ge=0, le=2**32 - 1, description="how long the broker keeps "
+                                       "the ingester's session (and queues its telemetry) while it is away")
+    ingest_stuck_s: float = Field(60.0, gt=0, description="/readyz fails when queued telemetry has not been "
+                                  "committed for this long")
+    broker_check: bool = Field(True, description="at start, probe the broker's session and queue settings and "
+                                                 "log what to change (edgepack-server check-broker)")
 
     # --- rollouts
     default_phases: tuple[float, ...] = DEFAULT_PHASES
@@ -229,10 +237,20 @@ class Settings(BaseSettings):
         return warnings
 
     @property
+    def mqtt_client_id_base(self) -> str:
+        return self.mqtt_client_id or f"edgepack-server-{socket.gethostname()}-{self.port}"
+
+    def ingest_client_ids(self) -> list[str]:
+        """The ingester's client id of every worker: ``<base>`` with one worker, ``<base>-w<i>`` with several
+        (each worker process claims slot ``i``, ``ingest.WorkerSlot``, so the ids are stable across restarts)."""
+        base = self.mqtt_client_id_base
+        return [base] if self.workers <= 1 else [f"{base}-w{i}" for i in range(self.workers)]
+
+    @property
     def effective_mqtt_client_id(self) -> str:
         """Stable per replica so its persistent session survives restarts; with several worker processes
         each needs its own id (the broker would otherwise disconnect one for the other), so the pid is added."""
-        base = self.mqtt_client_id or f"edgepack-server-{socket.gethostname()}-{self.port}"
+        base = self.mqtt_client_id_base
         return f"{base}-{os.getpid()}" if self.workers > 1 else base
 
 

@@ -100,7 +100,8 @@ def start_server(*, keys: KeyStore, data_dir: Path, db_url: str, mqtt_url: str =
         data_dir=data_dir, keys_dir=keys.directory / "online", database_url=db_url, port=port, mqtt_url=mqtt_url,
         mqtt_topic_prefix=prefix or "edgepack/v1/devices", mqtt_share_group=f"g-{uuid.uuid4().hex[:8]}",
         mqtt_client_id=f"srv-{uuid.uuid4().hex[:8]}", gate_interval_s=0.2, default_min_soak_s=0,
-        default_min_devices=1, poll_interval_s=1)
+        default_min_devices=1, poll_interval_s=1,
+        broker_check=False)  # the start-up broker probe (1,500 messages) has its own tests: test_broker_check.py
     if broker is not None:
         values.update(broker.server_settings(account_prefix=account_prefix or f"t{uuid.uuid4().hex[:8]}-"))
     ssl: dict[str, Any] = {}

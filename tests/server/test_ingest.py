@@ -7,7 +7,7 @@ import json
 
 from sqlalchemy import create_engine, func, select
 
-from tests.server.conftest import LiveServer, enrollment_token, wait_for
+from tests.server.conftest import LiveServer, enrollment_token, push, wait_for
 from tests.server.sim import Publisher, SimDevice
 from update_server.models import TelemetryAggregate, TelemetryEvent
 
@@ -65,3 +65,37 @@ def test_migrations_match_models(server: LiveServer) -> None:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     engine.dispose()
     assert diff == []
+
+
+def test_telemetry_right_after_a_rollout_starts_counts_for_it(server: LiveServer, digits_bundles: dict) -> None:
+    """Attribution reads the memberships committed before the batch, whatever the ingester's cache saw
+    earlier (a cache refreshed every 0.5 s credited such windows to no rollout: 22 of 24 devices reporting)."""
+    from datetime import datetime, timezone
+
+    from update_server.services.telemetry import MembershipCache, parse, write_batch
+
+    assert push(server, digits_bundles["1.0.0"]).status_code == 201
+    assert push(server, digits_bundles["1.1.0"]).status_code == 201
+    device = SimDevice(server.url, "attr-1")
+    device.enroll(enrollment_token(server))
+    device.active = {"name": "digits", "version": "1.0.0", "release_counter": 1, "variant": "onnx-fp32"}
+    assert device.checkin().status_code == 200
+    cache = MembershipCache()
+    with server.ctx.sessions() as session, session.begin():
+        cache.refresh(session)  # the ingester's view before the rollout exists
+    with server.admin as client:
+        r = client.post("/api/v1/rollouts", json={"bundle": {"name": "digits", "version": "1.1.0"}, "phases": [100],
+                                                 "start": True})
+        assert r.status_code == 201, r.text
+    rollout_id = r.json()["id"]
+    now = datetime.now(timezone.utc).isoformat()
+    prefix = server.prefix
+    body = {"schema": "edgepack.telemetry.v1", "kind": "window", "message_id": "a" * 32, "device_id": "attr-1",
+            "seq": 1, "sent_at": now, "bundle": device.active,
+            "window": {"start": now, "end": now, "requests": 5, "errors": 0}}
+    msg = parse(f"{prefix}/attr-1/telemetry/window", json.dumps(body).encode(), prefix=prefix, max_bytes=65536)
+    with server.ctx.sessions() as session, session.begin():
+        assert write_batch(session, [msg], cache, datetime.now(timezone.utc)) == 1
+    with server.ctx.sessions() as session:
+        row = session.scalars(select(TelemetryAggregate).where(TelemetryAggregate.device_id == "attr-1")).one()
+    assert row.rollout_id == rollout_id and row.requests == 5

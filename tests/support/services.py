@@ -58,11 +58,11 @@ class Mosquitto(MosquittoBroker):
     temporary directory, on free ports; tests may stop and start it again (same ports, same state)."""
 
     def __init__(self, *, persistence: bool = True, auth: str = "dynsec", tls: bool = True,
-                 plain_listener: bool = False) -> None:
+                 plain_listener: bool = False, max_queued_messages: int = 1_000_000) -> None:
         if shutil.which("mosquitto") is None and not os.path.exists("/usr/sbin/mosquitto"):
             service_missing("the mosquitto binary")
         super().__init__(Path(tempfile.mkdtemp(prefix="mosq-")), auth=auth, tls=tls, persistence=persistence,
-                         plain_listener=plain_listener)
+                         plain_listener=plain_listener, max_queued_messages=max_queued_messages)
 
 
 @contextmanager

@@ -41,6 +41,9 @@ MAX_LATENESS = timedelta(days=7)
 MAX_CLASSES = 1000
 MAX_DRIFT_FEATURES = 4096
 MAX_DRIFT_BINS = 64
+MAX_COUNT = 10**12
+"""As ``services.telemetry.MAX_COUNT``: a larger count in a window's classes or input histogram is ignored (it
+could not be summed into 64-bit storage)."""
 SUMS = ("windows", "requests", "errors", "crashes", "feedback_count", "feedback_correct", "input_samples",
         *LATENCY_COLUMNS)
 
@@ -66,13 +69,14 @@ def parse_hist(stats: Any) -> tuple[str, int, np.ndarray] | None:
     if not isinstance(hist, dict):
         return None
     profile, samples, counts = hist.get("profile"), hist.get("samples"), hist.get("counts")
-    if not isinstance(profile, str) or not 0 < len(profile) <= 32 or not isinstance(samples, int) or samples <= 0:
+    if not isinstance(profile, str) or not 0 < len(profile) <= 32 or not isinstance(samples, int) or \
+            not 0 < samples <= MAX_COUNT:
         return None
     if not isinstance(counts, list) or not 0 < len(counts) <= MAX_DRIFT_FEATURES:
         return None
     for row in counts:
         if not isinstance(row, list) or not 0 < len(row) <= MAX_DRIFT_BINS or \
-                not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in row):
+                not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= MAX_COUNT for c in row):
             return None
     return profile, samples, np.fromiter(itertools.chain.from_iterable(counts), dtype=np.int64)
 
@@ -90,7 +94,7 @@ def _classes(window: Any) -> dict[str, int]:
     if not isinstance(raw, dict):
         return {}
     return {str(k)[:64]: int(v) for k, v in list(raw.items())[:MAX_CLASSES]
-            if isinstance(v, int) and not isinstance(v, bool) and v > 0}
+            if isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_COUNT}
 
 
 def record_windows(session: Session, messages: Sequence[Telemetry], now: datetime) -> None:

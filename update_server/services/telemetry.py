@@ -10,13 +10,14 @@ not from the device's claim.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, Literal, cast
+from datetime import datetime, timedelta, timezone
+from typing import Annotated, Any, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import Table, bindparam, insert, select, text
 from sqlalchemy.orm import Session
 
@@ -44,33 +45,66 @@ SUM_COLUMNS = ("windows", "requests", "errors", "crashes", "feedback_count", "fe
                "install_failures", *LATENCY_COLUMNS)
 
 
+MAX_COUNT = 10**12
+"""The largest count one window may carry in any field (requests, errors, feedback, a latency bucket, ...).
+
+Every count is summed into 64-bit integer columns (SQLite INTEGER, PostgreSQL bigint, at most 2**63 - 1 ~
+9.2e18): at this bound a sum row holds 9 million windows before it could overflow, and a value the database
+cannot store (``requests: 10**30``) is refused here, at validation, instead of failing a whole batch's write."""
+MAX_INT64 = 2**63 - 1
+MAX_WINDOW = timedelta(days=7)
+"""A window longer than this earns no more request allowance than this (see :func:`check_window`)."""
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:  # PostgreSQL text cannot hold NUL: the row would fail the whole batch's write
+        raise ValueError("contains a NUL character")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_nul)]
+
+
+def _storable_json(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``detail`` is stored as JSON (PostgreSQL jsonb): no NaN/Infinity, no NUL character."""
+    if value is not None:
+        try:
+            text = json.dumps(value, allow_nan=False)
+        except ValueError:
+            raise ValueError("holds NaN or Infinity, which JSON columns cannot store") from None
+        if "\\u0000" in text:
+            raise ValueError("contains a NUL character")
+    return value
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
 
 class BundleRef(_Model):
-    name: str = Field(min_length=1, max_length=128)
-    version: str = Field(min_length=1, max_length=64)
-    release_counter: int | None = None
-    variant: str | None = None
+    name: Text = Field(min_length=1, max_length=128)
+    version: Text = Field(min_length=1, max_length=64)
+    release_counter: int | None = Field(None, ge=0, le=MAX_INT64)
+    variant: Text | None = Field(None, max_length=128)
 
 
 class Latency(_Model):
     bounds: list[float] = Field(max_length=64)
-    counts: list[int] = Field(max_length=65)
+    counts: list[Count] = Field(max_length=65)
 
 
 class Feedback(_Model):
-    count: int = Field(ge=0)
-    correct: int = Field(ge=0)
+    count: Count
+    correct: Count
 
 
 class Window(_Model):
-    start: str = Field(max_length=64)  # kept as text: only sums are used, and parsing costs ~5 us a message
+    start: str = Field(max_length=64)  # kept as text; parsed once by check_window for the duration
     end: str = Field(max_length=64)
-    requests: int = Field(ge=0)
-    errors: int = Field(ge=0)
-    crashes: int = Field(0, ge=0)
+    requests: Count
+    errors: Count
+    crashes: Count = 0
     latency_ms: Latency | None = None
     feedback: Feedback | None = None
     predicted_classes: dict[str, Any] | None = None  # checked by services.health (dashboard, drift)
@@ -83,14 +117,14 @@ class Telemetry(_Model):
     schema_: Literal["edgepack.telemetry.v1"] = Field(alias="schema")
     kind: Literal["event", "window"]
     message_id: str = Field(pattern=r"^[0-9a-f]{32}$")
-    device_id: str = Field(min_length=1, max_length=128)
-    seq: int = Field(ge=0)
+    device_id: Text = Field(min_length=1, max_length=128)
+    seq: int = Field(ge=0, le=MAX_INT64)
     sent_at: datetime
     bundle: BundleRef | None = None
-    rollout_id: str | None = None
+    rollout_id: Text | None = Field(None, max_length=64)
     event: str | None = None
     target: BundleRef | None = None
-    detail: dict[str, Any] | None = None
+    detail: Annotated[dict[str, Any] | None, AfterValidator(_storable_json)] = None
     window: Window | None = None
 
 
@@ -102,7 +136,34 @@ class Rejected(Exception):
         self.reason = reason
 
 
-def parse(topic: str, payload: bytes, *, prefix: str, max_bytes: int) -> Telemetry:
+def _instant(text: str) -> datetime:
+    at = datetime.fromisoformat(text)
+    return at if at.tzinfo else at.replace(tzinfo=timezone.utc)
+
+
+def check_window(window: Window, max_rate: float) -> None:
+    """Refuse a window that claims more than a device can do in its duration (raises :class:`Rejected`).
+
+    A window spans ``start``..``end`` (device clock, ISO 8601); it may count at most ``max_rate`` requests per
+    second over that span plus one second (a window sent at once, ``start == end``, still holds up to
+    ``max_rate`` requests), the span counted up to :data:`MAX_WINDOW`. The same allowance caps errors,
+    feedback and the latency histogram's total: one bad device cannot outweigh a fleet in the gates."""
+    try:
+        span = (_instant(window.end) - _instant(window.start)).total_seconds()
+    except (ValueError, OverflowError):
+        raise Rejected("bad_window_time", f"window start/end must be ISO 8601 times, got {window.start!r}, "
+                                          f"{window.end!r}") from None
+    if span < 0:
+        raise Rejected("bad_window_time", f"window ends ({window.end}) before it starts ({window.start})")
+    allowed = max_rate * (min(span, MAX_WINDOW.total_seconds()) + 1.0)
+    claimed = max(window.requests, window.errors, window.feedback.count if window.feedback else 0,
+                  sum(window.latency_ms.counts) if window.latency_ms else 0)
+    if claimed > allowed:
+        raise Rejected("implausible_rate", f"{claimed} requests in a {span:.0f} s window is more than "
+                                           f"max_request_rate={max_rate:g}/s allows ({allowed:.0f})")
+
+
+def parse(topic: str, payload: bytes, *, prefix: str, max_bytes: int, max_rate: float = 10_000.0) -> Telemetry:
     """Validate one MQTT message; raises :class:`Rejected`."""
     if len(payload) > max_bytes:
         raise Rejected("oversized", f"{len(payload)} bytes > {max_bytes}")
@@ -113,13 +174,17 @@ def parse(topic: str, payload: bytes, *, prefix: str, max_bytes: int) -> Telemet
     try:
         msg = Telemetry.model_validate_json(payload)
     except ValidationError as exc:
-        raise Rejected("malformed", str(exc.errors()[:1])) from None
+        errors = exc.errors()
+        bound = any(e["type"] in ("less_than_equal", "greater_than_equal") for e in errors)
+        raise Rejected("out_of_range" if bound else "malformed", str(errors[:1])) from None
     if msg.device_id != parts[len(base)]:
         raise Rejected("device_mismatch", f"topic {parts[len(base)]} != payload {msg.device_id}")
     if parts[-1] != msg.kind:
         raise Rejected("kind_mismatch", f"topic {parts[-1]} != payload {msg.kind}")
     if msg.kind == "window" and (msg.window is None or msg.bundle is None):
         raise Rejected("malformed", "a window needs `window` and `bundle`")
+    if msg.kind == "window" and msg.window is not None:
+        check_window(msg.window, max_rate)
     if msg.kind == "event" and msg.event not in EVENTS:
         raise Rejected("malformed", f"unknown event {msg.event!r}")
     return msg
@@ -145,6 +210,10 @@ class MembershipCache:
 
     New memberships are read by id (rows are inserted under the ``rollouts`` lock, so ids commit in
     order); the set of active rollouts is re-read each refresh, so a finished rollout stops collecting.
+    :func:`write_batch` refreshes it in every batch's own transaction, before attributing the batch (two small
+    queries): a device's telemetry is sent after the check-in that follows its joining a rollout, so the
+    membership row has committed before that telemetry's batch starts and the batch sees it. (A refresh at
+    most every 0.5 s attributed telemetry arriving right after a join to no rollout.)
     """
 
     by_device: dict[str, dict[str, tuple[str, int]]] = field(default_factory=dict)
@@ -207,9 +276,12 @@ def _insert_seen(session: Session, ids: list[str], now: datetime) -> set[str]:
 
 def write_batch(session: Session, messages: Sequence[Telemetry], membership: MembershipCache,
                 now: datetime) -> int:
-    """Store a batch; returns how many messages were new (the rest were duplicates)."""
+    """Store a batch; returns how many messages were new (the rest were duplicates).
+
+    ``membership`` is refreshed first, in this transaction, so attribution never depends on the cache's age."""
     if not messages:
         return 0
+    membership.refresh(session)
     unique = {m.message_id: m for m in messages}
     new_ids = _insert_seen(session, sorted(unique), now)
     aggs: dict[tuple[str, str, str, str], dict[str, Any]] = {}
@@ -268,10 +340,11 @@ def write_batch(session: Session, messages: Sequence[Telemetry], membership: Mem
     return len(new_ids)
 
 
-def parse_one(topic: str, payload: bytes, *, prefix: str, max_bytes: int, counters: Any) -> Telemetry | None:
+def parse_one(topic: str, payload: bytes, *, prefix: str, max_bytes: int, counters: Any,
+              max_rate: float = 10_000.0) -> Telemetry | None:
     """:func:`parse`, counting a rejected message (by reason) instead of raising."""
     try:
-        return parse(topic, payload, prefix=prefix, max_bytes=max_bytes)
+        return parse(topic, payload, prefix=prefix, max_bytes=max_bytes, max_rate=max_rate)
     except Rejected as exc:
         counters.add(f"telemetry_dropped_{exc.reason}")
         log.debug("dropped telemetry on %s: %s", topic, exc)
