@@ -6,6 +6,13 @@ new messages are summed in Python per aggregate key and upserted (``ON CONFLICT 
 excluded.x``) in sorted key order, so concurrent replicas take row locks in the same order and cannot
 deadlock. Which rollout (and phase) a message belongs to comes from the server's own membership table,
 not from the device's claim.
+
+End-to-end acknowledgement (docs/protocol.md "Telemetry delivery"): a message is new only if its
+``message_id`` AND its ``(device, seq)`` are new. Each device's row in ``telemetry_progress`` (locked, in
+device order) holds the committed high-water mark: every seq up to it is stored or known lost. Seqs above
+the mark go into ``telemetry_seqs``; the mark advances over them once contiguous, and the rows it covers
+are deleted. The check-in returns the mark; the agent deletes the messages it covers from its outbox and
+re-sends the others. :func:`close_gaps` (at check-in) counts the seqs the device can no longer send as lost.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any, Literal, cast
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import Table, bindparam, insert, select, text
+from sqlalchemy import Table, bindparam, delete, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from update_server.db import dialect_insert
@@ -29,7 +36,9 @@ from update_server.models import (
     RolloutDevice,
     TelemetryAggregate,
     TelemetryEvent,
+    TelemetryProgress,
     TelemetrySeen,
+    TelemetrySeq,
     UTCDateTime,
 )
 from update_server.services.health import record_windows
@@ -274,16 +283,76 @@ def _insert_seen(session: Session, ids: list[str], now: datetime) -> set[str]:
     return set(conn.execute(stmt, [{"message_id": i, "received_at": now} for i in ids]).scalars())
 
 
+def _lock_progress(session: Session, devices: list[str]) -> dict[str, int]:
+    """Create the devices' progress rows if missing, lock them (in device order), return their marks."""
+    conn = session.connection()
+    table = TelemetryProgress.__table__
+    conn.execute(dialect_insert(session, table).on_conflict_do_nothing(),
+                 [{"device_id": d, "committed_seq": 0, "lost": 0, "resets": 0} for d in devices])
+    query = (select(TelemetryProgress.device_id, TelemetryProgress.committed_seq)
+             .where(TelemetryProgress.device_id.in_(devices)).order_by(TelemetryProgress.device_id))
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update()
+    return {d: int(m) for d, m in conn.execute(query)}
+
+
+def _advance(session: Session, marks: dict[str, int]) -> dict[str, int]:
+    """Move each device's mark over the contiguous seqs stored above it; delete the rows it covers.
+    Returns the new marks of the devices whose mark moved."""
+    conn = session.connection()
+    seqs = TelemetrySeq.__table__.c
+    rows = conn.execute(select(seqs.device_id, seqs.seq).where(seqs.device_id.in_(sorted(marks)))
+                        .order_by(seqs.device_id, seqs.seq))
+    moved: dict[str, int] = {}
+    for device_id, seq in rows:
+        mark = moved.get(device_id, marks[device_id])
+        if seq == mark + 1:
+            moved[device_id] = seq
+    progress = TelemetryProgress.__table__.c
+    for device_id in sorted(moved):
+        conn.execute(update(TelemetryProgress.__table__).where(progress.device_id == device_id)
+                     .values(committed_seq=moved[device_id]))
+        conn.execute(delete(TelemetrySeq.__table__).where(seqs.device_id == device_id,
+                                                          seqs.seq <= moved[device_id]))
+    return moved
+
+
+def _new_by_seq(session: Session, messages: Sequence[Telemetry]) -> tuple[list[Telemetry], dict[str, int]]:
+    """Messages whose (device, seq) is new: above the device's mark and not stored above it yet. Records them
+    in ``telemetry_seqs``. Returns them and the devices' marks (locked until the transaction ends). A seq of
+    0 means unnumbered (a sender without an outbox): de-duplicated by message id only."""
+    numbered: dict[tuple[str, int], Telemetry] = {}
+    unnumbered = []
+    for m in messages:
+        if m.seq <= 0:
+            unnumbered.append(m)
+        else:
+            numbered.setdefault((m.device_id, m.seq), m)
+    if not numbered:
+        return unnumbered, {}
+    marks = _lock_progress(session, sorted({d for d, _ in numbered}))
+    candidates = sorted(k for k in numbered if k[1] > marks[k[0]])
+    fresh: set[tuple[str, int]] = set()
+    if candidates:
+        table = TelemetrySeq.__table__
+        stmt = dialect_insert(session, table).on_conflict_do_nothing().returning(table.c.device_id, table.c.seq)
+        fresh = {(d, int(q)) for d, q in session.connection().execute(
+            stmt, [{"device_id": d, "seq": q} for d, q in candidates])}
+    return unnumbered + [numbered[k] for k in candidates if k in fresh], marks
+
+
 def write_batch(session: Session, messages: Sequence[Telemetry], membership: MembershipCache,
                 now: datetime) -> int:
-    """Store a batch; returns how many messages were new (the rest were duplicates).
+    """Store a batch; returns how many messages were new (the rest were duplicates by message id or by
+    (device, seq)), and advances the devices' committed marks.
 
     ``membership`` is refreshed first, in this transaction, so attribution never depends on the cache's age."""
     if not messages:
         return 0
     membership.refresh(session)
-    unique = {m.message_id: m for m in messages}
-    new_ids = _insert_seen(session, sorted(unique), now)
+    fresh, marks = _new_by_seq(session, messages)
+    unique = {m.message_id: m for m in fresh}
+    new_ids = _insert_seen(session, sorted(unique), now) if unique else set()
     aggs: dict[tuple[str, str, str, str], dict[str, Any]] = {}
     events: list[dict[str, Any]] = []
     for message_id in sorted(new_ids):
@@ -337,7 +406,45 @@ def write_batch(session: Session, messages: Sequence[Telemetry], membership: Mem
     if events:
         session.connection().execute(insert(cast(Table, TelemetryEvent.__table__)), events)
     record_windows(session, [unique[i] for i in sorted(new_ids)], now)  # dashboard and drift buckets
+    if marks:
+        _advance(session, marks)
     return len(new_ids)
+
+
+def close_gaps(session: Session, device_id: str, oldest_seq: int | None, last_seq: int | None) -> tuple[int, int]:
+    """What a check-in's ``outbox_oldest_seq``/``outbox_seq`` tell the server; returns (mark, newly lost).
+
+    * ``last_seq`` below the mark: the device's counter started again (its state directory was reset).
+      The mark and the stored seqs start again from 0 (``resets`` counts it), so its new messages are
+      not taken for duplicates.
+    * Every seq below ``oldest_seq`` has left the device's outbox: committed, or dropped by a full outbox.
+      Those not stored are lost for good: counted in ``lost``, and the mark moves past them (then over
+      the stored seqs contiguous above)."""
+    marks = _lock_progress(session, [device_id])
+    mark = marks[device_id]
+    conn = session.connection()
+    progress = TelemetryProgress.__table__.c
+    seqs = TelemetrySeq.__table__.c
+    if last_seq is not None and last_seq < mark:
+        log.warning("device %s reports telemetry seq %d below the committed mark %d: its state was reset; "
+                    "the mark starts again", device_id, last_seq, mark)
+        conn.execute(delete(TelemetrySeq.__table__).where(seqs.device_id == device_id))
+        conn.execute(update(TelemetryProgress.__table__).where(progress.device_id == device_id)
+                     .values(committed_seq=0, resets=progress.resets + 1))
+        mark = 0
+    if oldest_seq is None or oldest_seq <= mark + 1:
+        return mark, 0
+    stored = conn.execute(select(func.count()).select_from(TelemetrySeq.__table__).where(
+        seqs.device_id == device_id, seqs.seq > mark, seqs.seq < oldest_seq)).scalar_one()
+    lost = (oldest_seq - 1 - mark) - int(stored)
+    conn.execute(update(TelemetryProgress.__table__).where(progress.device_id == device_id)
+                 .values(committed_seq=oldest_seq - 1, lost=progress.lost + lost))
+    conn.execute(delete(TelemetrySeq.__table__).where(seqs.device_id == device_id, seqs.seq < oldest_seq))
+    moved = _advance(session, {device_id: oldest_seq - 1})
+    if lost:
+        log.warning("device %s: %d telemetry messages left its outbox before the server stored them (lost)",
+                    device_id, lost)
+    return moved.get(device_id, oldest_seq - 1), lost
 
 
 def parse_one(topic: str, payload: bytes, *, prefix: str, max_bytes: int, counters: Any,
