@@ -171,7 +171,7 @@ def _checkin_statement() -> Any:
             .values(last_seen_at=bindparam("p_now", type_=UTCDateTime()), **plain, **keep)
             .returning(t.desired_seq, t.signed_seq, t.desired_reason, t.assignment, t.assignment_expires_at,
                        select(TelemetryProgress.committed_seq).where(TelemetryProgress.device_id == t.id)
-                       .scalar_subquery()))
+                       .scalar_subquery().label("committed_seq")))
 
 
 CHECKIN = _checkin_statement()

@@ -1,0 +1,195 @@
+"""End-to-end acknowledgement (issue 10): a telemetry message leaves a device's outbox only when the server has
+committed it. Each test injects a real fault that made a broker acknowledgement a lie and checks that every
+message the devices produced is stored exactly once (device-side count == server-side count, nothing lost):
+
+* the broker stopped and restarted WITHOUT persistence while devices keep producing (it forgets queued
+  messages and the ingester's session; devices publish their backlog before the ingester is back);
+* the server killed with SIGKILL during a burst (a real subprocess) and started again;
+* the ingester away while the broker runs with mosquitto's DEFAULT ``max_queued_messages`` (1000) and the
+  devices send more than 1000 messages (the broker acknowledges and drops the rest).
+
+The devices are the agent's real telemetry parts (tests/support/ackfleet.py) re-sending after 3 s.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from bundles.keys import KeyStore
+from tests.server.conftest import LiveServer, enrollment_token
+from tests.support import services
+from tests.support.ackfleet import AckDevice, AckFleet, server_counts, wait_until
+
+pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _assert_exactly_once(db_url: str, devices: list[AckDevice]) -> None:
+    counts = server_counts(db_url, [d.device_id for d in devices])
+    for d in devices:
+        assert counts[d.device_id] == {"windows": d.produced, "committed_seq": d.produced, "lost": 0}, \
+            (d.device_id, d.produced, counts[d.device_id])
+
+
+@pytest.fixture
+def private_broker_factory() -> Iterator[Callable[..., services.Mosquitto]]:
+    brokers: list[services.Mosquitto] = []
+
+    def make(**options: Any) -> services.Mosquitto:
+        broker = services.Mosquitto(**options).start()
+        brokers.append(broker)
+        return broker
+
+    yield make
+    for b in brokers:
+        b.close()
+
+
+def test_broker_restarted_without_persistence_loses_nothing(
+        make_server: Callable[..., LiveServer], private_broker_factory: Callable[..., services.Mosquitto],
+        tmp_path: Path) -> None:
+    broker = private_broker_factory(persistence=False)
+    db_url = f"sqlite:///{tmp_path / 'server.db'}"
+    server = make_server(db_url, broker=broker, prefix="edgepack/v1/devices")
+    token = enrollment_token(server, uses=10)
+    devices = [AckDevice(server.url, f"nopersist-{i}", token, broker, tmp_path / "devices") for i in range(3)]
+    fleet = AckFleet(devices)
+    try:
+        for _ in range(10):
+            fleet.produce(1)
+            time.sleep(0.1)
+        broker.stop()                                       # ---- the broker is gone, and forgets everything ----
+        for _ in range(20):                                 # ~10 s of windows meanwhile
+            fleet.produce(1)
+            time.sleep(0.5)
+        broker.start()
+        for _ in range(10):                                 # and right after it is back (the ingester is not yet)
+            fleet.produce(1)
+            time.sleep(0.1)
+        wait_until(fleet.drained, 60, "every device's outbox to drain (the server committed everything)")
+    finally:
+        fleet.close()
+    assert all(d.produced == 40 for d in devices)
+    _assert_exactly_once(db_url, devices)
+    assert sum(d.telemetry.resent for d in devices) > 0, "no re-send was needed: the fault was not injected"
+
+
+def _server_env(tmp_path: Path, keys: KeyStore, db_url: str, broker: services.Mosquitto) -> tuple[dict[str, str],
+                                                                                                   str]:
+    port = services.free_port()
+    broker_env = {f"EDGEPACK_{k.upper()}": str(v) for k, v in
+                  broker.server_settings(account_prefix=f"k{uuid.uuid4().hex[:6]}-").items() if v is not None}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGEPACK_DATA_DIR": str(tmp_path / "data"),
+           "EDGEPACK_KEYS_DIR": str(keys.directory / "online"), "EDGEPACK_DATABASE_URL": db_url,
+           "EDGEPACK_PORT": str(port), "EDGEPACK_WORKERS": "1", "EDGEPACK_POLL_INTERVAL_S": "1",
+           "EDGEPACK_BROKER_CHECK": "false", **broker_env,
+           "EDGEPACK_MQTT_SHARE_GROUP": f"g-{uuid.uuid4().hex[:8]}",
+           "EDGEPACK_MQTT_CLIENT_ID": f"srv-{uuid.uuid4().hex[:8]}"}
+    return env, f"http://127.0.0.1:{port}"
+
+
+def _serve(env: dict[str, str], url: str, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "update_server.cli", "serve", "--log-level", "warning"],
+                                env=env, cwd=ROOT, stdout=out, stderr=out)
+
+    def ready() -> bool:
+        assert proc.poll() is None, f"the server exited: {log.read_text()[-2000:]}"
+        try:
+            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(ready, 90, "the server to be ready")
+    return proc
+
+
+@pytest.mark.postgres
+def test_server_killed_during_a_burst_loses_and_duplicates_nothing(
+        pg_url: str, session_keys: KeyStore, private_broker_factory: Callable[..., services.Mosquitto],
+        tmp_path: Path) -> None:
+    from sqlalchemy import create_engine, func, select
+
+    from update_server.models import TelemetrySeen
+
+    broker = private_broker_factory()
+    env, url = _server_env(tmp_path, session_keys, pg_url, broker)
+    log = tmp_path / "server.log"
+    token = subprocess.run([sys.executable, "-m", "update_server.cli", "enroll-token", "--uses", "10"], env=env,
+                           cwd=ROOT, check=True, capture_output=True, text=True, timeout=120).stdout.strip()
+    proc = _serve(env, url, log)
+    devices: list[AckDevice] = []
+    fleet: AckFleet | None = None
+    engine = create_engine(pg_url)
+
+    def stored() -> int:
+        with engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(TelemetrySeen)).scalar_one())
+
+    try:
+        devices = [AckDevice(url, f"kill9-{i}", token.splitlines()[-1], broker, tmp_path / "devices")
+                   for i in range(3)]
+        fleet = AckFleet(devices)
+        fleet.produce(150)                                  # the burst
+        wait_until(lambda: stored() > 30, 60, "the server to store part of the burst")
+        proc.send_signal(signal.SIGKILL)                    # ---- mid-burst ----
+        proc.wait(30)
+        fleet.produce(30)                                   # still producing while the server is down
+        proc = _serve(env, url, log)
+        fleet.produce(20)
+        wait_until(fleet.drained, 60, "every device's outbox to drain (the server committed everything)")
+    finally:
+        if fleet is not None:
+            fleet.close()
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        engine.dispose()
+    assert all(d.produced == 200 for d in devices)
+    _assert_exactly_once(pg_url, devices)
+
+
+@pytest.mark.postgres
+def test_more_than_the_broker_queue_while_the_ingester_is_away_all_arrive(
+        pg_url: str, make_server: Callable[..., LiveServer],
+        private_broker_factory: Callable[..., services.Mosquitto], tmp_path: Path) -> None:
+    broker = private_broker_factory(max_queued_messages=1000)  # mosquitto's default
+    same = {"broker": broker, "prefix": "edgepack/v1/devices", "account_prefix": f"q{uuid.uuid4().hex[:6]}-",
+            "mqtt_share_group": f"g-{uuid.uuid4().hex[:8]}", "mqtt_client_id": f"srv-{uuid.uuid4().hex[:8]}",
+            "data_dir": tmp_path / "data"}
+    server = make_server(pg_url, **same)
+    token = enrollment_token(server, uses=10)
+    devices = [AckDevice(server.url, f"queue-{i}", token, broker, tmp_path / "devices", resend_s=5.0)
+               for i in range(3)]
+    fleet = AckFleet(devices)
+    try:
+        fleet.produce(5)
+        wait_until(fleet.drained, 30, "the first windows to be committed")
+        server.stop()                                       # ---- the ingester (and the server) away ----
+        fleet.produce(450)                                  # 1350 messages for a queue of 1000
+        wait_until(lambda: all(d.telemetry.unsent() == 0 for d in devices), 60,
+                   "the broker to acknowledge every message")
+        server = make_server(pg_url, **same)                # back, same session: it gets 1000 of them
+        for d in devices:
+            d.retarget(server.url)
+        wait_until(fleet.drained, 60, "every device's outbox to drain (the server committed everything)")
+    finally:
+        fleet.close()
+    assert all(d.produced == 455 for d in devices)
+    _assert_exactly_once(pg_url, devices)
+    assert sum(d.telemetry.resent for d in devices) > 0, "no re-send was needed: the fault was not injected"
