@@ -13,26 +13,30 @@ The devices are the agent's real telemetry parts (tests/support/ackfleet.py) re-
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from bundles.keys import KeyStore
 from tests.server.conftest import LiveServer, enrollment_token
 from tests.support import services
-from tests.support.ackfleet import AckDevice, AckFleet, server_counts, wait_until
+from tests.support.ackfleet import (
+    AckDevice,
+    AckFleet,
+    end_process,
+    enroll_token_cli,
+    serve_process,
+    server_counts,
+    server_env,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _assert_exactly_once(db_url: str, devices: list[AckDevice]) -> None:
@@ -85,36 +89,6 @@ def test_broker_restarted_without_persistence_loses_nothing(
     assert sum(d.telemetry.resent for d in devices) > 0, "no re-send was needed: the fault was not injected"
 
 
-def _server_env(tmp_path: Path, keys: KeyStore, db_url: str, broker: services.Mosquitto) -> tuple[dict[str, str],
-                                                                                                   str]:
-    port = services.free_port()
-    broker_env = {f"EDGEPACK_{k.upper()}": str(v) for k, v in
-                  broker.server_settings(account_prefix=f"k{uuid.uuid4().hex[:6]}-").items() if v is not None}
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGEPACK_DATA_DIR": str(tmp_path / "data"),
-           "EDGEPACK_KEYS_DIR": str(keys.directory / "online"), "EDGEPACK_DATABASE_URL": db_url,
-           "EDGEPACK_PORT": str(port), "EDGEPACK_WORKERS": "1", "EDGEPACK_POLL_INTERVAL_S": "1",
-           "EDGEPACK_BROKER_CHECK": "false", **broker_env,
-           "EDGEPACK_MQTT_SHARE_GROUP": f"g-{uuid.uuid4().hex[:8]}",
-           "EDGEPACK_MQTT_CLIENT_ID": f"srv-{uuid.uuid4().hex[:8]}"}
-    return env, f"http://127.0.0.1:{port}"
-
-
-def _serve(env: dict[str, str], url: str, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "update_server.cli", "serve", "--log-level", "warning"],
-                                env=env, cwd=ROOT, stdout=out, stderr=out)
-
-    def ready() -> bool:
-        assert proc.poll() is None, f"the server exited: {log.read_text()[-2000:]}"
-        try:
-            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(ready, 90, "the server to be ready")
-    return proc
-
-
 @pytest.mark.postgres
 def test_server_killed_during_a_burst_loses_and_duplicates_nothing(
         pg_url: str, session_keys: KeyStore, private_broker_factory: Callable[..., services.Mosquitto],
@@ -124,11 +98,10 @@ def test_server_killed_during_a_burst_loses_and_duplicates_nothing(
     from update_server.models import TelemetrySeen
 
     broker = private_broker_factory()
-    env, url = _server_env(tmp_path, session_keys, pg_url, broker)
+    env, url = server_env(tmp_path / "data", session_keys.directory / "online", pg_url, broker)
     log = tmp_path / "server.log"
-    token = subprocess.run([sys.executable, "-m", "update_server.cli", "enroll-token", "--uses", "10"], env=env,
-                           cwd=ROOT, check=True, capture_output=True, text=True, timeout=120).stdout.strip()
-    proc = _serve(env, url, log)
+    token = enroll_token_cli(env, 10)
+    proc = serve_process(env, url, log)
     devices: list[AckDevice] = []
     fleet: AckFleet | None = None
     engine = create_engine(pg_url)
@@ -138,7 +111,7 @@ def test_server_killed_during_a_burst_loses_and_duplicates_nothing(
             return int(conn.execute(select(func.count()).select_from(TelemetrySeen)).scalar_one())
 
     try:
-        devices = [AckDevice(url, f"kill9-{i}", token.splitlines()[-1], broker, tmp_path / "devices")
+        devices = [AckDevice(url, f"kill9-{i}", token, broker, tmp_path / "devices")
                    for i in range(3)]
         fleet = AckFleet(devices)
         fleet.produce(150)                                  # the burst
@@ -146,19 +119,13 @@ def test_server_killed_during_a_burst_loses_and_duplicates_nothing(
         proc.send_signal(signal.SIGKILL)                    # ---- mid-burst ----
         proc.wait(30)
         fleet.produce(30)                                   # still producing while the server is down
-        proc = _serve(env, url, log)
+        proc = serve_process(env, url, log)
         fleet.produce(20)
         wait_until(fleet.drained, 60, "every device's outbox to drain (the server committed everything)")
     finally:
         if fleet is not None:
             fleet.close()
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        end_process(proc)
         engine.dispose()
     assert all(d.produced == 200 for d in devices)
     _assert_exactly_once(pg_url, devices)

@@ -7,8 +7,12 @@ figures (``Telemetry.progress``) and hands the answer's ``telemetry.committed_se
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -128,6 +132,83 @@ def server_counts(db_url: str, device_ids: list[str]) -> dict[str, dict[str, int
     return {d: {"windows": int(windows.get(d) or 0),
                 "committed_seq": int(progress[d].committed_seq) if d in progress else 0,
                 "lost": int(progress[d].lost) if d in progress else 0} for d in device_ids}
+
+
+class Producer:
+    """Every device produces ``rate`` windows per second from a background thread (what keeps producing
+    while a fault is injected)."""
+
+    def __init__(self, fleet: AckFleet, rate: float) -> None:
+        self.fleet, self.rate = fleet, rate
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ack-producer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.fleet.produce(1)
+            self._stop.wait(1.0 / self.rate)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def server_env(data_dir: Path, keys_dir: Path, db_url: str, broker: Any) -> tuple[dict[str, str], str]:
+    """Environment and URL of ``edgepack-server serve`` as a subprocess (one worker) on ``broker``."""
+    from tests.support import services
+
+    port = services.free_port()
+    broker_env = {f"EDGEPACK_{k.upper()}": str(v) for k, v in
+                  broker.server_settings(account_prefix=f"k{uuid.uuid4().hex[:6]}-").items() if v is not None}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGEPACK_DATA_DIR": str(data_dir),
+           "EDGEPACK_KEYS_DIR": str(keys_dir), "EDGEPACK_DATABASE_URL": db_url,
+           "EDGEPACK_PORT": str(port), "EDGEPACK_WORKERS": "1", "EDGEPACK_POLL_INTERVAL_S": "1",
+           "EDGEPACK_BROKER_CHECK": "false", **broker_env,
+           "EDGEPACK_MQTT_SHARE_GROUP": f"g-{uuid.uuid4().hex[:8]}",
+           "EDGEPACK_MQTT_CLIENT_ID": f"srv-{uuid.uuid4().hex[:8]}"}
+    return env, f"http://127.0.0.1:{port}"
+
+
+def enroll_token_cli(env: dict[str, str], uses: int) -> str:
+    out = subprocess.run([sys.executable, "-m", "update_server.cli", "enroll-token", "--uses", str(uses)], env=env,
+                         cwd=ROOT, check=True, capture_output=True, text=True, timeout=120)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def serve_process(env: dict[str, str], url: str, log: Path) -> subprocess.Popen[bytes]:
+    """Start the server subprocess; returns once ``/readyz`` answers 200 (its output goes to ``log``)."""
+    with log.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "update_server.cli", "serve", "--log-level", "warning"],
+                                env=env, cwd=ROOT, stdout=out, stderr=out)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"the server exited: {log.read_text()[-2000:]}")
+        try:
+            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(ready, 90, "the server to be ready")
+    except BaseException:
+        end_process(proc)
+        raise
+    return proc
+
+
+def end_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.2) -> None:
