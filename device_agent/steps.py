@@ -181,10 +181,10 @@ class UpdateSteps:
 
     def checkin_body(self, rec: StateRecord) -> dict[str, Any]:
         active = rec.active
-        body = {"agent_version": AGENT_VERSION, "platform": platform_name(),
-                "runtimes": {k: v.split(" ")[-1] for k, v in self.runtimes.items()},
-                "state": rec.state.value, "active": active.ident() if active else None,
-                "last_error": self.storage_error or rec.last_error}
+        body: dict[str, Any] = {"agent_version": AGENT_VERSION, "platform": platform_name(),
+                                "runtimes": {k: v.split(" ")[-1] for k, v in self.runtimes.items()},
+                                "state": rec.state.value, "active": active.ident() if active else None,
+                                "last_error": self.storage_error or rec.last_error}
         if self.telemetry is not None:
             body.update(self.telemetry.progress())
         return body
