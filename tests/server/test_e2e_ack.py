@@ -160,3 +160,47 @@ def test_more_than_the_broker_queue_while_the_ingester_is_away_all_arrive(
     assert all(d.produced == 455 for d in devices)
     _assert_exactly_once(pg_url, devices)
     assert sum(d.telemetry.resent for d in devices) > 0, "no re-send was needed: the fault was not injected"
+
+
+def test_committed_mark_passes_rejected_messages_and_counts_lost_seqs(mqtt_server: LiveServer) -> None:
+    """A message the server rejects (here: more requests than its window allows) still completes its seq, so
+    the device stops re-sending it; seqs the device reports gone from its outbox (dropped when it was full)
+    are counted lost, per device and fleet-wide; a device whose counter went back (state wiped) starts again."""
+    from tests.server.sim import Publisher, SimDevice
+
+    device = SimDevice(mqtt_server.url, "mark-1")
+    device.enroll(enrollment_token(mqtt_server))
+    device.active = {"name": "digits", "version": "1.0.0", "release_counter": 1, "variant": "onnx-fp32"}
+    pub = Publisher(mqtt_server.broker, mqtt_server.prefix, [device])
+
+    def mark(**outbox: int) -> int:
+        r = device.http.post(f"/api/v1/devices/{device.device_id}/checkin", headers=device.auth,
+                             json={"state": "idle", "active": device.active, **outbox})
+        assert r.status_code == 200, r.text
+        return int(r.json()["telemetry"]["committed_seq"])
+
+    try:
+        assert mark() == 0
+        pub.window(device)                                   # seq 1
+        pub.window(device, requests=10**9)                   # seq 2: implausible, rejected
+        pub.window(device)                                   # seq 3
+        wait_until(lambda: mark() == 3, 30, "the mark to pass the rejected seq 2")
+        pub.seqs[device.device_id] = 7                       # seqs 4..7 dropped by the device's full outbox
+        pub.window(device)                                   # seq 8
+        wait_until(lambda: mqtt_server.ctx.counters.snapshot().get("telemetry_ingested", 0) >= 3, 30,
+                   "seq 8 to be stored")
+        assert mark() == 3                                   # 4..7 missing: the mark waits
+        assert mark(outbox_oldest_seq=8, outbox_seq=8) == 8  # the device says they are gone: lost, mark moves on
+        with mqtt_server.admin as client:
+            assert client.get(f"/api/v1/devices/{device.device_id}").json()["telemetry"] == {
+                "committed_seq": 8, "lost": 4, "resets": 0}
+            stats = client.get("/api/v1/admin/stats").json()
+        assert stats["telemetry"]["lost"] == 4 and stats["counters"]["telemetry_lost"] == 4
+        assert mark(outbox_oldest_seq=1, outbox_seq=2) == 0  # state wiped: its counter restarted at 1
+        pub.seqs[device.device_id] = 0
+        pub.window(device)                                   # the new seq 1 is stored, not taken for a duplicate
+        wait_until(lambda: mark(outbox_oldest_seq=1, outbox_seq=1) == 1, 30, "the new seq 1 to be stored")
+        assert mqtt_server.ctx.counters.snapshot().get("telemetry_ingested") == 4
+    finally:
+        pub.close()
+        device.close()

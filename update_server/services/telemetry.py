@@ -255,6 +255,8 @@ _SEEN_PG = text("INSERT INTO telemetry_seen (message_id, received_at) SELECT unn
                 "ON CONFLICT DO NOTHING RETURNING message_id").bindparams(bindparam("now", type_=UTCDateTime()))
 
 
+_PROGRESS = cast(Table, TelemetryProgress.__table__)
+_SEQS = cast(Table, TelemetrySeq.__table__)
 _AGG_TEXT = ("rollout_id", "device_id", "bundle_name", "bundle_version")
 
 
@@ -286,7 +288,7 @@ def _insert_seen(session: Session, ids: list[str], now: datetime) -> set[str]:
 def _lock_progress(session: Session, devices: list[str]) -> dict[str, int]:
     """Create the devices' progress rows if missing, lock them (in device order), return their marks."""
     conn = session.connection()
-    table = TelemetryProgress.__table__
+    table = _PROGRESS
     conn.execute(dialect_insert(session, table).on_conflict_do_nothing(),
                  [{"device_id": d, "committed_seq": 0, "lost": 0, "resets": 0} for d in devices])
     query = (select(TelemetryProgress.device_id, TelemetryProgress.committed_seq)
@@ -300,7 +302,7 @@ def _advance(session: Session, marks: dict[str, int]) -> dict[str, int]:
     """Move each device's mark over the contiguous seqs stored above it; delete the rows it covers.
     Returns the new marks of the devices whose mark moved."""
     conn = session.connection()
-    seqs = TelemetrySeq.__table__.c
+    seqs = _SEQS.c
     rows = conn.execute(select(seqs.device_id, seqs.seq).where(seqs.device_id.in_(sorted(marks)))
                         .order_by(seqs.device_id, seqs.seq))
     moved: dict[str, int] = {}
@@ -308,19 +310,45 @@ def _advance(session: Session, marks: dict[str, int]) -> dict[str, int]:
         mark = moved.get(device_id, marks[device_id])
         if seq == mark + 1:
             moved[device_id] = seq
-    progress = TelemetryProgress.__table__.c
+    progress = _PROGRESS.c
     for device_id in sorted(moved):
-        conn.execute(update(TelemetryProgress.__table__).where(progress.device_id == device_id)
+        conn.execute(update(_PROGRESS).where(progress.device_id == device_id)
                      .values(committed_seq=moved[device_id]))
-        conn.execute(delete(TelemetrySeq.__table__).where(seqs.device_id == device_id,
+        conn.execute(delete(_SEQS).where(seqs.device_id == device_id,
                                                           seqs.seq <= moved[device_id]))
     return moved
 
 
-def _new_by_seq(session: Session, messages: Sequence[Telemetry]) -> tuple[list[Telemetry], dict[str, int]]:
-    """Messages whose (device, seq) is new: above the device's mark and not stored above it yet. Records them
-    in ``telemetry_seqs``. Returns them and the devices' marks (locked until the transaction ends). A seq of
-    0 means unnumbered (a sender without an outbox): de-duplicated by message id only."""
+@dataclass(frozen=True)
+class Unstorable:
+    """A message the server will never store (rejected by validation, or a row the database refuses) whose
+    device (from the topic, which the broker's ACL ties to the sender) and seq are known. Its seq counts as
+    done, so the device's mark moves past it and the device stops sending it again (a poison loop)."""
+
+    device_id: str
+    seq: int
+
+
+def unstorable(topic: str, payload: bytes, *, prefix: str) -> Unstorable | None:
+    """The device and seq of a rejected message, when both can be read; None otherwise."""
+    parts, base = topic.split("/"), prefix.split("/")
+    if len(parts) != len(base) + 3 or parts[:len(base)] != base:
+        return None
+    try:
+        seq = json.loads(payload).get("seq")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 0 < seq <= MAX_INT64:
+        return None
+    return Unstorable(parts[len(base)], seq)
+
+
+def _new_by_seq(session: Session, messages: Sequence[Telemetry],
+                skipped: Sequence[Unstorable] = ()) -> tuple[list[Telemetry], dict[str, int]]:
+    """Messages whose (device, seq) is new: above the device's mark and not stored above it yet. Records them,
+    and the ``skipped`` seqs, in ``telemetry_seqs``. Returns them and the devices' marks (locked until the
+    transaction ends). A seq of 0 means unnumbered (a sender without an outbox): de-duplicated by message id
+    only."""
     numbered: dict[tuple[str, int], Telemetry] = {}
     unnumbered = []
     for m in messages:
@@ -328,13 +356,17 @@ def _new_by_seq(session: Session, messages: Sequence[Telemetry]) -> tuple[list[T
             unnumbered.append(m)
         else:
             numbered.setdefault((m.device_id, m.seq), m)
-    if not numbered:
+    done = {(u.device_id, u.seq) for u in skipped} - set(numbered)
+    if not numbered and not done:
         return unnumbered, {}
-    marks = _lock_progress(session, sorted({d for d, _ in numbered}))
+    marks = _lock_progress(session, sorted({d for d, _ in [*numbered, *done]}))
+    if done := {k for k in done if k[1] > marks[k[0]]}:
+        session.connection().execute(dialect_insert(session, _SEQS).on_conflict_do_nothing(),
+                                     [{"device_id": d, "seq": q} for d, q in sorted(done)])
     candidates = sorted(k for k in numbered if k[1] > marks[k[0]])
     fresh: set[tuple[str, int]] = set()
     if candidates:
-        table = TelemetrySeq.__table__
+        table = _SEQS
         stmt = dialect_insert(session, table).on_conflict_do_nothing().returning(table.c.device_id, table.c.seq)
         fresh = {(d, int(q)) for d, q in session.connection().execute(
             stmt, [{"device_id": d, "seq": q} for d, q in candidates])}
@@ -342,15 +374,16 @@ def _new_by_seq(session: Session, messages: Sequence[Telemetry]) -> tuple[list[T
 
 
 def write_batch(session: Session, messages: Sequence[Telemetry], membership: MembershipCache,
-                now: datetime) -> int:
+                now: datetime, skipped: Sequence[Unstorable] = ()) -> int:
     """Store a batch; returns how many messages were new (the rest were duplicates by message id or by
     (device, seq)), and advances the devices' committed marks.
 
-    ``membership`` is refreshed first, in this transaction, so attribution never depends on the cache's age."""
-    if not messages:
+    ``membership`` is refreshed first, in this transaction, so attribution never depends on the cache's age.
+    ``skipped``: seqs of messages that will never be stored (:class:`Unstorable`); the marks move past them."""
+    if not messages and not skipped:
         return 0
     membership.refresh(session)
-    fresh, marks = _new_by_seq(session, messages)
+    fresh, marks = _new_by_seq(session, messages, skipped)
     unique = {m.message_id: m for m in fresh}
     new_ids = _insert_seen(session, sorted(unique), now) if unique else set()
     aggs: dict[tuple[str, str, str, str], dict[str, Any]] = {}
@@ -423,23 +456,23 @@ def close_gaps(session: Session, device_id: str, oldest_seq: int | None, last_se
     marks = _lock_progress(session, [device_id])
     mark = marks[device_id]
     conn = session.connection()
-    progress = TelemetryProgress.__table__.c
-    seqs = TelemetrySeq.__table__.c
+    progress = _PROGRESS.c
+    seqs = _SEQS.c
     if last_seq is not None and last_seq < mark:
         log.warning("device %s reports telemetry seq %d below the committed mark %d: its state was reset; "
                     "the mark starts again", device_id, last_seq, mark)
-        conn.execute(delete(TelemetrySeq.__table__).where(seqs.device_id == device_id))
-        conn.execute(update(TelemetryProgress.__table__).where(progress.device_id == device_id)
+        conn.execute(delete(_SEQS).where(seqs.device_id == device_id))
+        conn.execute(update(_PROGRESS).where(progress.device_id == device_id)
                      .values(committed_seq=0, resets=progress.resets + 1))
         mark = 0
     if oldest_seq is None or oldest_seq <= mark + 1:
         return mark, 0
-    stored = conn.execute(select(func.count()).select_from(TelemetrySeq.__table__).where(
+    stored = conn.execute(select(func.count()).select_from(_SEQS).where(
         seqs.device_id == device_id, seqs.seq > mark, seqs.seq < oldest_seq)).scalar_one()
     lost = (oldest_seq - 1 - mark) - int(stored)
-    conn.execute(update(TelemetryProgress.__table__).where(progress.device_id == device_id)
+    conn.execute(update(_PROGRESS).where(progress.device_id == device_id)
                  .values(committed_seq=oldest_seq - 1, lost=progress.lost + lost))
-    conn.execute(delete(TelemetrySeq.__table__).where(seqs.device_id == device_id, seqs.seq < oldest_seq))
+    conn.execute(delete(_SEQS).where(seqs.device_id == device_id, seqs.seq < oldest_seq))
     moved = _advance(session, {device_id: oldest_seq - 1})
     if lost:
         log.warning("device %s: %d telemetry messages left its outbox before the server stored them (lost)",
@@ -448,12 +481,13 @@ def close_gaps(session: Session, device_id: str, oldest_seq: int | None, last_se
 
 
 def parse_one(topic: str, payload: bytes, *, prefix: str, max_bytes: int, counters: Any,
-              max_rate: float = 10_000.0) -> Telemetry | None:
-    """:func:`parse`, counting a rejected message (by reason) instead of raising."""
+              max_rate: float = 10_000.0) -> Telemetry | Unstorable | None:
+    """:func:`parse`, counting a rejected message (by reason) instead of raising; a rejected message whose
+    device and seq are known comes back as :class:`Unstorable` (its seq is done: the device stops re-sending it)."""
     try:
         return parse(topic, payload, prefix=prefix, max_bytes=max_bytes, max_rate=max_rate)
     except Rejected as exc:
         counters.add(f"telemetry_dropped_{exc.reason}")
         log.debug("dropped telemetry on %s: %s", topic, exc)
-        return None
+        return unstorable(topic, payload, prefix=prefix)
 
