@@ -257,6 +257,8 @@ _SEEN_PG = text("INSERT INTO telemetry_seen (message_id, received_at) SELECT unn
 
 _PROGRESS = cast(Table, TelemetryProgress.__table__)
 _SEQS = cast(Table, TelemetrySeq.__table__)
+_SET_MARK = update(_PROGRESS).where(_PROGRESS.c.device_id == bindparam("d")).values(committed_seq=bindparam("m"))
+_FORGET_SEQS = delete(_SEQS).where(_SEQS.c.device_id == bindparam("d"), _SEQS.c.seq <= bindparam("m"))
 _AGG_TEXT = ("rollout_id", "device_id", "bundle_name", "bundle_version")
 
 
@@ -288,14 +290,16 @@ def _insert_seen(session: Session, ids: list[str], now: datetime) -> set[str]:
 def _lock_progress(session: Session, devices: list[str]) -> dict[str, int]:
     """Create the devices' progress rows if missing, lock them (in device order), return their marks."""
     conn = session.connection()
-    table = _PROGRESS
-    conn.execute(dialect_insert(session, table).on_conflict_do_nothing(),
-                 [{"device_id": d, "committed_seq": 0, "lost": 0, "resets": 0} for d in devices])
     query = (select(TelemetryProgress.device_id, TelemetryProgress.committed_seq)
              .where(TelemetryProgress.device_id.in_(devices)).order_by(TelemetryProgress.device_id))
     if conn.dialect.name == "postgresql":
         query = query.with_for_update()
-    return {d: int(m) for d, m in conn.execute(query)}
+    marks = {d: int(m) for d, m in conn.execute(query)}
+    if missing := [d for d in devices if d not in marks]:  # a device's first telemetry (once per device)
+        conn.execute(dialect_insert(session, _PROGRESS).on_conflict_do_nothing(),
+                     [{"device_id": d, "committed_seq": 0, "lost": 0, "resets": 0} for d in missing])
+        marks.update({d: int(m) for d, m in conn.execute(query.where(TelemetryProgress.device_id.in_(missing)))})
+    return marks
 
 
 def _advance(session: Session, marks: dict[str, int]) -> dict[str, int]:
@@ -310,12 +314,10 @@ def _advance(session: Session, marks: dict[str, int]) -> dict[str, int]:
         mark = moved.get(device_id, marks[device_id])
         if seq == mark + 1:
             moved[device_id] = seq
-    progress = _PROGRESS.c
-    for device_id in sorted(moved):
-        conn.execute(update(_PROGRESS).where(progress.device_id == device_id)
-                     .values(committed_seq=moved[device_id]))
-        conn.execute(delete(_SEQS).where(seqs.device_id == device_id,
-                                                          seqs.seq <= moved[device_id]))
+    if moved:  # one executemany each, in device order
+        params = [{"d": d, "m": moved[d]} for d in sorted(moved)]
+        conn.execute(_SET_MARK, params)
+        conn.execute(_FORGET_SEQS, params)
     return moved
 
 
