@@ -61,6 +61,9 @@ Every count is summed into 64-bit integer columns (SQLite INTEGER, PostgreSQL bi
 9.2e18): at this bound a sum row holds 9 million windows before it could overflow, and a value the database
 cannot store (``requests: 10**30``) is refused here, at validation, instead of failing a whole batch's write."""
 MAX_INT64 = 2**63 - 1
+MAX_GAP = 1_000_000
+"""The most seqs one check-in may declare gone from a device's outbox (two years of one-minute windows): a
+device claiming more is not believed, so one bad device cannot push the fleet's lost count to 2**63."""
 MAX_WINDOW = timedelta(days=7)
 """A window longer than this earns no more request allowance than this (see :func:`check_window`)."""
 Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
@@ -468,6 +471,10 @@ def close_gaps(session: Session, device_id: str, oldest_seq: int | None, last_se
                      .values(committed_seq=0, resets=progress.resets + 1))
         mark = 0
     if oldest_seq is None or oldest_seq <= mark + 1:
+        return mark, 0
+    if oldest_seq - 1 - mark > MAX_GAP:
+        log.warning("device %s reports its oldest telemetry seq %d, %d above the committed mark %d (more than %d): "
+                    "not believed, nothing counted lost", device_id, oldest_seq, oldest_seq - 1 - mark, mark, MAX_GAP)
         return mark, 0
     stored = conn.execute(select(func.count()).select_from(_SEQS).where(
         seqs.device_id == device_id, seqs.seq > mark, seqs.seq < oldest_seq)).scalar_one()
