@@ -82,10 +82,11 @@ class MqttConfig:
     publish_timeout_s: float = 30.0
     """A message the broker has not acknowledged (PUBACK) is re-sent after this long (same message id and seq)."""
     resend_s: float = 300.0
-    """A message the server has not reported committed (check-in ``telemetry.committed_seq``) this long after
-    it was sent is sent again, same message id and seq: the broker lost it (restarted without persistence,
-    or its ``max_queued_messages`` was reached). Keep it above the check-in interval, or committed messages
-    are sent twice (harmless: the server stores each once)."""
+    """A message that a check-in answer (``telemetry.committed_seq``) received at least this long after it was
+    sent does not cover is sent again, same message id and seq: the broker lost it (restarted without
+    persistence, or its ``max_queued_messages`` was reached). Without answers (server unreachable) nothing is
+    re-sent. Keep it above the check-in interval, or committed messages are sent twice (harmless: the server
+    stores each once)."""
 
 
 @dataclass(frozen=True)

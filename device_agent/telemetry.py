@@ -10,9 +10,10 @@
   expiry one day; TLS pinned to a CA and the device's broker account, see ``connection.py``). Its callbacks
   only enqueue; the sender thread acts.
 
-A message without PUBACK for ``publish_timeout_s`` is published again; a message acknowledged by the broker
-but not committed by the server ``resend_s`` after it was sent is published again too (a broker restarted
-without persistence, or at its ``max_queued_messages``, dropped it). Both keep the ``message_id`` and
+A message without PUBACK for ``publish_timeout_s`` is published again; a message that a committed mark
+received at least ``resend_s`` after sending it does not cover is published again too (a broker restarted
+without persistence, or at its ``max_queued_messages``, dropped it). No mark, no re-send: while the server is
+unreachable the broker's queue is not filled with copies. Both keep the ``message_id`` and
 ``seq``: the server stores each once.
 """
 
@@ -259,6 +260,10 @@ class Telemetry:
         """Messages sent again because the server had not committed them ``resend_s`` after sending."""
         self.committed_seq = 0
         """The server's committed high-water mark, as last reported."""
+        self._mark_at = float("-inf")
+        """When (monotonic) the last mark arrived: a message is sent again only when a mark that came at
+        least ``resend_s`` after sending it does not cover it (while the server is unreachable no mark comes,
+        so nothing is re-sent into a broker queue that may already hold it)."""
         if publisher is not None:
             publisher.on_ack = lambda mid: self._wake.put(("ack", mid))
             publisher.on_connect = lambda: self._wake.put(("connect", None))
@@ -305,8 +310,8 @@ class Telemetry:
         done = self.outbox.commit(committed_seq)
         if committed_seq <= self.outbox.seq:
             self.committed_seq = committed_seq
-        if done:
-            self._wake.put(("committed", [e.message_id for e in done]))
+        self._mark_at = self.clock.monotonic()
+        self._wake.put(("committed", [e.message_id for e in done]))
 
     def unsent(self) -> int:
         """Messages not yet published and acknowledged by the broker once since this process started."""
@@ -376,7 +381,7 @@ class Telemetry:
                 self._sent.move_to_end(entry.message_id, last=False)
         while len(self._inflight) < MAX_INFLIGHT and self._sent:  # not committed long after sending: again
             entry, at = next(iter(self._sent.values()))
-            if now - at < self.resend_s:
+            if self._mark_at - at < self.resend_s:
                 break
             if not self._send(entry, now):
                 return
