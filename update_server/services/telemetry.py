@@ -262,6 +262,11 @@ _PROGRESS = cast(Table, TelemetryProgress.__table__)
 _SEQS = cast(Table, TelemetrySeq.__table__)
 _SET_MARK = update(_PROGRESS).where(_PROGRESS.c.device_id == bindparam("d")).values(committed_seq=bindparam("m"))
 _FORGET_SEQS = delete(_SEQS).where(_SEQS.c.device_id == bindparam("d"), _SEQS.c.seq <= bindparam("m"))
+_UNNEST = "unnest(CAST(:d AS varchar[]), CAST(:m AS bigint[])) AS v(d, m)"
+_SEQS_PG = text(f"INSERT INTO telemetry_seqs (device_id, seq) SELECT d, m FROM {_UNNEST} ON CONFLICT DO NOTHING "
+                "RETURNING device_id, seq")
+_SET_MARK_PG = text(f"UPDATE telemetry_progress SET committed_seq = v.m FROM {_UNNEST} WHERE device_id = v.d")
+_FORGET_SEQS_PG = text(f"DELETE FROM telemetry_seqs USING {_UNNEST} WHERE device_id = v.d AND seq <= v.m")
 _AGG_TEXT = ("rollout_id", "device_id", "bundle_name", "bundle_version")
 
 
@@ -317,7 +322,11 @@ def _advance(session: Session, marks: dict[str, int]) -> dict[str, int]:
         mark = moved.get(device_id, marks[device_id])
         if seq == mark + 1:
             moved[device_id] = seq
-    if moved:  # one executemany each, in device order
+    if moved and conn.dialect.name == "postgresql":  # one statement each, one array per column
+        arrays = {"d": sorted(moved), "m": [moved[d] for d in sorted(moved)]}
+        conn.execute(_SET_MARK_PG, arrays)
+        conn.execute(_FORGET_SEQS_PG, arrays)
+    elif moved:  # one executemany each, in device order
         params = [{"d": d, "m": moved[d]} for d in sorted(moved)]
         conn.execute(_SET_MARK, params)
         conn.execute(_FORGET_SEQS, params)
@@ -371,10 +380,13 @@ def _new_by_seq(session: Session, messages: Sequence[Telemetry],
     candidates = sorted(k for k in numbered if k[1] > marks[k[0]])
     fresh: set[tuple[str, int]] = set()
     if candidates:
-        table = _SEQS
-        stmt = dialect_insert(session, table).on_conflict_do_nothing().returning(table.c.device_id, table.c.seq)
-        fresh = {(d, int(q)) for d, q in session.connection().execute(
-            stmt, [{"device_id": d, "seq": q} for d, q in candidates])}
+        conn = session.connection()
+        if conn.dialect.name == "postgresql":
+            rows = conn.execute(_SEQS_PG, {"d": [d for d, _ in candidates], "m": [q for _, q in candidates]})
+        else:
+            stmt = dialect_insert(session, _SEQS).on_conflict_do_nothing().returning(_SEQS.c.device_id, _SEQS.c.seq)
+            rows = conn.execute(stmt, [{"device_id": d, "seq": q} for d, q in candidates])
+        fresh = {(d, int(q)) for d, q in rows}
     return unnumbered + [numbered[k] for k in candidates if k in fresh], marks
 
 
