@@ -95,8 +95,13 @@ def test_server_refuses_plain_transport_off_loopback(tmp_path: Path, session_key
 
 @pytest.mark.mqtt
 @pytest.mark.slow
-def test_production_setup_as_documented(tmp_path: Path, session_keys: KeyStore) -> None:
+def test_production_setup_as_documented(tmp_path: Path, session_keys: KeyStore,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.server.sim import SimDevice
+
+    # `--config` makes the CLI export EDGEPACK_CONFIG for its worker processes; undo that after the test, or the
+    # next test's `serve` reads this production config (and serves HTTPS on 0.0.0.0 instead of refusing)
+    monkeypatch.setenv("EDGEPACK_CONFIG", "")  # restored (removed) at teardown
 
     tls_dir = tmp_path / "tls"
     assert runner.invoke(_tls_cli(), ["tls", "init", "--out", str(tls_dir), "--host", "127.0.0.1"]).exit_code == 0
@@ -140,6 +145,10 @@ def test_production_setup_as_documented(tmp_path: Path, session_keys: KeyStore) 
                 pass
             assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
             time.sleep(0.2)
+        checked = subprocess.run([sys.executable, "-m", "update_server.cli", "check-broker", "--config",
+                                  str(server_env)], env=env, capture_output=True, text=True, timeout=120)
+        assert checked.returncode == 0, checked.stdout + checked.stderr  # the broker `broker init` wrote is right
+        assert "queued for a disconnected session: 1500 of 1500" in checked.stdout
         with pytest.raises(httpx.ConnectError):  # not trusted without the pinned CA
             httpx.get(f"{url}/healthz", timeout=5)
         with pytest.raises(httpx.HTTPError):  # and nothing plain on that port
