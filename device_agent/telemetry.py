@@ -311,7 +311,8 @@ class Telemetry:
         if committed_seq <= self.outbox.seq:
             self.committed_seq = committed_seq
         self._mark_at = self.clock.monotonic()
-        self._wake.put(("committed", [e.message_id for e in done]))
+        if self.publisher is not None:  # no sender thread without one: nothing would drain the queue
+            self._wake.put(("committed", [e.message_id for e in done]))
 
     def unsent(self) -> int:
         """Messages not yet published and acknowledged by the broker once since this process started."""
