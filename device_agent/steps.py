@@ -194,8 +194,10 @@ class UpdateSteps:
         assert self.credential is not None
         try:
             answer = self.server.checkin(self.config.device_id, self.credential, self.checkin_body(rec))
-            if answer.committed_seq is not None and self.telemetry is not None:
+            if self.telemetry is not None and answer.committed_seq is not None:
                 self.telemetry.committed(answer.committed_seq)  # the server has these: off the disk
+            elif self.telemetry is not None:
+                self.telemetry.no_mark()
             return answer
         except OSError as exc:
             if not StorageError.matches(exc):

@@ -260,6 +260,9 @@ class Telemetry:
         """Messages sent again because the server had not committed them ``resend_s`` after sending."""
         self.committed_seq = 0
         """The server's committed high-water mark, as last reported."""
+        self.end_to_end = True
+        """False once a check-in answer came without a mark (a server older than the end-to-end
+        acknowledgement): then the broker's PUBACK deletes a message, as before."""
         self._mark_at = float("-inf")
         """When (monotonic) the last mark arrived: a message is sent again only when a mark that came at
         least ``resend_s`` after sending it does not cover it (while the server is unreachable no mark comes,
@@ -314,6 +317,16 @@ class Telemetry:
         if self.publisher is not None:  # no sender thread without one: nothing would drain the queue
             self._wake.put(("committed", [e.message_id for e in done]))
 
+    def no_mark(self) -> None:
+        """The server answered a check-in without a mark: it does not acknowledge end to end. Fall back to
+        deleting on the broker's PUBACK (and delete what the broker already acknowledged), or the outbox
+        would only ever fill."""
+        if self.end_to_end and self.publisher is not None:
+            log.warning("the server reports no committed telemetry mark (an older server): telemetry is deleted "
+                        "on the broker's acknowledgement, as before")
+            self.end_to_end = False
+            self._wake.put(("no_mark", None))
+
     def unsent(self) -> int:
         """Messages not yet published and acknowledged by the broker once since this process started."""
         return len(self.outbox.pending_after(self._cursor, 1_000_000)) + len(self._inflight)
@@ -347,12 +360,22 @@ class Telemetry:
                 what, arg = "tick", None
             if what == "stop":
                 return
-            if what == "ack" and self._inflight.pop(arg, None) is not None:
+            if what == "ack" and (entry := self._inflight.pop(arg, None)) is not None:
                 self.published += 1
+                if not self.end_to_end:
+                    self._forget(entry[0])
+            elif what == "no_mark":  # PUBACKed already: neither in flight nor waiting for a re-send
+                for _, (e, at) in list(self._sent.items()):
+                    if at != float("-inf") and all(e is not f for f, _ in self._inflight.values()):
+                        self._forget(e)
             elif what == "committed":
                 for message_id in arg:
                     self._sent.pop(message_id, None)
             self._pump()
+
+    def _forget(self, entry: Entry) -> None:
+        self.outbox.ack(entry.message_id)
+        self._sent.pop(entry.message_id, None)
 
     def _send(self, entry: Entry, now: float) -> bool:
         """Publish one message; False when the publisher cannot take it now (disconnected)."""

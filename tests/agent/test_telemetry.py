@@ -234,3 +234,55 @@ def test_outbox_keeps_messages_until_the_server_mark_covers_them(tmp_path: Path)
     assert box.commit(99) == [] and len(box) == 2  # a mark above our own seq: our state was reset; keep all
     box.commit(5)
     assert len(box) == 0 and box.oldest_seq() == 6  # empty: seq + 1
+
+
+class AckingPublisher:
+    """The :class:`~device_agent.telemetry.Publisher` seam: a broker that acknowledges every message at once."""
+
+    def __init__(self) -> None:
+        self.on_ack: Callable[[int], None] = lambda mid: None
+        self.on_connect: Callable[[], None] = lambda: None
+        self.on_notify: Callable[[bytes], None] = lambda payload: None
+        self.sent: list[bytes] = []
+
+    def start(self) -> None:
+        self.on_connect()
+
+    def stop(self) -> None:
+        pass
+
+    def connected(self) -> bool:
+        return True
+
+    def publish(self, topic: str, payload: bytes) -> int | None:
+        self.sent.append(payload)
+        self.on_ack(len(self.sent))
+        return len(self.sent)
+
+
+def test_broker_ack_deletes_nothing_until_the_server_mark_or_an_older_server(tmp_path: Path) -> None:
+    from device_agent.clock import SystemClock
+    from device_agent.telemetry import Telemetry
+
+    def until(predicate: Callable[[], bool]) -> bool:
+        deadline = time.monotonic() + 10
+        while not predicate() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return predicate()
+
+    pub = AckingPublisher()
+    tel = Telemetry("d", Outbox(tmp_path / "box"), pub, SystemClock(), context=lambda: (None, None))
+    tel.start()
+    try:
+        for _ in range(3):
+            tel.event("crash")
+        assert until(lambda: tel.published == 3)
+        assert len(tel.outbox) == 3              # the broker has them; the server has not said so: kept
+        tel.committed(2)
+        assert [e.seq for e in tel.outbox.pending()] == [3]
+        tel.no_mark()                            # an older server: no mark will ever come
+        assert until(lambda: len(tel.outbox) == 0)
+        tel.event("crash")                       # from now on the broker's PUBACK deletes
+        assert until(lambda: tel.published == 4 and len(tel.outbox) == 0)
+    finally:
+        tel.stop()
