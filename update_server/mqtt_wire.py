@@ -371,12 +371,13 @@ class WireClient:
 
 def publish_all(host: str, port: int, items: Iterable[tuple[str, bytes]], *, window: int = 1000,
                 client_id: str = "", username: str | None = None, password: str | None = None,
-                ssl_context: ssl.SSLContext | None = None) -> int:
+                ssl_context: ssl.SSLContext | None = None, protocol: int = 5) -> int:
     """Publish at QoS 1 keeping at most ``window`` unacknowledged; returns when every PUBACK arrived."""
     import uuid
 
     client = WireClient(host, port, client_id or f"pub-{uuid.uuid4().hex[:8]}", clean_start=True,
-                        session_expiry=0, username=username, password=password, ssl_context=ssl_context)
+                        session_expiry=0, username=username, password=password, ssl_context=ssl_context,
+                        protocol=protocol)
     client.connect()
     sent = 0
     try:

@@ -99,3 +99,33 @@ def test_telemetry_right_after_a_rollout_starts_counts_for_it(server: LiveServer
     with server.ctx.sessions() as session:
         row = session.scalars(select(TelemetryAggregate).where(TelemetryAggregate.device_id == "attr-1")).one()
     assert row.rollout_id == rollout_id and row.requests == 5
+
+
+def test_worker_slots_give_restarted_workers_the_same_client_ids(tmp_path: object) -> None:
+    """With several workers each ingests as ``<id>-w<i>``: a slot is a lock held while the process lives, so
+    a restarted server's workers take the same ids again (a pid in the id left a stale session per restart)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from update_server.ingest import WorkerSlot
+    from update_server.settings import Settings
+
+    slots = Path(str(tmp_path)) / "ingest-slots"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from update_server.ingest import WorkerSlot; "
+        f"s = WorkerSlot.claim(Path({str(slots)!r}), 2); print(s.index, flush=True); sys.stdin.read()")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "0"  # another worker holds slot 0
+        mine = WorkerSlot.claim(slots, 2)
+        assert mine is not None and mine.index == 1
+        assert WorkerSlot.claim(slots, 2) is None  # both taken
+    finally:
+        holder.communicate("", timeout=30)  # that worker exits: its lock goes with it
+    again = WorkerSlot.claim(slots, 2)
+    assert again is not None and again.index == 0
+    again.release()
+    mine.release()
+    ids = Settings(mqtt_client_id="srv", workers=2).ingest_client_ids()
+    assert ids == ["srv-w0", "srv-w1"]

@@ -76,7 +76,7 @@ def check_broker(settings: Settings, *, messages: int = 1500, timeout_s: float =
                 report.notes.append("broker_auth=files: no probe account can be made, so the session and queue "
                                     f"were not probed; set what {DOC} lists by hand")
             else:
-                _probe(endpoint, report, messages, timeout_s)
+                _probe(endpoint, report, messages, timeout_s, protocol=5 if settings.mqtt_protocol == "5" else 4)
     except (MqttError, OSError) as exc:
         report.problems.append(f"could not probe the broker at {report.broker}: {exc}")
     except Exception as exc:  # BrokerAdminError and the like: the probe account could not be made
@@ -85,12 +85,12 @@ def check_broker(settings: Settings, *, messages: int = 1500, timeout_s: float =
     return report
 
 
-def _probe(endpoint: Endpoint, report: BrokerReport, messages: int, timeout_s: float) -> None:
+def _probe(endpoint: Endpoint, report: BrokerReport, messages: int, timeout_s: float, *, protocol: int) -> None:
     tag = secrets.token_hex(6)
     topic = f"edgepack-probe/{tag}/queue"
     ctx = endpoint.ssl_context()
     probe = WireClient(endpoint.host, endpoint.port, f"edgepack-probe-{tag}", clean_start=True, session_expiry=600,
-                       username=endpoint.username, password=endpoint.password, ssl_context=ctx)
+                       username=endpoint.username, password=endpoint.password, ssl_context=ctx, protocol=protocol)
     try:
         probe.connect(timeout_s)
         probe.subscribe(topic, qos=1)
@@ -110,7 +110,8 @@ def _probe(endpoint: Endpoint, report: BrokerReport, messages: int, timeout_s: f
                 f"to a short time; MQTT 5 session expiry must be honoured); see {DOC}")
             return
         report.sent = publish_all(endpoint.host, endpoint.port, ((topic, b"probe") for _ in range(messages)),
-                                  username=endpoint.username, password=endpoint.password, ssl_context=ctx)
+                                  username=endpoint.username, password=endpoint.password, ssl_context=ctx,
+                                  protocol=protocol)
         got: list[Message] = []
         probe.connect(timeout_s)
         deadline, quiet = time.monotonic() + timeout_s, time.monotonic()
@@ -124,9 +125,9 @@ def _probe(endpoint: Endpoint, report: BrokerReport, messages: int, timeout_s: f
         if report.queued < report.sent:
             report.problems.append(
                 f"the broker kept only {report.queued} of {report.sent} messages for a disconnected session: a "
-                f"telemetry backlog larger than that is dropped while the server is down. In mosquitto.conf set "
-                f"`max_queued_messages 1000000` (or 0, no limit) and `max_queued_bytes 0`, then restart the "
-                f"broker; see {DOC}")
+                f"telemetry backlog larger than that is dropped while the server is down. Mosquitto: in "
+                f"mosquitto.conf set `max_queued_messages 1000000` (or 0, no limit) and `max_queued_bytes 0`, then "
+                f"restart the broker; another broker: raise its queue limit for offline sessions; see {DOC}")
     finally:
         with contextlib.suppress(MqttError, OSError):
             probe.release_session(timeout_s)
