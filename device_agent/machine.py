@@ -337,5 +337,7 @@ class Agent:
                 "pending": rec.pending.target() if rec.pending else None,
                 "last_error": self.updates.storage_error or rec.last_error,
                 "worker": self.supervisor.status(), "outbox": len(self.telemetry.outbox),
+                "telemetry": {"committed_seq": self.telemetry.committed_seq, "seq": self.telemetry.outbox.seq,
+                              "resent": self.telemetry.resent, "end_to_end": self.telemetry.end_to_end},
                 "runtimes": self.runtimes}
 
