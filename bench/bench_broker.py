@@ -90,7 +90,7 @@ def _round(broker: MosquittoBroker, messages: int, publishers: int, secure: bool
     for device_id, n in zip(ids, share, strict=True):
         account = broker.device_accounts.get(device_id) if secure else None
         spec = {"port": broker.port, "n": n, "topic": f"{PREFIX}/{device_id}/telemetry/window",
-                "payloads": [_window(device_id, s).hex() for s in range(50)],
+                "payloads": [_window(device_id, s).hex() for s in range(1, 51)],
                 "client_id": account.client_id if account else f"bench-pub-{device_id}",
                 "username": account.username if account else None, "password": account.password if account else None,
                 "ca": str(broker.ca_file) if secure else None}

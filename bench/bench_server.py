@@ -268,7 +268,7 @@ def _payloads(prefix: str, devices: int, n: int) -> list[tuple[str, bytes]]:
     for i in range(n):
         device_id = f"tele-{i % devices:05d}"
         msg = {"schema": "edgepack.telemetry.v1", "kind": "window", "message_id": uuid.uuid4().hex,
-               "device_id": device_id, "seq": i, "sent_at": now, "rollout_id": None,
+               "device_id": device_id, "seq": i // devices + 1, "sent_at": now, "rollout_id": None,
                "bundle": {"name": "digits", "version": "1.0.0", "release_counter": 1, "variant": "onnx-fp32"},
                "window": {"start": now, "end": now, "requests": 120, "errors": 1, "crashes": 0,
                           "latency_ms": {"bounds": [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000],
@@ -445,7 +445,7 @@ def bench_halt(work: Path, keys_dir: Path, bundles: list[Path], repeats: int) ->
             device = next(m["device_id"] for m in server.admin.get(f"/api/v1/rollouts/{rid}/devices").json()
                           if m["phase"] == 0)
             msg = {"schema": "edgepack.telemetry.v1", "kind": "event", "message_id": uuid.uuid4().hex,
-                   "device_id": device, "seq": k, "sent_at": "2026-11-28T18:00:00+00:00",
+                   "device_id": device, "seq": k + 1, "sent_at": "2026-11-28T18:00:00+00:00",
                    "bundle": {"name": "digits", "version": version, "release_counter": 2 if version == "1.1.0"
                               else 1}, "rollout_id": rid, "event": "crash", "target": None,
                    "detail": {"signal": 11, "phase": "serving"}}

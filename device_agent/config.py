@@ -80,7 +80,13 @@ class MqttConfig:
     protocol: str = "5"
     """MQTT protocol version: "5" (default), or "3.1.1" for brokers without MQTT 5 (e.g. amqtt)."""
     publish_timeout_s: float = 30.0
-    """An unacknowledged message is re-sent after this long (the server de-duplicates by message id)."""
+    """A message the broker has not acknowledged (PUBACK) is re-sent after this long (same message id and seq)."""
+    resend_s: float = 300.0
+    """A message that a check-in answer (``telemetry.committed_seq``) received at least this long after it was
+    sent does not cover is sent again, same message id and seq: the broker lost it (restarted without
+    persistence, or its ``max_queued_messages`` was reached). Without answers (server unreachable) nothing is
+    re-sent. Keep it above the check-in interval, or committed messages are sent twice (harmless: the server
+    stores each once)."""
 
 
 @dataclass(frozen=True)

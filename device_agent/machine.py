@@ -75,6 +75,7 @@ class Agent:
                                                             max_bytes=config.limits.outbox_max_bytes),
                                    publisher if not isinstance(publisher, str) else None, self.clock,
                                    context=self._context, publish_timeout_s=config.mqtt.publish_timeout_s,
+                                   resend_s=config.mqtt.resend_s,
                                    on_notify=lambda payload: self.inbox.put("notify", payload))
         self.supervisor: WorkerSupervisor = supervisor or Supervisor(
             self.store.bundles, threads=config.worker.threads, memory_limit_mb=config.worker.memory_limit_mb,
@@ -88,7 +89,7 @@ class Agent:
             config, clock=self.clock, store=self.store, image=self.image, server=self.server,
             transport=self.transport, credential=self.credential, director_root=director_root,
             runtimes=self.runtimes, supervisor=self.supervisor, inbox=self.inbox, stop_flag=self.stop_flag,
-            window=self.serving.window,
+            window=self.serving.window, telemetry=self.telemetry,
             poll_interval_s=float(self.enrollment.get("poll_interval_s") or config.server.poll_interval_s))
         self._hold_until = 0.0
         """While the state file cannot be written: no step before this (monotonic)."""
@@ -336,5 +337,7 @@ class Agent:
                 "pending": rec.pending.target() if rec.pending else None,
                 "last_error": self.updates.storage_error or rec.last_error,
                 "worker": self.supervisor.status(), "outbox": len(self.telemetry.outbox),
+                "telemetry": {"committed_seq": self.telemetry.committed_seq, "seq": self.telemetry.outbox.seq,
+                              "resent": self.telemetry.resent, "end_to_end": self.telemetry.end_to_end},
                 "runtimes": self.runtimes}
 

@@ -13,7 +13,7 @@ it costs nothing.
 ``edgepack_agent_feedback_total``        labels received; ``..._feedback_correct_total`` correct ones
 ``edgepack_agent_worker_crashes_total``  serving worker crashes; ``..._worker_restarts_total``
 ``edgepack_agent_worker_up``             1 while the serving worker is alive
-``edgepack_agent_outbox_messages``       telemetry waiting for the broker; ``..._outbox_dropped_total``
+``edgepack_agent_outbox_messages``       telemetry not yet committed by the server; ``..._outbox_dropped_total``
 =======================================  ==========================================================
 """
 
@@ -73,7 +73,8 @@ def renderer(source: Source) -> Callable[[], bytes]:
                                       value=int(worker.get("restarts", 0)))
             yield GaugeMetricFamily("edgepack_agent_worker_up", "1 while the serving worker is alive",
                                     value=1 if worker.get("alive") else 0)
-            yield GaugeMetricFamily("edgepack_agent_outbox_messages", "Telemetry messages waiting for the broker",
+            yield GaugeMetricFamily("edgepack_agent_outbox_messages",
+                                    "Telemetry messages not yet committed by the server",
                                     value=int(st.get("outbox", 0)))
             yield CounterMetricFamily("edgepack_agent_outbox_dropped", "Telemetry windows dropped by a full outbox",
                                       value=dropped)

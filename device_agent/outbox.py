@@ -1,9 +1,12 @@
-"""The telemetry outbox: messages persisted on disk until the broker acknowledges them.
+"""The telemetry outbox: messages persisted on disk until the SERVER has committed them.
 
 Every message is one file, written atomically (``<seq>-<kind>-<message_id>.json``), so broker outages
 and reboots lose nothing. The ``message_id`` is assigned once, when the message is produced, and kept
-across retries and restarts: the server de-duplicates by it. ``seq`` (persisted in ``meta.json``) grows
-per device so gaps can be seen.
+across retries and restarts; ``seq`` (persisted in ``meta.json``) grows by one per message and device.
+The server de-duplicates by both and reports, at every check-in, its committed high-water mark: the
+highest ``seq`` such that every message up to it is stored (or known lost). :meth:`Outbox.commit` then
+deletes what it covers. A broker's acknowledgement deletes nothing (a broker restarted without
+persistence, or one that hit ``max_queued_messages``, acknowledged messages nobody ever received).
 
 The outbox is bounded (messages and bytes). When full, the oldest *window* is dropped first (an
 aggregate; the next one still carries the counters), then the oldest event. Drops are counted in
@@ -104,8 +107,40 @@ class Outbox:
         with self._lock:
             return list(self._entries[:limit] if limit else self._entries)
 
+    def pending_after(self, seq: int, limit: int) -> list[Entry]:
+        """Up to ``limit`` entries with a seq above ``seq``, oldest first."""
+        import bisect
+
+        with self._lock:
+            i = bisect.bisect_right([e.seq for e in self._entries], seq) if self._entries else 0
+            return self._entries[i:i + limit]
+
+    def oldest_seq(self) -> int:
+        """The seq of the oldest message still here (``seq + 1`` when empty): every seq below it has been
+        committed by the server or dropped by a full outbox, and will never be sent again."""
+        with self._lock:
+            return self._entries[0].seq if self._entries else self.seq + 1
+
+    def commit(self, committed_seq: int) -> list[Entry]:
+        """The server has committed every seq up to ``committed_seq``: delete those messages; returns them.
+
+        A mark above this outbox's own ``seq`` is ignored: the state directory was reset and the counter
+        started again, so the server's mark belongs to the earlier numbering (the next check-in reports
+        ``outbox_seq`` and the server starts the device's mark again)."""
+        with self._lock:
+            if committed_seq > self.seq:
+                return []
+            n = 0
+            while n < len(self._entries) and self._entries[n].seq <= committed_seq:
+                n += 1
+            done, self._entries = self._entries[:n], self._entries[n:]
+            for e in done:
+                self._bytes -= e.size
+                e.path.unlink(missing_ok=True)
+            return done
+
     def ack(self, message_id: str) -> None:
-        """The broker acknowledged the message: forget it."""
+        """Forget one message by id (tests; the agent deletes by :meth:`commit`)."""
         with self._lock:
             for e in self._entries:
                 if e.message_id == message_id:

@@ -23,6 +23,9 @@ class CheckinAnswer:
     """The signed assignment, exactly as the server sent it (verified by the caller)."""
     poll_interval_s: float | None
     server_time: str | None
+    committed_seq: int | None = None
+    """The server's committed telemetry high-water mark for this device (``telemetry.committed_seq``);
+    None from a server that does not report it."""
 
 
 def _decode(resp: HttpResponse, what: str) -> Any:
@@ -70,5 +73,8 @@ class ServerClient:
             raise ServerError("check-in answer: assignment must be the signed JSON text or null",
                               status=resp.status, code="bad_answer")
         poll = doc.get("poll_interval_s")
+        tel = doc.get("telemetry")
+        committed = tel.get("committed_seq") if isinstance(tel, dict) else None
         return CheckinAnswer(assignment.encode() if assignment is not None else None,
-                             float(poll) if isinstance(poll, (int, float)) else None, doc.get("server_time"))
+                             float(poll) if isinstance(poll, (int, float)) else None, doc.get("server_time"),
+                             committed if isinstance(committed, int) and not isinstance(committed, bool) else None)

@@ -42,7 +42,7 @@ from device_agent.server import CheckinAnswer, ServerClient
 from device_agent.states import Event, State
 from device_agent.store import KEEP, Attempts, BundleRef, Change, Pending, StateRecord, Store, slot_name
 from device_agent.supervisor import WorkerHandle, WorkerSupervisor
-from device_agent.telemetry import WindowStats
+from device_agent.telemetry import Telemetry, WindowStats
 from device_agent.transport import Deadline, Transport
 from device_agent.update import (
     ImageRepository,
@@ -85,7 +85,7 @@ class UpdateSteps:
     def __init__(self, config: AgentConfig, *, clock: Clock, store: Store, image: ImageRepository,
                  server: ServerClient, transport: Transport, credential: str | None, director_root: Root,
                  runtimes: dict[str, str], supervisor: WorkerSupervisor, inbox: Inbox, stop_flag: threading.Event,
-                 window: WindowStats, poll_interval_s: float) -> None:
+                 window: WindowStats, poll_interval_s: float, telemetry: Telemetry | None = None) -> None:
         self.config = config
         self.clock = clock
         self.store = store
@@ -100,6 +100,8 @@ class UpdateSteps:
         self.stop_flag = stop_flag
         self.window = window
         self.poll_interval_s = poll_interval_s
+        self.telemetry = telemetry
+        """Its outbox progress goes into each check-in; the answer's committed mark comes back to it."""
         self.next_checkin = 0.0
         """Monotonic time of the next check-in (0: at once)."""
         self.failures = 0
@@ -179,16 +181,24 @@ class UpdateSteps:
 
     def checkin_body(self, rec: StateRecord) -> dict[str, Any]:
         active = rec.active
-        return {"agent_version": AGENT_VERSION, "platform": platform_name(),
-                "runtimes": {k: v.split(" ")[-1] for k, v in self.runtimes.items()},
-                "state": rec.state.value, "active": active.ident() if active else None,
-                "last_error": self.storage_error or rec.last_error}
+        body: dict[str, Any] = {"agent_version": AGENT_VERSION, "platform": platform_name(),
+                                "runtimes": {k: v.split(" ")[-1] for k, v in self.runtimes.items()},
+                                "state": rec.state.value, "active": active.ident() if active else None,
+                                "last_error": self.storage_error or rec.last_error}
+        if self.telemetry is not None:
+            body.update(self.telemetry.progress())
+        return body
 
     def _send_checkin(self, rec: StateRecord) -> CheckinAnswer:
         """One check-in; a disk error on the way (the client may persist a sequence number) is a StorageError."""
         assert self.credential is not None
         try:
-            return self.server.checkin(self.config.device_id, self.credential, self.checkin_body(rec))
+            answer = self.server.checkin(self.config.device_id, self.credential, self.checkin_body(rec))
+            if self.telemetry is not None and answer.committed_seq is not None:
+                self.telemetry.committed(answer.committed_seq)  # the server has these: off the disk
+            elif self.telemetry is not None:
+                self.telemetry.no_mark()
+            return answer
         except OSError as exc:
             if not StorageError.matches(exc):
                 raise

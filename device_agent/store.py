@@ -13,7 +13,7 @@ Layout of the state directory::
     trust/              bundles.trust.TrustStore: trusted targets and the highest release-counter floors
     staging/<slot>/     files being downloaded (``*.part`` until complete and hash-checked)
     bundles/<slot>/     verified bundles: the active one and, during a trial, the previous one
-    outbox/             telemetry waiting for the broker's acknowledgement
+    outbox/             telemetry until the server has committed it
 
 Compatibility: fields added since the first release (``Pending.boots``, ``StateRecord.attempts``,
 ``StateRecord.clock_floor``) are optional on load, so an agent upgraded in place resumes from the file an

@@ -3,12 +3,18 @@
 * :class:`WindowStats` accumulates one window of serving figures (requests, errors, crashes, latency
   histogram, feedback accuracy, predicted classes); the worker adds the input summary statistics.
 * :class:`Telemetry` builds the protocol envelope, puts every message in the :class:`~device_agent.outbox.Outbox`
-  first, and one sender thread publishes from it and deletes a message only when the broker acknowledged it.
+  first, and one sender thread publishes from it. A message leaves the outbox only when the server's committed
+  high-water mark (``telemetry.committed_seq`` in the check-in answer, :meth:`Telemetry.committed`) covers
+  its seq; the broker's acknowledgement (PUBACK) only frees a slot of the in-flight window.
 * :class:`MqttPublisher` is the real :class:`Publisher` (paho-mqtt, MQTT 5, clean start false, session
   expiry one day; TLS pinned to a CA and the device's broker account, see ``connection.py``). Its callbacks
   only enqueue; the sender thread acts.
 
-A message unacknowledged for ``publish_timeout_s`` is published again with the same ``message_id``.
+A message without PUBACK for ``publish_timeout_s`` is published again; a message that a committed mark
+received at least ``resend_s`` after sending it does not cover is published again too (a broker restarted
+without persistence, or at its ``max_queued_messages``, dropped it). No mark, no re-send: while the server is
+unreachable the broker's queue is not filled with copies. Both keep the ``message_id`` and
+``seq``: the server stores each once.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import logging
 import queue
 import random
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Protocol
@@ -31,6 +38,8 @@ SCHEMA = "edgepack.telemetry.v1"
 MAX_PAYLOAD = 64 * 1024
 LATENCY_BOUNDS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 MAX_LATENCY_SAMPLES = 10_000
+MAX_INFLIGHT = 50
+"""Messages published and not yet acknowledged by the broker (PUBACK), at most."""
 
 
 def topic_prefix(device_id: str) -> str:
@@ -227,19 +236,37 @@ class Telemetry:
 
     def __init__(self, device_id: str, outbox: Outbox, publisher: Publisher | None, clock: Clock, *,
                  context: Callable[[], tuple[dict[str, Any] | None, str | None]],
-                 publish_timeout_s: float = 30.0, on_notify: Callable[[bytes], None] | None = None) -> None:
+                 publish_timeout_s: float = 30.0, resend_s: float = 300.0,
+                 on_notify: Callable[[bytes], None] | None = None) -> None:
         self.device_id = device_id
         self.outbox = outbox
         self.publisher = publisher
         self.clock = clock
         self.context = context
         self.publish_timeout_s = publish_timeout_s
+        self.resend_s = resend_s
         self._wake: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._inflight: dict[int, tuple[Entry, float]] = {}
-        self._sent_ids: set[str] = set()
+        """Publish handle -> (message, when sent): waiting for the broker's PUBACK."""
+        self._sent: OrderedDict[str, tuple[Entry, float]] = OrderedDict()
+        """message_id -> (message, when last sent), least recently sent first: sent, not yet committed."""
+        self._cursor = 0
+        """The highest seq published since this process started (everything above is unsent)."""
         self.published = 0
+        """PUBACKs received (the broker has the message; not yet proof that the server stored it)."""
+        self.resent = 0
+        """Messages sent again because the server had not committed them ``resend_s`` after sending."""
+        self.committed_seq = 0
+        """The server's committed high-water mark, as last reported."""
+        self.end_to_end = True
+        """False once a check-in answer came without a mark (a server older than the end-to-end
+        acknowledgement): then the broker's PUBACK deletes a message, as before."""
+        self._mark_at = float("-inf")
+        """When (monotonic) the last mark arrived: a message is sent again only when a mark that came at
+        least ``resend_s`` after sending it does not cover it (while the server is unreachable no mark comes,
+        so nothing is re-sent into a broker queue that may already hold it)."""
         if publisher is not None:
             publisher.on_ack = lambda mid: self._wake.put(("ack", mid))
             publisher.on_connect = lambda: self._wake.put(("connect", None))
@@ -274,6 +301,36 @@ class Telemetry:
         self._wake.put(("new", None))
         return msg
 
+    # ---- end-to-end acknowledgement ----------------------------------------------------------------------
+    def progress(self) -> dict[str, int]:
+        """What the check-in reports: the oldest seq still in the outbox (every seq below it is committed or
+        was dropped by a full outbox: the server counts the uncommitted ones as lost) and the last seq
+        assigned (lower than the server's mark only when the state directory was reset)."""
+        return {"outbox_oldest_seq": self.outbox.oldest_seq(), "outbox_seq": self.outbox.seq}
+
+    def committed(self, committed_seq: int) -> None:
+        """The server has stored every message up to ``committed_seq`` (or knows them lost): delete them."""
+        done = self.outbox.commit(committed_seq)
+        if committed_seq <= self.outbox.seq:
+            self.committed_seq = committed_seq
+        self._mark_at = self.clock.monotonic()
+        if self.publisher is not None:  # no sender thread without one: nothing would drain the queue
+            self._wake.put(("committed", [e.message_id for e in done]))
+
+    def no_mark(self) -> None:
+        """The server answered a check-in without a mark: it does not acknowledge end to end. Fall back to
+        deleting on the broker's PUBACK (and delete what the broker already acknowledged), or the outbox
+        would only ever fill."""
+        if self.end_to_end and self.publisher is not None:
+            log.warning("the server reports no committed telemetry mark (an older server): telemetry is deleted "
+                        "on the broker's acknowledgement, as before")
+            self.end_to_end = False
+            self._wake.put(("no_mark", None))
+
+    def unsent(self) -> int:
+        """Messages not yet published and acknowledged by the broker once since this process started."""
+        return len(self.outbox.pending_after(self._cursor, 1_000_000)) + len(self._inflight)
+
     # ---- sending -----------------------------------------------------------------------------------------
     def start(self) -> None:
         if self.publisher is None:
@@ -285,7 +342,7 @@ class Telemetry:
     def stop(self, flush_s: float = 0.0) -> None:
         if flush_s and self.publisher is not None:
             deadline = self.clock.monotonic() + flush_s
-            while len(self.outbox) and self.clock.monotonic() < deadline and self.publisher.connected():
+            while self.unsent() and self.clock.monotonic() < deadline and self.publisher.connected():
                 self.clock.wait(self._stop, 0.05)
         self._stop.set()
         self._wake.put(("stop", None))
@@ -303,33 +360,59 @@ class Telemetry:
                 what, arg = "tick", None
             if what == "stop":
                 return
-            if what == "ack":
-                entry = self._inflight.pop(arg, (None, 0.0))[0]
-                if entry is not None:
-                    self.outbox.ack(entry.message_id)
-                    self.published += 1
+            if what == "ack" and (entry := self._inflight.pop(arg, None)) is not None:
+                self.published += 1
+                if not self.end_to_end:
+                    self._forget(entry[0])
+            elif what == "no_mark":  # PUBACKed already: neither in flight nor waiting for a re-send
+                for _, (e, at) in list(self._sent.items()):
+                    if at != float("-inf") and all(e is not f for f, _ in self._inflight.values()):
+                        self._forget(e)
+            elif what == "committed":
+                for message_id in arg:
+                    self._sent.pop(message_id, None)
             self._pump()
+
+    def _forget(self, entry: Entry) -> None:
+        self.outbox.ack(entry.message_id)
+        self._sent.pop(entry.message_id, None)
+
+    def _send(self, entry: Entry, now: float) -> bool:
+        """Publish one message; False when the publisher cannot take it now (disconnected)."""
+        assert self.publisher is not None
+        try:
+            payload = entry.read()
+        except FileNotFoundError:  # committed or dropped meanwhile
+            self._sent.pop(entry.message_id, None)
+            return True
+        handle = self.publisher.publish(f"{topic_prefix(self.device_id)}/telemetry/{entry.kind}", payload)
+        if handle is None:
+            return False
+        self._inflight[handle] = (entry, now)
+        self._sent[entry.message_id] = (entry, now)
+        self._sent.move_to_end(entry.message_id)
+        return True
 
     def _pump(self) -> None:
         assert self.publisher is not None
         if not self.publisher.connected():
             return
         now = self.clock.monotonic()
-        inflight_ids = {e.message_id: mid for mid, (e, _) in self._inflight.items()}
-        for mid, (entry, since) in list(self._inflight.items()):
-            if now - since > self.publish_timeout_s:  # no PUBACK: send again, same message id
-                del self._inflight[mid]
-                inflight_ids.pop(entry.message_id, None)
-        for entry in self.outbox.pending(limit=200):
-            if entry.message_id in inflight_ids:
-                continue
-            if len(self._inflight) >= 50:
+        for handle, (entry, since) in list(self._inflight.items()):
+            if now - since > self.publish_timeout_s:  # no PUBACK: send again at once, same message id and seq
+                del self._inflight[handle]
+                self._sent[entry.message_id] = (entry, float("-inf"))
+                self._sent.move_to_end(entry.message_id, last=False)
+        while len(self._inflight) < MAX_INFLIGHT and self._sent:  # not committed long after sending: again
+            entry, at = next(iter(self._sent.values()))
+            if self._mark_at - at < self.resend_s:
                 break
-            try:
-                payload = entry.read()
-            except FileNotFoundError:
-                continue  # acknowledged or dropped meanwhile
-            handle = self.publisher.publish(f"{topic_prefix(self.device_id)}/telemetry/{entry.kind}", payload)
-            if handle is None:
+            if not self._send(entry, now):
                 return
-            self._inflight[handle] = (entry, now)
+            self.resent += 1
+        if len(self._inflight) >= MAX_INFLIGHT:
+            return
+        for entry in self.outbox.pending_after(self._cursor, MAX_INFLIGHT - len(self._inflight)):
+            if not self._send(entry, now):
+                return
+            self._cursor = entry.seq

@@ -29,7 +29,7 @@ from update_server.broker.endpoint import Endpoint
 from update_server.context import ServerContext
 from update_server.db import is_unavailable
 from update_server.mqtt_wire import Message, MqttError, WireClient
-from update_server.services.telemetry import MembershipCache, Telemetry, parse_one, write_batch
+from update_server.services.telemetry import MembershipCache, Telemetry, Unstorable, parse_one, write_batch
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class Ingester:
         self.v5 = s.mqtt_protocol != "3.1.1"
         plain = f"{s.mqtt_topic_prefix}/+/telemetry/#"
         self.topic = f"$share/{s.mqtt_share_group}/{plain}" if self.v5 else plain
-        self.queue: queue.Queue[tuple[Message, Telemetry | None]] = queue.Queue(maxsize=s.ingest_queue)
+        self.queue: queue.Queue[tuple[Message, Telemetry | Unstorable | None]] = queue.Queue(maxsize=s.ingest_queue)
         self.membership = MembershipCache()
         self._stop = threading.Event()
         self._writer = threading.Thread(target=self._run_writer, name="ingest-writer", daemon=True)
@@ -220,7 +220,7 @@ class Ingester:
                 self.ctx.counters.add("telemetry_queue_full_waits")
 
     # ---- writer side ---------------------------------------------------------------------------------
-    def _drain(self) -> list[tuple[Message, Telemetry | None]]:
+    def _drain(self) -> list[tuple[Message, Telemetry | Unstorable | None]]:
         s = self.ctx.settings
         try:
             batch = [self.queue.get(timeout=0.2)]
@@ -235,9 +235,9 @@ class Ingester:
                 break
         return batch
 
-    def _commit(self, messages: list[Telemetry]) -> int:
+    def _commit(self, messages: list[Telemetry], skipped: list[Unstorable] | None = None) -> int:
         with self.ctx.sessions() as session, session.begin():
-            return write_batch(session, messages, self.membership, self.ctx.clock())
+            return write_batch(session, messages, self.membership, self.ctx.clock(), skipped or [])
 
     def _store(self, messages: list[Telemetry]) -> tuple[int, list[Telemetry]]:
         """Write ``messages``; returns (new, written). A write that fails for a reason other than the database
@@ -253,12 +253,24 @@ class Ingester:
                 self.ctx.counters.add("telemetry_dropped_write_failed")
                 log.error("telemetry %s from %s could not be written and is dropped: %s", messages[0].message_id,
                           messages[0].device_id, exc)
+                if messages[0].seq > 0:  # its seq is done: the device must not send it again forever
+                    self._skip([Unstorable(messages[0].device_id, messages[0].seq)])
                 return 0, []
             self._last_error = f"a batch write failed ({type(exc).__name__}); isolating the messages that fail"
             mid = len(messages) // 2
             new_a, ok_a = self._store(messages[:mid])
             new_b, ok_b = self._store(messages[mid:])
             return new_a + new_b, ok_a + ok_b
+
+    def _skip(self, skipped: list[Unstorable]) -> None:
+        """Record the seqs of rejected messages as done (the devices' marks move past them). Raises only when
+        the database is unavailable; any other failure is logged: the device then sends them again later."""
+        try:
+            self._commit([], skipped)
+        except Exception as exc:
+            if is_unavailable(exc):
+                raise
+            log.exception("could not record the seqs of %d rejected messages as done", len(skipped))
 
     def _run_writer(self) -> None:
         while not self._stop.is_set():
@@ -273,11 +285,14 @@ class Ingester:
         if not batch:
             return
         self._batch_since = time.monotonic()
-        messages = [parsed for _, parsed in batch if parsed is not None]
+        messages = [parsed for _, parsed in batch if isinstance(parsed, Telemetry)]
+        skipped = [parsed for _, parsed in batch if isinstance(parsed, Unstorable)]
         delay = 0.2
         while not self._stop.is_set():
             try:
                 new, written = self._store(messages)
+                if skipped:
+                    self._skip(skipped)
                 self.ctx.counters.add("telemetry_ingested", new)
                 self.ctx.counters.add("telemetry_duplicates", len(written) - new)
                 self.ctx.metrics.ingest_committed(written, self.ctx.clock())

@@ -63,6 +63,8 @@ class Counters:
         child.inc(n)
         if name in RECEIVED_NAMES or name.startswith(DROPPED_PREFIX):
             self._m.telemetry_received.inc(n)
+        elif name == "telemetry_lost":
+            self._m.telemetry_lost.inc(n)
 
     def snapshot(self) -> dict[str, int]:
         """Every counter by its name, summed over all worker processes of this server."""
@@ -102,6 +104,9 @@ class Metrics:
                                           registry=r)
         self.telemetry_dropped = Counter("edgepack_telemetry_dropped", "Telemetry messages dropped, by reason",
                                          ["reason"], registry=r)
+        self.telemetry_lost = Counter("edgepack_telemetry_lost",
+                                      "Telemetry messages that left a device's outbox (full, or state reset) "
+                                      "before the server stored them, found at check-in", registry=r)
         self.telemetry_lag = Histogram("edgepack_telemetry_lag_seconds",
                                        "From a device sending a telemetry message to its commit in the database",
                                        buckets=LAG_BUCKETS, registry=r)

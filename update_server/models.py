@@ -214,6 +214,28 @@ class TelemetrySeen(Base):
     received_at: Mapped[datetime] = mapped_column(index=True)
 
 
+class TelemetryProgress(Base):
+    """Per device: the committed high-water mark of its telemetry ``seq`` (every seq up to it is stored or
+    known lost), returned at check-in so the agent deletes those messages from its outbox, and the seqs
+    counted lost (dropped by a full outbox, or gone with a device state reset, before the server stored them)."""
+
+    __tablename__ = "telemetry_progress"
+    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    committed_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    lost: Mapped[int] = mapped_column(BigInteger, default=0)
+    resets: Mapped[int] = mapped_column(BigInteger, default=0)
+    """Times the device's seq counter started again (its state directory was reset)."""
+
+
+class TelemetrySeq(Base):
+    """Seqs stored above a device's committed mark (arrived out of order, or past a gap): de-duplication by
+    (device, seq), and what the mark advances over once the gap fills. Rows at or below the mark are deleted."""
+
+    __tablename__ = "telemetry_seqs"
+    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+
+
 class TelemetryEvent(Base):
     __tablename__ = "telemetry_events"
     __table_args__ = (Index("ix_telemetry_events_device", "device_id", "id"),)

@@ -38,6 +38,10 @@ class CheckinRequest(_In):
     state: str | None = Field(None, max_length=32)
     active: ActiveBundle | None = None
     last_error: str | None = Field(None, max_length=4000)
+    outbox_oldest_seq: int | None = Field(None, ge=0, le=2**63 - 1)
+    """The oldest telemetry seq still in the device's outbox: seqs below it will never be sent again."""
+    outbox_seq: int | None = Field(None, ge=0, le=2**63 - 1)
+    """The last telemetry seq the device assigned."""
 
     @field_validator("last_error", mode="before")
     @classmethod
@@ -49,10 +53,16 @@ class CheckinRequest(_In):
         return value
 
 
+class TelemetryAck(BaseModel):
+    committed_seq: int
+    """Every telemetry message of this device up to this seq is stored (or known lost)."""
+
+
 class CheckinResponse(BaseModel):
     assignment: str | None
     poll_interval_s: int
     server_time: str
+    telemetry: TelemetryAck | None = None
 
 
 class TokenCreate(_In):

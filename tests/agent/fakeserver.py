@@ -45,6 +45,8 @@ class FakeUpdateServer:
         self.fail_targets = 0
         self.poll_interval_s = 3600.0
         self.last_checkin: dict[str, Any] = {}
+        self.committed: Any = None
+        """``device_id -> committed seq``: the telemetry mark this server reports at check-in (None: none)."""
         self.checkin_delay_s = 0.0
         """A hung server: each check-in is answered only after this long."""
         self.lock = threading.Lock()
@@ -191,9 +193,10 @@ class FakeUpdateServer:
                 if server.checkin_delay_s:
                     time.sleep(server.checkin_delay_s)
                 data = server.assignments.get(m.group(1))
-                self._send(200, json.dumps({"assignment": data.decode() if data else None,
-                                            "poll_interval_s": server.poll_interval_s,
-                                            "server_time": datetime.now(timezone.utc).isoformat()}).encode(),
-                           {"Content-Type": "application/json"})
+                answer = {"assignment": data.decode() if data else None, "poll_interval_s": server.poll_interval_s,
+                          "server_time": datetime.now(timezone.utc).isoformat()}
+                if server.committed is not None:
+                    answer["telemetry"] = {"committed_seq": server.committed(m.group(1))}
+                self._send(200, json.dumps(answer).encode(), {"Content-Type": "application/json"})
 
         return Handler

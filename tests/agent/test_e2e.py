@@ -109,7 +109,12 @@ def test_full_cycle_against_the_real_server(keys: KeyStore, tmp_path: Path, priv
         view = live.admin.get(f"/api/v1/devices/{device}").json()
         assert view["state"] == "idle" and view["tags"] == {"site": "lab"}
         assert view["runtimes"].get("onnxruntime")
-        _wait(lambda: agent.status()["outbox"] == 0, 30, "telemetry delivered", agent)
+        def delivered(s: dict[str, Any]) -> bool:  # emptied by the server's mark, not by the broker's PUBACK
+            tel = s["telemetry"]
+            return bool(s["outbox"] == 0 and tel["end_to_end"] and tel["committed_seq"] == tel["seq"] > 0)
+
+        _wait(lambda: delivered(agent.status()), 30, "telemetry delivered and committed", agent)
+        assert live.admin.get(f"/api/v1/devices/{device}").json()["telemetry"]["lost"] == 0
         assert agent.stop() == 0
         agent = None
     finally:

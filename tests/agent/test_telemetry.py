@@ -106,6 +106,14 @@ class Collector:
         self.client.disconnect()
         self.client.loop_stop()
 
+    def mark(self, device_id: str) -> int:
+        """The committed high-water mark a server would report: every seq up to it received."""
+        seqs = {m["seq"] for m in list(self.messages) if m["device_id"] == device_id}
+        mark = 0
+        while mark + 1 in seqs:
+            mark += 1
+        return mark
+
 
 @pytest.mark.slow
 @pytest.mark.mqtt
@@ -116,6 +124,8 @@ def test_broker_outage_and_agent_restart_lose_nothing_and_duplicate_nothing(
     fake_server.assign(DEVICE, HARDWARE, "digits", "1.0.0", rollout_id="r-1")
     mqtt_config = device_account(private_broker)  # also sets up the ingest account the collector uses
     collector = Collector(private_broker)
+    fake_server.committed = collector.mark  # the collector stands for the server's ingester
+    fake_server.poll_interval_s = 1.0
     agent = agent_process(mqtt=mqtt_config, telemetry={"window_s": 1.0},
                           trial={"period_s": 0.5}).start()
     images, labels = digits_data()
@@ -157,18 +167,22 @@ def test_broker_outage_and_agent_restart_lose_nothing_and_duplicate_nothing(
     meta = json.loads((tmp_path / "state" / "outbox" / "meta.json").read_text())
     time.sleep(1.0)
     collector.close()
-    ids = [m["message_id"] for m in collector.messages]
-    seqs = sorted(m["seq"] for m in collector.messages)
-    assert len(ids) == len(set(ids)), "a message arrived twice"
-    assert seqs == list(range(1, meta["seq"] + 1)), "a message was lost"
+    # A message sent but not yet covered by the committed mark when the agent stopped is sent again after the
+    # restart (same message_id and seq): the server stores it once. What must hold: one message per seq, none
+    # missing.
+    by_seq: dict[int, str] = {}
+    for m in collector.messages:
+        assert by_seq.setdefault(m["seq"], m["message_id"]) == m["message_id"], "two messages with one seq"
+    assert sorted(by_seq) == list(range(1, meta["seq"] + 1)), "a message was lost"
     assert meta["dropped"] == 0
-    events = [m["event"] for m in collector.messages if m["kind"] == "event"]
+    stored = list({m["message_id"]: m for m in collector.messages}.values())  # what the server keeps
+    events = [m["event"] for m in stored if m["kind"] == "event"]
     assert events.count("committed") == 2 and "activated" in events
-    windows = [m["window"] for m in collector.messages if m["kind"] == "window"]
+    windows = [m["window"] for m in stored if m["kind"] == "window"]
     assert sum(w["requests"] for w in windows) > 50
     assert sum(w["feedback"]["count"] for w in windows) > 50
     assert any("input_stats" in w and len(w["input_stats"]["mean"]) == 64 for w in windows)
-    committed = [m for m in collector.messages if m.get("event") == "committed"]
+    committed = [m for m in stored if m.get("event") == "committed"]
     assert [c["rollout_id"] for c in committed] == ["r-1", "r-2"]
 
 
@@ -207,3 +221,68 @@ def test_notify_triggers_an_immediate_check_in(session_broker: Mosquitto, fake_s
     agent.stop()
     thread.join(10)
     assert agent.record.active is not None and agent.record.active.version == "1.0.0"
+
+
+def test_outbox_keeps_messages_until_the_server_mark_covers_them(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "box", max_messages=100)
+    assert box.oldest_seq() == 1
+    for i in range(5):
+        box.put("window", _env(i))
+    assert [e.seq for e in box.pending_after(2, 10)] == [3, 4, 5]
+    assert [e.seq for e in box.commit(3)] == [1, 2, 3]  # the server stored 1..3: off the disk
+    assert box.oldest_seq() == 4 and len(Outbox(tmp_path / "box")) == 2
+    assert box.commit(99) == [] and len(box) == 2  # a mark above our own seq: our state was reset; keep all
+    box.commit(5)
+    assert len(box) == 0 and box.oldest_seq() == 6  # empty: seq + 1
+
+
+class AckingPublisher:
+    """The :class:`~device_agent.telemetry.Publisher` seam: a broker that acknowledges every message at once."""
+
+    def __init__(self) -> None:
+        self.on_ack: Callable[[int], None] = lambda mid: None
+        self.on_connect: Callable[[], None] = lambda: None
+        self.on_notify: Callable[[bytes], None] = lambda payload: None
+        self.sent: list[bytes] = []
+
+    def start(self) -> None:
+        self.on_connect()
+
+    def stop(self) -> None:
+        pass
+
+    def connected(self) -> bool:
+        return True
+
+    def publish(self, topic: str, payload: bytes) -> int | None:
+        self.sent.append(payload)
+        self.on_ack(len(self.sent))
+        return len(self.sent)
+
+
+def test_broker_ack_deletes_nothing_until_the_server_mark_or_an_older_server(tmp_path: Path) -> None:
+    from device_agent.clock import SystemClock
+    from device_agent.telemetry import Telemetry
+
+    def until(predicate: Callable[[], bool]) -> bool:
+        deadline = time.monotonic() + 10
+        while not predicate() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return predicate()
+
+    pub = AckingPublisher()
+    tel = Telemetry("d", Outbox(tmp_path / "box"), pub, SystemClock(), context=lambda: (None, None))
+    tel.start()
+    try:
+        for _ in range(3):
+            tel.event("crash")
+        assert until(lambda: tel.published == 3)
+        assert len(tel.outbox) == 3              # the broker has them; the server has not said so: kept
+        tel.committed(2)
+        assert [e.seq for e in tel.outbox.pending()] == [3]
+        tel.no_mark()                            # an older server: no mark will ever come
+        assert until(lambda: len(tel.outbox) == 0)
+        tel.event("crash")                       # from now on the broker's PUBACK deletes
+        assert until(lambda: tel.published == 4 and len(tel.outbox) == 0)
+    finally:
+        tel.stop()

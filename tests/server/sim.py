@@ -88,7 +88,8 @@ class Publisher:
     def __init__(self, broker: Any, prefix: str, devices: Sequence[SimDevice] = ()) -> None:
         self.broker = broker
         self.prefix = prefix
-        self.seq = 0
+        self.seqs: dict[str, int] = {}
+        """Per device, the last seq sent (1, 2, 3, ... as the agent's outbox numbers them)."""
         self.clients: dict[str, Any] = {}
         self.results: dict[tuple[str, int], str] = {}
         self.notified: set[str] = set()
@@ -132,9 +133,10 @@ class Publisher:
             self.notified.add(msg.topic.split("/")[-2])
 
     def envelope(self, device: SimDevice, kind: str, bundle: dict[str, Any] | None) -> dict[str, Any]:
-        self.seq += 1
+        with self.lock:
+            seq = self.seqs[device.device_id] = self.seqs.get(device.device_id, 0) + 1
         return {"schema": "edgepack.telemetry.v1", "kind": kind, "message_id": uuid.uuid4().hex,
-                "device_id": device.device_id, "seq": self.seq, "sent_at": now_iso(), "bundle": bundle,
+                "device_id": device.device_id, "seq": seq, "sent_at": now_iso(), "bundle": bundle,
                 "rollout_id": None}
 
     def publish(self, topic: str, payload: dict[str, Any] | bytes, device: SimDevice | None = None) -> str:

@@ -118,7 +118,8 @@ def list_devices(ctx: CtxDep, _: Viewer, group: str | None = None, hardware_id: 
         total, rows = devices.list_devices(session, group=group, tag=tags, hardware_id=hardware_id,
                                            limit=limit, offset=offset)
         by_id = {b.id: b for b in session.query(Bundle).all()}
-        return {"total": total, "devices": [devices.device_view(d, by_id) for d in rows]}
+        return {"total": total, "devices": devices.with_telemetry(session, [devices.device_view(d, by_id)
+                                                                              for d in rows])}
 
 
 @router.get("/devices/{device_id}", tags=["devices"])
@@ -126,7 +127,7 @@ def get_device(device_id: str, ctx: CtxDep, _: Viewer) -> dict[str, Any]:
     with ctx.sessions() as session, session.begin():
         device = devices.get_device(session, device_id)
         by_id = {b.id: b for b in session.query(Bundle).all()}
-        return devices.device_view(device, by_id)
+        return devices.with_telemetry(session, [devices.device_view(device, by_id)])[0]
 
 
 @router.patch("/devices/{device_id}", tags=["devices"])
@@ -230,7 +231,10 @@ def revoke_token(token_id: str, ctx: CtxDep, token: Admin) -> Response:
 @router.get("/admin/stats", tags=["admin"])
 def stats(ctx: CtxDep, _: Viewer) -> dict[str, Any]:
     """This replica's counters, summed over its worker processes (telemetry ingested, duplicates, drops by
-    reason, notices sent); the same figures as /metrics."""
-    return {"counters": ctx.counters.snapshot()}
+    reason, notices sent); the same figures as /metrics. ``telemetry`` is fleet-wide, from the database:
+    messages lost (left a device's outbox before the server stored them) and device seq resets."""
+    with ctx.sessions() as session:
+        totals = devices.telemetry_totals(session)
+    return {"counters": ctx.counters.snapshot(), "telemetry": totals}
 
 

@@ -21,10 +21,11 @@ from update_server.broker import BrokerAdminError, DeviceAccount
 from update_server.broker.passwords import PasswordHash
 from update_server.context import ServerContext
 from update_server.errors import Conflict, Forbidden, NotFound, Unauthorized, Unavailable
-from update_server.models import Bundle, Device, EnrollmentToken, UTCDateTime
+from update_server.models import Bundle, Device, EnrollmentToken, TelemetryProgress, UTCDateTime
 from update_server.security import DEVICE_PREFIX, MQTT_PREFIX, digest, new_secret
 from update_server.services.common import audit, lock
 from update_server.services.membership import join_rollouts
+from update_server.services.telemetry import close_gaps
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,9 @@ def _checkin_statement() -> Any:
     return (update(cast(Table, Device.__table__))
             .where(t.id == bindparam("p_id"), t.credential_hash == bindparam("p_hash"))
             .values(last_seen_at=bindparam("p_now", type_=UTCDateTime()), **plain, **keep)
-            .returning(t.desired_seq, t.signed_seq, t.desired_reason, t.assignment, t.assignment_expires_at))
+            .returning(t.desired_seq, t.signed_seq, t.desired_reason, t.assignment, t.assignment_expires_at,
+                       select(TelemetryProgress.committed_seq).where(TelemetryProgress.device_id == t.id)
+                       .scalar_subquery().label("committed_seq")))
 
 
 CHECKIN = _checkin_statement()
@@ -194,8 +197,31 @@ def checkin_params(device_id: str, credential: str, req: Mapping[str, Any], now:
             "p_platform": req.get("platform"), "p_runtimes": req.get("runtimes")}
 
 
-def checkin_response(ctx: ServerContext, assignment: str | None, now: datetime) -> dict[str, Any]:
-    return {"assignment": assignment, "poll_interval_s": ctx.settings.poll_interval_s, "server_time": now.isoformat()}
+def checkin_response(ctx: ServerContext, assignment: str | None, now: datetime,
+                     committed_seq: int | None = None) -> dict[str, Any]:
+    return {"assignment": assignment, "poll_interval_s": ctx.settings.poll_interval_s, "server_time": now.isoformat(),
+            "telemetry": {"committed_seq": int(committed_seq or 0)}}
+
+
+def gaps_to_close(req: Mapping[str, Any], committed_seq: int | None) -> bool:
+    """True when the check-in's outbox figures change the device's telemetry mark (rare: the device dropped
+    messages from a full outbox, or its state was reset). Otherwise the check-in stays one statement: the
+    oldest seq in a healthy outbox is at most one above the server's mark."""
+    mark = int(committed_seq or 0)
+    oldest, last = req.get("outbox_oldest_seq"), req.get("outbox_seq")
+    return (oldest is not None and oldest > mark + 1) or (last is not None and last < mark)
+
+
+def telemetry_checkin(ctx: ServerContext, device_id: str, req: Mapping[str, Any]) -> int:
+    """:func:`~update_server.services.telemetry.close_gaps` in its own transaction; returns the new mark and
+    counts what was found lost (``telemetry_lost``, ``telemetry_seq_resets``)."""
+    with ctx.sessions() as session, session.begin():
+        before = session.scalar(select(TelemetryProgress.resets).where(TelemetryProgress.device_id == device_id))
+        mark, lost = close_gaps(session, device_id, req.get("outbox_oldest_seq"), req.get("outbox_seq"))
+        after = session.scalar(select(TelemetryProgress.resets).where(TelemetryProgress.device_id == device_id))
+    ctx.counters.add("telemetry_lost", lost)
+    ctx.counters.add("telemetry_seq_resets", int(after or 0) - int(before or 0))
+    return mark
 
 
 def after_update(ctx: ServerContext, device_id: str, credential_hash: str, row: Any, now: datetime) -> str | None:
@@ -221,7 +247,10 @@ def checkin(ctx: ServerContext, device_id: str, credential: str, req: Mapping[st
         assignment = row.assignment
         if _needs_signing(ctx, row.desired_seq, row.signed_seq, row.desired_reason, row.assignment_expires_at, now):
             assignment = sign_for(ctx, session, device_id, now)
-    return checkin_response(ctx, assignment, now)
+    mark = row.committed_seq
+    if gaps_to_close(req, mark):
+        mark = telemetry_checkin(ctx, device_id, req)
+    return checkin_response(ctx, assignment, now, mark)
 
 
 async def checkin_async(ctx: ServerContext, device_id: str, credential: str, req: Mapping[str, Any]) -> dict[str, Any]:
@@ -239,7 +268,10 @@ async def checkin_async(ctx: ServerContext, device_id: str, credential: str, req
         assignment = await anyio.to_thread.run_sync(after_update, ctx, device_id, params["p_hash"], row, now)
     else:
         assignment = row.assignment
-    return checkin_response(ctx, assignment, now)
+    mark = None if row is None else row.committed_seq
+    if gaps_to_close(req, mark):
+        mark = await anyio.to_thread.run_sync(telemetry_checkin, ctx, device_id, req)
+    return checkin_response(ctx, assignment, now, mark)
 
 
 class _Row(NamedTuple):
@@ -250,6 +282,7 @@ class _Row(NamedTuple):
     desired_reason: str
     assignment: str | None
     naive_expires_at: datetime | None
+    committed_seq: int | None
 
     @property
     def assignment_expires_at(self) -> datetime | None:
@@ -329,6 +362,26 @@ def device_view(device: Device, bundles: Mapping[int, Bundle] | None = None) -> 
         "revoked_at": device.revoked_at.isoformat() if device.revoked_at else None,
         "last_seen_at": device.last_seen_at.isoformat() if device.last_seen_at else None,
     }
+
+
+def with_telemetry(session: Session, views: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add each device's telemetry delivery figures: ``committed_seq`` (every message up to it stored or
+    known lost), ``lost`` (messages that left the device's outbox before the server stored them), ``resets``."""
+    ids = [v["device_id"] for v in views]
+    rows = {r.device_id: r for r in session.scalars(select(TelemetryProgress)
+                                                    .where(TelemetryProgress.device_id.in_(ids)))} if ids else {}
+    for v in views:
+        r = rows.get(v["device_id"])
+        v["telemetry"] = {"committed_seq": r.committed_seq if r else 0, "lost": r.lost if r else 0,
+                          "resets": r.resets if r else 0}
+    return views
+
+
+def telemetry_totals(session: Session) -> dict[str, int]:
+    """Fleet-wide: messages lost (left an outbox before the server stored them) and seq resets."""
+    lost, resets = session.execute(select(func.coalesce(func.sum(TelemetryProgress.lost), 0),
+                                          func.coalesce(func.sum(TelemetryProgress.resets), 0))).one()
+    return {"lost": int(lost), "seq_resets": int(resets)}
 
 
 def count_devices(session: Session) -> int:

@@ -6,6 +6,13 @@ new messages are summed in Python per aggregate key and upserted (``ON CONFLICT 
 excluded.x``) in sorted key order, so concurrent replicas take row locks in the same order and cannot
 deadlock. Which rollout (and phase) a message belongs to comes from the server's own membership table,
 not from the device's claim.
+
+End-to-end acknowledgement (docs/protocol.md "Telemetry delivery"): a message is new only if its
+``message_id`` AND its ``(device, seq)`` are new. Each device's row in ``telemetry_progress`` (locked, in
+device order) holds the committed high-water mark: every seq up to it is stored or known lost. Seqs above
+the mark go into ``telemetry_seqs``; the mark advances over them once contiguous, and the rows it covers
+are deleted. The check-in returns the mark; the agent deletes the messages it covers from its outbox and
+re-sends the others. :func:`close_gaps` (at check-in) counts the seqs the device can no longer send as lost.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any, Literal, cast
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import Table, bindparam, insert, select, text
+from sqlalchemy import Table, bindparam, delete, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from update_server.db import dialect_insert
@@ -29,7 +36,9 @@ from update_server.models import (
     RolloutDevice,
     TelemetryAggregate,
     TelemetryEvent,
+    TelemetryProgress,
     TelemetrySeen,
+    TelemetrySeq,
     UTCDateTime,
 )
 from update_server.services.health import record_windows
@@ -52,6 +61,9 @@ Every count is summed into 64-bit integer columns (SQLite INTEGER, PostgreSQL bi
 9.2e18): at this bound a sum row holds 9 million windows before it could overflow, and a value the database
 cannot store (``requests: 10**30``) is refused here, at validation, instead of failing a whole batch's write."""
 MAX_INT64 = 2**63 - 1
+MAX_GAP = 1_000_000
+"""The most seqs one check-in may declare gone from a device's outbox (two years of one-minute windows): a
+device claiming more is not believed, so one bad device cannot push the fleet's lost count to 2**63."""
 MAX_WINDOW = timedelta(days=7)
 """A window longer than this earns no more request allowance than this (see :func:`check_window`)."""
 Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
@@ -246,6 +258,15 @@ _SEEN_PG = text("INSERT INTO telemetry_seen (message_id, received_at) SELECT unn
                 "ON CONFLICT DO NOTHING RETURNING message_id").bindparams(bindparam("now", type_=UTCDateTime()))
 
 
+_PROGRESS = cast(Table, TelemetryProgress.__table__)
+_SEQS = cast(Table, TelemetrySeq.__table__)
+_SET_MARK = update(_PROGRESS).where(_PROGRESS.c.device_id == bindparam("d")).values(committed_seq=bindparam("m"))
+_FORGET_SEQS = delete(_SEQS).where(_SEQS.c.device_id == bindparam("d"), _SEQS.c.seq <= bindparam("m"))
+_UNNEST = "unnest(CAST(:d AS varchar[]), CAST(:m AS bigint[])) AS v(d, m)"
+_SEQS_PG = text(f"INSERT INTO telemetry_seqs (device_id, seq) SELECT d, m FROM {_UNNEST} ON CONFLICT DO NOTHING "
+                "RETURNING device_id, seq")
+_SET_MARK_PG = text(f"UPDATE telemetry_progress SET committed_seq = v.m FROM {_UNNEST} WHERE device_id = v.d")
+_FORGET_SEQS_PG = text(f"DELETE FROM telemetry_seqs USING {_UNNEST} WHERE device_id = v.d AND seq <= v.m")
 _AGG_TEXT = ("rollout_id", "device_id", "bundle_name", "bundle_version")
 
 
@@ -274,16 +295,114 @@ def _insert_seen(session: Session, ids: list[str], now: datetime) -> set[str]:
     return set(conn.execute(stmt, [{"message_id": i, "received_at": now} for i in ids]).scalars())
 
 
-def write_batch(session: Session, messages: Sequence[Telemetry], membership: MembershipCache,
-                now: datetime) -> int:
-    """Store a batch; returns how many messages were new (the rest were duplicates).
+def _lock_progress(session: Session, devices: list[str]) -> dict[str, int]:
+    """Create the devices' progress rows if missing, lock them (in device order), return their marks."""
+    conn = session.connection()
+    query = (select(TelemetryProgress.device_id, TelemetryProgress.committed_seq)
+             .where(TelemetryProgress.device_id.in_(devices)).order_by(TelemetryProgress.device_id))
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update()
+    marks = {d: int(m) for d, m in conn.execute(query)}
+    if missing := [d for d in devices if d not in marks]:  # a device's first telemetry (once per device)
+        conn.execute(dialect_insert(session, _PROGRESS).on_conflict_do_nothing(),
+                     [{"device_id": d, "committed_seq": 0, "lost": 0, "resets": 0} for d in missing])
+        marks.update({d: int(m) for d, m in conn.execute(query.where(TelemetryProgress.device_id.in_(missing)))})
+    return marks
 
-    ``membership`` is refreshed first, in this transaction, so attribution never depends on the cache's age."""
-    if not messages:
+
+def _advance(session: Session, marks: dict[str, int]) -> dict[str, int]:
+    """Move each device's mark over the contiguous seqs stored above it; delete the rows it covers.
+    Returns the new marks of the devices whose mark moved."""
+    conn = session.connection()
+    seqs = _SEQS.c
+    rows = conn.execute(select(seqs.device_id, seqs.seq).where(seqs.device_id.in_(sorted(marks)))
+                        .order_by(seqs.device_id, seqs.seq))
+    moved: dict[str, int] = {}
+    for device_id, seq in rows:
+        mark = moved.get(device_id, marks[device_id])
+        if seq == mark + 1:
+            moved[device_id] = seq
+    if moved and conn.dialect.name == "postgresql":  # one statement each, one array per column
+        arrays = {"d": sorted(moved), "m": [moved[d] for d in sorted(moved)]}
+        conn.execute(_SET_MARK_PG, arrays)
+        conn.execute(_FORGET_SEQS_PG, arrays)
+    elif moved:  # one executemany each, in device order
+        params = [{"d": d, "m": moved[d]} for d in sorted(moved)]
+        conn.execute(_SET_MARK, params)
+        conn.execute(_FORGET_SEQS, params)
+    return moved
+
+
+@dataclass(frozen=True)
+class Unstorable:
+    """A message the server will never store (rejected by validation, or a row the database refuses) whose
+    device (from the topic, which the broker's ACL ties to the sender) and seq are known. Its seq counts as
+    done, so the device's mark moves past it and the device stops sending it again (a poison loop)."""
+
+    device_id: str
+    seq: int
+
+
+def unstorable(topic: str, payload: bytes, *, prefix: str) -> Unstorable | None:
+    """The device and seq of a rejected message, when both can be read; None otherwise."""
+    parts, base = topic.split("/"), prefix.split("/")
+    if len(parts) != len(base) + 3 or parts[:len(base)] != base:
+        return None
+    try:
+        seq = json.loads(payload).get("seq")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 0 < seq <= MAX_INT64:
+        return None
+    return Unstorable(parts[len(base)], seq)
+
+
+def _new_by_seq(session: Session, messages: Sequence[Telemetry],
+                skipped: Sequence[Unstorable] = ()) -> tuple[list[Telemetry], dict[str, int]]:
+    """Messages whose (device, seq) is new: above the device's mark and not stored above it yet. Records them,
+    and the ``skipped`` seqs, in ``telemetry_seqs``. Returns them and the devices' marks (locked until the
+    transaction ends). A seq of 0 means unnumbered (a sender without an outbox): de-duplicated by message id
+    only."""
+    numbered: dict[tuple[str, int], Telemetry] = {}
+    unnumbered = []
+    for m in messages:
+        if m.seq <= 0:
+            unnumbered.append(m)
+        else:
+            numbered.setdefault((m.device_id, m.seq), m)
+    done = {(u.device_id, u.seq) for u in skipped} - set(numbered)
+    if not numbered and not done:
+        return unnumbered, {}
+    marks = _lock_progress(session, sorted({d for d, _ in [*numbered, *done]}))
+    if done := {k for k in done if k[1] > marks[k[0]]}:
+        session.connection().execute(dialect_insert(session, _SEQS).on_conflict_do_nothing(),
+                                     [{"device_id": d, "seq": q} for d, q in sorted(done)])
+    candidates = sorted(k for k in numbered if k[1] > marks[k[0]])
+    fresh: set[tuple[str, int]] = set()
+    if candidates:
+        conn = session.connection()
+        if conn.dialect.name == "postgresql":
+            rows = conn.execute(_SEQS_PG, {"d": [d for d, _ in candidates], "m": [q for _, q in candidates]})
+        else:
+            stmt = dialect_insert(session, _SEQS).on_conflict_do_nothing().returning(_SEQS.c.device_id, _SEQS.c.seq)
+            rows = conn.execute(stmt, [{"device_id": d, "seq": q} for d, q in candidates])
+        fresh = {(d, int(q)) for d, q in rows}
+    return unnumbered + [numbered[k] for k in candidates if k in fresh], marks
+
+
+def write_batch(session: Session, messages: Sequence[Telemetry], membership: MembershipCache,
+                now: datetime, skipped: Sequence[Unstorable] = ()) -> int:
+    """Store a batch; returns how many messages were new (the rest were duplicates by message id or by
+    (device, seq)), and advances the devices' committed marks.
+
+    ``membership`` is refreshed first, in this transaction, so attribution never depends on the cache's age.
+    ``skipped``: seqs of messages that will never be stored (:class:`Unstorable`); the marks move past them."""
+    if not messages and not skipped:
         return 0
     membership.refresh(session)
-    unique = {m.message_id: m for m in messages}
-    new_ids = _insert_seen(session, sorted(unique), now)
+    fresh, marks = _new_by_seq(session, messages, skipped)
+    unique = {m.message_id: m for m in fresh}
+    new_ids = _insert_seen(session, sorted(unique), now) if unique else set()
     aggs: dict[tuple[str, str, str, str], dict[str, Any]] = {}
     events: list[dict[str, Any]] = []
     for message_id in sorted(new_ids):
@@ -337,16 +456,59 @@ def write_batch(session: Session, messages: Sequence[Telemetry], membership: Mem
     if events:
         session.connection().execute(insert(cast(Table, TelemetryEvent.__table__)), events)
     record_windows(session, [unique[i] for i in sorted(new_ids)], now)  # dashboard and drift buckets
+    if marks:
+        _advance(session, marks)
     return len(new_ids)
 
 
+def close_gaps(session: Session, device_id: str, oldest_seq: int | None, last_seq: int | None) -> tuple[int, int]:
+    """What a check-in's ``outbox_oldest_seq``/``outbox_seq`` tell the server; returns (mark, newly lost).
+
+    * ``last_seq`` below the mark: the device's counter started again (its state directory was reset).
+      The mark and the stored seqs start again from 0 (``resets`` counts it), so its new messages are
+      not taken for duplicates.
+    * Every seq below ``oldest_seq`` has left the device's outbox: committed, or dropped by a full outbox.
+      Those not stored are lost for good: counted in ``lost``, and the mark moves past them (then over
+      the stored seqs contiguous above)."""
+    marks = _lock_progress(session, [device_id])
+    mark = marks[device_id]
+    conn = session.connection()
+    progress = _PROGRESS.c
+    seqs = _SEQS.c
+    if last_seq is not None and last_seq < mark:
+        log.warning("device %s reports telemetry seq %d below the committed mark %d: its state was reset; "
+                    "the mark starts again", device_id, last_seq, mark)
+        conn.execute(delete(_SEQS).where(seqs.device_id == device_id))
+        conn.execute(update(_PROGRESS).where(progress.device_id == device_id)
+                     .values(committed_seq=0, resets=progress.resets + 1))
+        mark = 0
+    if oldest_seq is None or oldest_seq <= mark + 1:
+        return mark, 0
+    if oldest_seq - 1 - mark > MAX_GAP:
+        log.warning("device %s reports its oldest telemetry seq %d, %d above the committed mark %d (more than %d): "
+                    "not believed, nothing counted lost", device_id, oldest_seq, oldest_seq - 1 - mark, mark, MAX_GAP)
+        return mark, 0
+    stored = conn.execute(select(func.count()).select_from(_SEQS).where(
+        seqs.device_id == device_id, seqs.seq > mark, seqs.seq < oldest_seq)).scalar_one()
+    lost = (oldest_seq - 1 - mark) - int(stored)
+    conn.execute(update(_PROGRESS).where(progress.device_id == device_id)
+                 .values(committed_seq=oldest_seq - 1, lost=progress.lost + lost))
+    conn.execute(delete(_SEQS).where(seqs.device_id == device_id, seqs.seq < oldest_seq))
+    moved = _advance(session, {device_id: oldest_seq - 1})
+    if lost:
+        log.warning("device %s: %d telemetry messages left its outbox before the server stored them (lost)",
+                    device_id, lost)
+    return moved.get(device_id, oldest_seq - 1), lost
+
+
 def parse_one(topic: str, payload: bytes, *, prefix: str, max_bytes: int, counters: Any,
-              max_rate: float = 10_000.0) -> Telemetry | None:
-    """:func:`parse`, counting a rejected message (by reason) instead of raising."""
+              max_rate: float = 10_000.0) -> Telemetry | Unstorable | None:
+    """:func:`parse`, counting a rejected message (by reason) instead of raising; a rejected message whose
+    device and seq are known comes back as :class:`Unstorable` (its seq is done: the device stops re-sending it)."""
     try:
         return parse(topic, payload, prefix=prefix, max_bytes=max_bytes, max_rate=max_rate)
     except Rejected as exc:
         counters.add(f"telemetry_dropped_{exc.reason}")
         log.debug("dropped telemetry on %s: %s", topic, exc)
-        return None
+        return unstorable(topic, payload, prefix=prefix)
 
