@@ -321,7 +321,8 @@ def write_docs(table: str) -> None:
     text = path.read_text()
     head = "## Rollout gates (synthetic rollouts)"
     block = (f"{head}\n\n`python bench/bench_gates.py --write-docs` (in-process: the pure gate functions on "
-             f"synthetic device telemetry, no agents; method in [server.md](server.md#rollouts), "How gates decide").\n\n"
+             "synthetic device telemetry, no agents; method in [server.md](server.md#rollouts), "
+             "\"How gates decide\").\n\n"
              f"{table}\n\n{NOTES}\n")
     if head in text:
         start = text.index(head)

@@ -191,10 +191,11 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
             served = True
             yield
         finally:
+            live_ingester: Any = getattr(app.state, "ingester", None)
             for item in reversed(started):
-                if item is getattr(app.state, "ingester", None):
+                if live_ingester is not None and item is live_ingester:
                     # A start that failed must not leave a session in the shared subscription taking telemetry.
-                    item.stop(release=not served)
+                    live_ingester.stop(release=not served)
                 else:
                     item.stop()
             ctx.engine.dispose()
