@@ -187,6 +187,16 @@ def test_halt_rolls_back_to_the_last_committed_version_not_a_refused_one(mqtt_se
         assert refuser.sync(director_root, install=False).bundle["version"] == "1.1.0"  # assigned, refused
         pub.event(refuser, "install_failed", target={"name": "digits", "version": "1.1.0", "release_counter": 2},
                   detail={"error": "DigestMismatchError", "phase": "verify"})
+
+        def refusal_ingested() -> bool:  # the rollback target of a later rollout reads the device's own reports
+            from sqlalchemy import select
+
+            from update_server.models import TelemetryEvent
+            with server.ctx.sessions() as session:
+                return session.scalar(select(TelemetryEvent.id).where(
+                    TelemetryEvent.device_id == "refuser", TelemetryEvent.event == "install_failed")) is not None
+
+        wait_for(refusal_ingested, timeout=30, what="the refusal to be ingested")
         assert taker.sync(director_root).bundle["version"] == "1.1.0"
         for d in (refuser, taker):
             assert d.checkin().status_code == 200

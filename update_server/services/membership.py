@@ -47,21 +47,28 @@ def member_row(rollout: Rollout, spec: RolloutSpec, *, device_id: str, previous:
             "phase_index": phase_of(bucket, spec.phases), "previous_bundle_id": previous, "joined_at": now}
 
 
+FAILED_EVENTS = ("install_failed", "update_refused", "verification_failed", "selftest_failed", "rolled_back")
+"""Events by which a device says it could not, or would not, run the bundle it names."""
+
+
 def previous_of(active: tuple[str | None, str | None], by_name: dict[tuple[str, str], int],
-                committed: tuple[str, str] | None = None) -> int | None:
-    """The rollback target of a device joining a rollout: the bundle it last committed.
+                committed: tuple[str, str] | None = None, *, desired: int | None = None,
+                desired_failed: bool = False) -> int | None:
+    """The rollback target of a device joining a rollout: the bundle it runs, or is installing, for good.
 
-    ``committed`` is the target of the newest ``committed`` event the device sent (telemetry, see
-    :func:`last_committed`); without one, the bundle it reports as installed and running at check-in (the agent
-    reports its committed bundle: it does not check in during activation or trial, and a refused or failed
-    update leaves the report on the bundle it kept). The event comes first: a device that committed an update
-    a moment ago has not checked in since, and its check-in report still names the bundle before.
-
-    Never its *assigned* bundle as such: an assignment the device refused (an aborted rollout's version it
-    failed to install) is not something it can go back to. None when it has reported none the server knows:
-    a rollback then leaves the device on what it runs."""
-    if committed is not None and committed in by_name:
-        return by_name[committed]
+    In order: its assignment (``desired``, a bundle id) when its newest ``committed`` event names it, or when
+    it never reported failing or refusing it (``desired_failed``): a device that committed an update a moment
+    ago, or is still installing it, has neither checked in about it nor had its event ingested yet, and the
+    assignment is where it ends. Otherwise the bundle it last committed: the target of its newest
+    ``committed`` event (:func:`last_committed`), else the one it reports as installed and running at
+    check-in. An assignment it refused (an aborted rollout's version it failed to install) is never the
+    target: it cannot go back to it. None when it has reported none the server knows: a rollback then leaves
+    the device on what it runs."""
+    committed_id = by_name.get(committed) if committed is not None else None
+    if desired is not None and (committed_id == desired or not desired_failed):
+        return desired
+    if committed_id is not None:
+        return committed_id
     if active[0] and active[1]:
         return by_name.get((active[0], active[1]))
     return None
@@ -76,6 +83,18 @@ def last_committed(session: Session, device_ids: list[str] | None = None) -> dic
     rows = session.execute(select(TelemetryEvent.device_id, TelemetryEvent.target_name, TelemetryEvent.target_version)
                            .where(TelemetryEvent.id.in_(newest.scalar_subquery())))
     return {d: (n, v) for d, n, v in rows if n and v}
+
+
+def refused_assignment(session: Session, device_ids: list[str] | None = None) -> set[str]:
+    """Devices that reported failing or refusing the bundle they are assigned now (:data:`FAILED_EVENTS`)."""
+    stmt = (select(TelemetryEvent.device_id).distinct()
+            .join(Device, Device.id == TelemetryEvent.device_id)
+            .join(Bundle, Bundle.id == Device.desired_bundle_id)
+            .where(TelemetryEvent.event.in_(FAILED_EVENTS), TelemetryEvent.target_name == Bundle.name,
+                   TelemetryEvent.target_version == Bundle.version))
+    if device_ids is not None:
+        stmt = stmt.where(TelemetryEvent.device_id.in_(device_ids))
+    return set(session.scalars(stmt))
 
 
 def busy_devices(session: Session, model_name: str, exclude: str | None = None) -> dict[str, str]:
@@ -96,6 +115,7 @@ def join_rollouts(session: Session, device: Device, now: datetime) -> bool:
     rollouts = session.scalars(select(Rollout).where(Rollout.state.in_(ACTIVE)).order_by(Rollout.created_at))
     by_name = previous_bundle_ids(session)
     committed = last_committed(session, [device.id]).get(device.id)
+    refused = device.id in refused_assignment(session, [device.id])
     for rollout in rollouts:
         if rollout.model_name in seen_models:
             continue
@@ -107,7 +127,8 @@ def join_rollouts(session: Session, device: Device, now: datetime) -> bool:
         seen_models.add(rollout.model_name)
         spec = RolloutSpec.from_dict(rollout.spec)
         row = member_row(rollout, spec, device_id=device.id, now=now, previous=previous_of(
-            (device.active_name, device.active_version), by_name, committed))
+            (device.active_name, device.active_version), by_name, committed, desired=device.desired_bundle_id,
+            desired_failed=refused))
         session.add(RolloutDevice(**row))
         if rollout.state in (RolloutState.RUNNING.value, RolloutState.PAUSED.value) \
                 and row["phase_index"] <= rollout.current_phase:

@@ -55,6 +55,7 @@ from update_server.services.membership import (
     member_row,
     previous_bundle_ids,
     previous_of,
+    refused_assignment,
     selector_matches,
 )
 from update_server.services.stats import gather_stats
@@ -129,6 +130,7 @@ def create_rollout(ctx: ServerContext, req: Mapping[str, Any], *, actor: str) ->
                           state=RolloutState.CREATED.value, current_phase=0, created_at=now, created_by=actor)
         by_name = previous_bundle_ids(session)
         committed = last_committed(session)
+        refused = refused_assignment(session)
         busy = busy_devices(session, bundle.name)
         rows, clash = [], {}
         for d in session.execute(select(Device.id, Device.group_name, Device.tags, Device.hardware_id,
@@ -140,7 +142,8 @@ def create_rollout(ctx: ServerContext, req: Mapping[str, Any], *, actor: str) ->
                 clash[d.id] = busy[d.id]
                 continue
             rows.append(member_row(rollout, spec, device_id=d.id, now=now, previous=previous_of(
-                (d.active_name, d.active_version), by_name, committed.get(d.id))))
+                (d.active_name, d.active_version), by_name, committed.get(d.id), desired=d.desired_bundle_id,
+                desired_failed=d.id in refused)))
         if clash:
             other = sorted(set(clash.values()))
             raise Conflict(f"{len(clash)} of these devices are already in active rollout(s) {', '.join(other)} "
