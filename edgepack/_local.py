@@ -401,7 +401,9 @@ def make_device(*, device_id: str, hardware_id: str, workdir: Path, server: Loca
         "server": {"url": server.url, "poll_interval_s": 2},
         "trust": {"image_root": str(keys_dir / "trust" / "root.json"),
                   "director_root": str(keys_dir / "trust" / "director-root.json")},
-        "mqtt": {},
+        # resent after 5 check-ins (not the production 5 minutes) what a broker acknowledged and lost (amqtt keeps
+        # no queue for a reconnecting ingester): the demo's gates wait for that data
+        "mqtt": {"resend_s": 10},
     }
     if server.ca_file is not None:
         doc["server"]["ca_file"] = str(server.ca_file)

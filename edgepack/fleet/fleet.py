@@ -143,7 +143,9 @@ class Fleet:
                       "health_interval_s": max(1.0, f.trial_s)},
             "limits": {"backoff_initial_s": 1.0, "backoff_max_s": 10.0, "download_deadline_s": 120.0},
             "telemetry": {"window_s": f.window_s},
-            "mqtt": {"keepalive_s": 60, "publish_timeout_s": 15.0},
+            # what the broker acknowledged but the server never committed (an injected drop) is sent again after
+            # three check-ins, not after the production default of 5 minutes: the gates wait for that data
+            "mqtt": {"keepalive_s": 60, "publish_timeout_s": 15.0, "resend_s": max(10.0, 3 * float(f.poll_interval_s))},
         }, source=f"fleet-sim:{dev.device_id}")
 
     def _enroll(self, dev: SimDevice, token: str) -> None:
