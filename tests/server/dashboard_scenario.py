@@ -93,7 +93,7 @@ def build(keys: KeyStore, bundles: dict[str, Any], work: Path, broker: Any, n: i
             r = client.post("/api/v1/rollouts", json={
                 "bundle": {"name": "digits", "version": "1.2.0"}, "selector": {"group": "a"},
                 "phases": [50, 100], "min_soak_s": 3600, "on_breach": "halt", "start": True, "canary_devices": 3,
-                "gates": {"max_crash_rate": 0.1}, "reason": "dashboard scenario: a release that crashes"})
+                "gates": {"max_crash_rate": 0.05}, "reason": "dashboard scenario: a release that crashes"})
             assert r.status_code == 201, r.text
             halted = r.json()["id"]
             r = client.post("/api/v1/rollouts", json={
