@@ -2,14 +2,19 @@
 
 Target group: the rollout's devices while running the target version. Control group: the same devices
 while running another version of the same model (devices in phases not yet reached, and every device
-before it updated), which is the fleet "still on the previous version" during this rollout.
+before it updated), which is the fleet "still on the previous version" during this rollout. A device's
+pre-update fragment is left out of the control when it is under ``FRAGMENT_SHARE`` of what the device has sent
+on the target since (a couple of requests before the update): gates cap each device's weight at the median
+device's count, and in a small fleet such fragments, half the control's devices right after the first phase,
+dragged that cap down to one or two and held the phase for ever. Only a device's own data decides whether its
+own fragment is left out, so no device can remove another's.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from update_server.models import LATENCY_COLUMNS, Rollout, RolloutDevice, TelemetryAggregate
@@ -17,6 +22,8 @@ from update_server.rollout_policy import DeviceTable, GroupStats, Progress, Roll
 from update_server.services.health_views import version_drift
 
 TA, RD = TelemetryAggregate, RolloutDevice
+FRAGMENT_SHARE = 0.1
+"""A device's control data under this share of its target data is a pre-update fragment (left out)."""
 DRIFT_TTL_S = 5.0
 """The drift gate's value is reused this long (it sums many histograms; drift moves slowly)."""
 
@@ -25,7 +32,17 @@ def _sum(col: Any) -> Any:
     return func.coalesce(func.sum(col), 0)
 
 
-def _group(session: Session, rollout: Rollout, *, target: bool) -> GroupStats:
+def _fragments(session: Session, rollout: Rollout) -> set[str]:
+    """Devices whose requests on other versions are under FRAGMENT_SHARE of their requests on the target."""
+    on_target = TA.bundle_version == rollout.target_version
+    rows = session.execute(select(TA.device_id, _sum(case((on_target, TA.requests), else_=0)),
+                                  _sum(case((on_target, 0), else_=TA.requests)))
+                           .where(TA.rollout_id == rollout.id, TA.bundle_name == rollout.model_name)
+                           .group_by(TA.device_id)).all()
+    return {d for d, target, other in rows if target > 0 and other < FRAGMENT_SHARE * target}
+
+
+def _group(session: Session, rollout: Rollout, *, target: bool, exclude: set[str] | None = None) -> GroupStats:
     """The group's sums, and its per-device sums for device weighting (one row per device: a control device
     may have run several other versions)."""
     version_cond = TA.bundle_version == rollout.target_version if target else \
@@ -36,7 +53,7 @@ def _group(session: Session, rollout: Rollout, *, target: bool) -> GroupStats:
     rows = session.execute(select(TA.device_id, *cols)
                            .where(TA.rollout_id == rollout.id, TA.bundle_name == rollout.model_name, version_cond)
                            .group_by(TA.device_id)).all()
-    values = [[int(v or 0) for v in row[1:]] for row in rows]
+    values = [[int(v or 0) for v in row[1:]] for row in rows if not exclude or row[0] not in exclude]
     per_device = DeviceTable.of([(v[1], v[2], v[3], v[4], tuple(v[8:])) for v in values])
     return GroupStats(devices_reporting=sum(v[0] > 0 for v in values), requests=sum(v[1] for v in values),
                       errors=sum(v[2] for v in values), feedback_count=sum(v[3] for v in values),
@@ -63,5 +80,6 @@ def gather_stats(session: Session, rollout: Rollout) -> RolloutStats:
         drift = version_drift(session, rollout.model_name, rollout.target_version, rollout.started_at,
                               int(gates.get("min_drift_samples") or 1), ttl_s=DRIFT_TTL_S)
     return RolloutStats(progress=progress, members_by_phase=members, reporting_by_phase=reporting,
-                        target=_group(session, rollout, target=True), control=_group(session, rollout, target=False),
+                        target=_group(session, rollout, target=True),
+                        control=_group(session, rollout, target=False, exclude=_fragments(session, rollout)),
                         drift=drift)
