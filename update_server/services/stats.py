@@ -39,7 +39,7 @@ def _fragments(session: Session, rollout: Rollout) -> set[str]:
                                   _sum(case((on_target, 0), else_=TA.requests)))
                            .where(TA.rollout_id == rollout.id, TA.bundle_name == rollout.model_name)
                            .group_by(TA.device_id)).all()
-    return {d for d, target, other in rows if target > 0 and other < FRAGMENT_SHARE * target}
+    return {d for d, target, other in rows if int(target) > 0 and int(other) < FRAGMENT_SHARE * int(target)}
 
 
 def _group(session: Session, rollout: Rollout, *, target: bool, exclude: set[str] | None = None) -> GroupStats:
